@@ -1,0 +1,77 @@
+"""Chat-template positions: where the prompt verdict is read and where response scoring starts.
+
+Mirrors the official evaluation (QwenLM/Qwen3Guard eval/eval_stream.py): the conversation is rendered
+with enable_thinking=False; the prompt verdict is read at the <|im_end|> closing the last user turn;
+response scoring starts after `</think>` + "\\n\\n" (or right after `<|im_start|>assistant\\n<think>\\n`
+when the thinking trace is moderated) and runs to the end of the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ConversationSpans:
+    token_ids: list[int]
+    user_end: int  # index of the <|im_end|> closing the last user turn
+    response_start: int | None  # first scored response index; None without an assistant turn
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """Raise ValueError naming the first malformed message; return the list unchanged."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of dicts, got {messages!r}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i} must be a dict with a string 'content', got {message!r}")
+        if message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i} has unknown role {message.get('role')!r}")
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError("messages hold no user turn: nothing to read a prompt verdict from")
+    return messages
+
+
+def conversation_spans(tokenizer: Any, messages: list[dict[str, str]],
+                       thinking: bool = False) -> ConversationSpans:
+    validate_messages(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                         enable_thinking=False)
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    token = tokenizer.convert_tokens_to_ids
+    im_start, im_end, user, assistant = (token("<|im_start|>"), token("<|im_end|>"),
+                                         token("user"), token("assistant"))
+    user_start = _last_pair(ids, im_start, user)
+    user_end = ids.index(im_end, user_start + 2)
+    response_start = None
+    if messages[-1]["role"] == "assistant":
+        turn = _first_pair(ids, im_start, assistant, after=user_end)
+        if thinking:
+            response_start = turn + 5  # <|im_start|> assistant \n <think> \n | trace...
+        else:
+            think_end = _first_pair(ids, token("</think>"), _single_id(tokenizer, "\n\n"),
+                                    after=turn)
+            response_start = think_end + 2
+    return ConversationSpans(ids, user_end, response_start)
+
+
+def _single_id(tokenizer: Any, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is not a single token for this tokenizer: {ids}")
+    return ids[0]
+
+
+def _last_pair(ids: list[int], first: int, second: int) -> int:
+    for i in range(len(ids) - 2, -1, -1):
+        if ids[i] == first and ids[i + 1] == second:
+            return i
+    raise ValueError(f"token pair ({first}, {second}) not found in the templated conversation")
+
+
+def _first_pair(ids: list[int], first: int, second: int, after: int = 0) -> int:
+    for i in range(after, len(ids) - 1):
+        if ids[i] == first and ids[i + 1] == second:
+            return i
+    raise ValueError(f"token pair ({first}, {second}) not found after index {after}")

@@ -1,0 +1,162 @@
+"""Random Qwen3Guard-Stream checkpoints in the real on-disk format, for tests, demos and benchmarks.
+
+A checkpoint written here is a directory a user could have downloaded: config.json with the guard
+fields and label maps, model.safetensors (or shards plus model.safetensors.index.json) under the
+Hugging Face tensor names, and the real Qwen3 tokenizer files. Weights are random; verdicts from it
+mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qguard_stream.config import GuardConfig
+from qguard_stream.model import HEAD_TENSOR_NAMES
+
+QWEN3_VOCAB = 151936
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    inner: int
+    vocab: int = QWEN3_VOCAB
+    max_positions: int = 8192
+    tied: bool = True
+
+
+SHAPES: dict[str, Shape] = {
+    # head_dim deliberately != hidden/heads in "tiny", so a derived head_dim would fail tests.
+    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=128, inner=32),
+    "small": Shape(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768,
+                   inner=128),
+    # benchmark presets named by the latency issue
+    "overhead": Shape(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768,
+                      inner=128),
+    "bandwidth": Shape(hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
+                       inner=256),
+    "0.6b": Shape(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072,
+                  inner=512),
+    "4b": Shape(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728,
+                inner=512),
+    "8b": Shape(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=12288,
+                inner=512, tied=False),
+}
+
+
+def config_for(shape: Shape | str) -> GuardConfig:
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    return GuardConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim, intermediate_size=shape.intermediate, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, max_position_embeddings=shape.max_positions,
+        guard_inner_size=shape.inner, tie_word_embeddings=shape.tied, eos_token_id=151645,
+    )
+
+
+def hf_config_dict(config: GuardConfig, dtype: torch.dtype) -> dict:
+    """config.json as a real Qwen3Guard-Stream checkpoint spells it."""
+    return {
+        "architectures": ["Qwen3ForGuardModel"],
+        "auto_map": {"AutoModel": "modeling_qwen3_guard.Qwen3ForGuardModel"},
+        "model_type": "qwen3",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": 151643,
+        "rope_scaling": None,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "use_cache": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        **config.to_dict(),
+    }
+
+
+def random_tensors(config: GuardConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, under its Hugging Face name."""
+    from qguard_stream.model import GuardModel
+
+    with torch.device("meta"):
+        shapes = GuardModel(config).expected_shapes()
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        tensors[name] = _init(name, shape, generator).to(dtype)
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = _init("lm_head.weight", shapes["model.embed_tokens.weight"],
+                                          generator).to(dtype)
+    return tensors
+
+
+def _init(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        # Not all ones, so a norm that is skipped or misapplied shows in parity tests.
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    fan_in = shape[-1]
+    if "embed_tokens" in name:
+        std = 1.0
+    elif name in HEAD_TENSOR_NAMES and name.endswith("_head.weight"):
+        std = 3.0 / fan_in**0.5  # sharp head logits: verdicts vary from token to token
+    else:
+        std = 1.0 / fan_in**0.5
+    return std * torch.randn(shape, generator=generator)
+
+
+def make_random_checkpoint(directory: str | Path, shape: Shape | str = "tiny", seed: int = 0,
+                           shards: int = 1, dtype: torch.dtype = torch.float32,
+                           max_position_embeddings: int | None = None) -> Path:
+    """Write a random checkpoint (config.json, safetensors, tokenizer) to `directory`."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    config = config_for(shape)
+    if max_position_embeddings is not None:
+        config = replace(config, max_position_embeddings=max_position_embeddings)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
+    write_safetensors(directory, random_tensors(config, seed, dtype), shards)
+    copy_tokenizer(directory)
+    return directory
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """One model.safetensors, or `shards` files plus model.safetensors.index.json."""
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(tensors)
+    groups = [names[i::shards] for i in range(shards)]
+    weight_map = {}
+    for number, group in enumerate(groups, start=1):
+        file = f"model-{number:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def tokenizer_dir() -> Path:
+    """The vendored real Qwen3 tokenizer files shipped inside the package."""
+    return Path(str(resources.files("qguard_stream") / "assets" / "qwen3_tokenizer"))
+
+
+def copy_tokenizer(directory: Path) -> None:
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir() / name, directory / name)
