@@ -33,16 +33,8 @@ class LayerCache:
 class SessionCache:
     """The KV buffer of one conversation."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_tokens: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        initial_tokens: int = BLOCK_TOKENS,
-    ):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_tokens: int,
+                 device: torch.device, dtype: torch.dtype, initial_tokens: int = BLOCK_TOKENS):
         self.shape = (num_layers, 2, num_kv_heads, head_dim)
         self.max_tokens = max_tokens
         self.device, self.dtype = device, dtype

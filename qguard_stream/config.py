@@ -1,7 +1,7 @@
 """GuardConfig: the model's shape and label maps, read once from a checkpoint's config.json.
 
-This module owns every quirk of the on-disk config (rope_theta spelled two ways, label maps
-with string keys, missing optional maps). It must not touch weights or devices.
+This module owns every quirk of the on-disk config (rope_theta spelled two ways, label maps with string
+keys, missing optional maps). It must not touch weights or devices.
 """
 
 from __future__ import annotations
@@ -65,22 +65,12 @@ class GuardConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "intermediate_size",
-            "max_position_embeddings",
-            "guard_inner_size",
-        ):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size",
+                     "max_position_embeddings", "guard_inner_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(
-                    f"config field {name!r} must be a positive integer, got {value!r}"
-                )
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -132,18 +122,14 @@ class GuardConfig:
             rope_theta=float(_rope_theta(raw)),
             max_position_embeddings=raw["max_position_embeddings"],
             guard_inner_size=raw["guard_inner_size"],
-            response_risk_levels=_labels(
-                raw, "response_risk_level_map", "num_risk_level", RISK_LEVELS
-            ),
-            response_categories=_labels(
-                raw, "response_category_map", "num_category", RESPONSE_CATEGORIES
-            ),
-            query_risk_levels=_labels(
-                raw, "query_risk_level_map", "num_query_risk_level", RISK_LEVELS
-            ),
-            query_categories=_labels(
-                raw, "query_category_map", "num_query_category", QUERY_CATEGORIES
-            ),
+            response_risk_levels=_labels(raw, "response_risk_level_map", "num_risk_level",
+                                         RISK_LEVELS),
+            response_categories=_labels(raw, "response_category_map", "num_category",
+                                        RESPONSE_CATEGORIES),
+            query_risk_levels=_labels(raw, "query_risk_level_map", "num_query_risk_level",
+                                      RISK_LEVELS),
+            query_categories=_labels(raw, "query_category_map", "num_query_category",
+                                     QUERY_CATEGORIES),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             eos_token_id=_first_int(raw.get("eos_token_id")),
         )
@@ -163,11 +149,8 @@ class GuardConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json form (Hugging Face field names, label maps with string keys)."""
-        out: dict[str, Any] = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if not f.name.endswith(("_levels", "_categories"))
-        }
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                               if not f.name.endswith(("_levels", "_categories"))}
         out.update(
             num_risk_level=len(self.response_risk_levels),
             num_category=len(self.response_categories),
@@ -191,16 +174,15 @@ def _rope_theta(raw: dict[str, Any]) -> float:
     raise ConfigError("config.json is missing required field: rope_theta")
 
 
-def _labels(
-    raw: dict[str, Any], map_key: str, count_key: str, default: tuple[str, ...]
-) -> tuple[str, ...]:
+def _labels(raw: dict[str, Any], map_key: str, count_key: str,
+            default: tuple[str, ...]) -> tuple[str, ...]:
     count = raw.get(count_key)
     mapping = raw.get(map_key)
     if mapping is None:
         if count is not None and count != len(default):
             raise ConfigError(
-                f"config field {count_key!r} is {count} but no {map_key!r} is given and the "
-                f"default has {len(default)} labels"
+                f"config field {count_key!r} is {count} but no {map_key!r} is given and the default "
+                f"has {len(default)} labels"
             )
         return default
     if not isinstance(mapping, dict):
@@ -208,9 +190,7 @@ def _labels(
     try:
         by_index = {int(key): str(value) for key, value in mapping.items()}
     except ValueError:
-        raise ConfigError(
-            f"config field {map_key!r} has non-integer keys: {list(mapping)}"
-        ) from None
+        raise ConfigError(f"config field {map_key!r} has non-integer keys: {list(mapping)}") from None
     if sorted(by_index) != list(range(len(by_index))):
         raise ConfigError(f"config field {map_key!r} keys must be 0..n-1, got {sorted(by_index)}")
     if count is not None and count != len(by_index):

@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike[str]) -> Path:
-    """A local directory as is; else a Hugging Face repo id, downloaded or from the local cache."""
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the local cache."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -50,7 +50,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike[str]) -> Path:
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text)
+    return text.startswith((".", "/", "~")) or os.sep != "/" and os.sep in text
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -59,12 +59,9 @@ def _from_hub(repo_id: str) -> Path:
     tried: list[str] = []
     for local_only in (False, True):
         try:
-            return Path(
-                snapshot_download(
-                    repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=local_only
-                )
-            )
-        except Exception as err:
+            return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS,
+                                          local_files_only=local_only))
+        except Exception as err:  # noqa: BLE001 - the hub raises many types; all mean "not here"
             where = "the local Hugging Face cache" if local_only else "the Hugging Face Hub"
             tried.append(f"{where}: {type(err).__name__}: {err}".splitlines()[0])
     raise CheckpointError(
@@ -95,14 +92,11 @@ def _open(file: Path, device: str = "cpu"):
     try:
         return safe_open(str(file), framework="pt", device=device)
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(
-            f"cannot read {file} (truncated or not safetensors?): {err}"
-        ) from None
+        raise CheckpointError(f"cannot read {file} (truncated or not safetensors?): {err}") from None
 
 
-def check_tensors(
-    directory: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]]
-) -> None:
+def check_tensors(directory: Path, files: dict[str, Path],
+                  expected: dict[str, tuple[int, ...]]) -> None:
     """Raise CheckpointError listing every missing or misshapen tensor; log unknown extras."""
     missing = sorted(set(expected) - set(files))
     misshapen = []
@@ -119,9 +113,8 @@ def check_tensors(
     if misshapen:
         problems.append(f"misshapen tensors: {'; '.join(misshapen)}")
     if problems:
-        raise CheckpointError(
-            f"checkpoint {directory} does not match its config: " + " | ".join(problems)
-        )
+        raise CheckpointError(f"checkpoint {directory} does not match its config: "
+                              + " | ".join(problems))
     extras = sorted(set(files) - set(expected))
     if extras:
         log.debug("ignoring %d tensors the guard does not use: %s", len(extras), extras[:8])
@@ -131,9 +124,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(
-    directory: Path, config: GuardConfig, device: torch.device, dtype: torch.dtype
-) -> GuardModel:
+def load_model(directory: Path, config: GuardConfig, device: torch.device,
+               dtype: torch.dtype) -> GuardModel:
     """Build a GuardModel on the meta device and fill it from the checkpoint in `directory`."""
     with torch.device("meta"):
         model = GuardModel(config)
@@ -148,9 +140,8 @@ def load_model(
     return model.eval()
 
 
-def _assign(
-    model: GuardModel, file: Path, names: Iterable[str], device: torch.device, dtype: torch.dtype
-) -> None:
+def _assign(model: GuardModel, file: Path, names: Iterable[str], device: torch.device,
+            dtype: torch.dtype) -> None:
     # Read on the CPU (memory-mapped) and move once; safe_open's own device path would
     # materialise in the file's dtype on the device first.
     with _open(file) as handle:
@@ -166,9 +157,8 @@ def _assign(
 
 def load_tokenizer(directory: Path):
     """The tokenizer stored beside the weights, or None when the directory has none."""
-    if not any(
-        (directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                    "vocab.json")):
         return None
     from transformers import AutoTokenizer
 

@@ -51,7 +51,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def causal_mask(start: int, new: int, device: torch.device) -> torch.Tensor | None:
-    """Mask for `new` queries at start.. against keys 0..start+new-1 (None if not needed)."""
+    """Mask for `new` queries at positions start.. against keys 0..start+new-1 (None if not needed)."""
     if new == 1:
         return None
     query_pos = torch.arange(start, start + new, device=device)[:, None]
@@ -73,14 +73,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(dim, config.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: LayerCache,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LayerCache, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         new = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(new, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(new, self.num_kv_heads, self.head_dim))
@@ -88,12 +82,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         keys, values = cache.write(start, k, v)  # [kv_heads, start+new, head_dim]
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            keys[None],
-            values[None],
-            attn_mask=mask,
-            is_causal=start == 0 and new > 1,
-            enable_gqa=True,
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+            is_causal=start == 0 and new > 1, enable_gqa=True,
         )
         return self.o_proj(out[0].transpose(0, 1).reshape(new, -1))
 
@@ -118,14 +108,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: LayerCache,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LayerCache, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -140,15 +124,13 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
 
-    def forward(
-        self, token_ids: torch.Tensor, caches: list[LayerCache], start: int
-    ) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, caches: list[LayerCache], start: int) -> torch.Tensor:
         """token_ids: [T] at positions start..start+T-1; returns final hidden states [T, hidden]."""
         x = self.embed_tokens(token_ids)
         positions = torch.arange(start, start + token_ids.shape[0], device=token_ids.device)
         rope = self.rotary(positions, x.dtype)
         mask = causal_mask(start, token_ids.shape[0], x.device) if start else None
-        for layer, cache in zip(self.layers, caches, strict=True):
+        for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, cache, start, mask)
         return self.norm(x)
 
@@ -174,12 +156,9 @@ class GuardHead(nn.Module):
 HEAD_TENSOR_NAMES: dict[str, tuple[str, str]] = {
     f"{prefix}{name}.weight": (path, sub)
     for path, prefix in (("response", ""), ("query", "query_"))
-    for name, sub in (
-        ("risk_level_category_pre", "pre"),
-        ("risk_level_category_layernorm", "layernorm"),
-        ("risk_level_head", "risk"),
-        ("category_head", "category"),
-    )
+    for name, sub in (("risk_level_category_pre", "pre"),
+                      ("risk_level_category_layernorm", "layernorm"),
+                      ("risk_level_head", "risk"), ("category_head", "category"))
 }
 
 

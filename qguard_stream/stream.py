@@ -1,9 +1,9 @@
 """StreamGuard: sessions (StreamState), incremental scoring (Verdicts), rollback, the card's API.
 
 Each session owns a KV buffer; feeding k ids runs one forward over those k ids against it. A call
-either completes (cache written, length advanced, verdicts returned) or raises with the
-session as it was before the call. Label strings are made only when asked
-for. Policies, callbacks and batching live elsewhere.
+either completes (cache written, length advanced, verdicts returned) or raises with the session as it
+was before the call. Label strings are made only when asked for. Policies, callbacks and batching
+live elsewhere.
 """
 
 from __future__ import annotations
@@ -80,15 +80,9 @@ class Verdicts:
     def since(self, position: int) -> Verdicts:
         """The verdicts for positions >= `position` (a view, no copy of the probabilities)."""
         offset = max(0, position - self.positions.start)
-        return Verdicts(
-            self.role,
-            self.positions[offset:],
-            self.token_ids[offset:],
-            self.risk_probs[offset:],
-            self.category_probs[offset:],
-            self.risk_labels,
-            self.category_labels,
-        )
+        return Verdicts(self.role, self.positions[offset:], self.token_ids[offset:],
+                        self.risk_probs[offset:], self.category_probs[offset:],
+                        self.risk_labels, self.category_labels)
 
     def as_card_result(self) -> dict[str, list[Any]]:
         """The model card's result dict: winning labels and their probabilities rounded to 2dp."""
@@ -132,13 +126,10 @@ class StreamGuard:
         self.dtype = model.model.embed_tokens.weight.dtype
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_id: str | os.PathLike[str],
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> StreamGuard:
-        """Load a checkpoint directory or hub repo id (default: bf16 on CUDA, fp32 on CPU)."""
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str],
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> StreamGuard:
+        """Load a checkpoint directory or Hugging Face repo id (default: bf16 on CUDA, fp32 on CPU)."""
         directory = resolve_checkpoint(path_or_id)
         config = GuardConfig.from_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -149,14 +140,8 @@ class StreamGuard:
     def open_stream(self) -> StreamState:
         """A new, empty session."""
         c = self.config
-        cache = SessionCache(
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.max_position_embeddings,
-            self.device,
-            self.dtype,
-        )
+        cache = SessionCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                             c.max_position_embeddings, self.device, self.dtype)
         return StreamState(cache=cache)
 
     def close_stream(self, state: StreamState) -> None:
@@ -165,7 +150,7 @@ class StreamGuard:
         state.last_verdicts = None
 
     def rollback(self, state: StreamState, length: int) -> None:
-        """Keep only the first `length` tokens of the session (the kept part is not recomputed)."""
+        """Keep only the first `length` tokens of the session (no recomputation of the kept part)."""
         self._check_open(state)
         if isinstance(length, bool) or not isinstance(length, int):
             raise TypeError(f"rollback length must be an int, got {length!r}")
@@ -201,22 +186,13 @@ class StreamGuard:
         state.last_verdicts = verdicts
         return verdicts
 
-    def _verdicts(
-        self,
-        role: str,
-        positions: range,
-        ids: torch.Tensor,
-        risk_probs: torch.Tensor,
-        category_probs: torch.Tensor,
-    ) -> Verdicts:
+    def _verdicts(self, role: str, positions: range, ids: torch.Tensor, risk_probs: torch.Tensor,
+                  category_probs: torch.Tensor) -> Verdicts:
         c = self.config
         user = role == "user"
         return Verdicts(
-            role=role,
-            positions=positions,
-            token_ids=tuple(ids.tolist()),
-            risk_probs=risk_probs,
-            category_probs=category_probs,
+            role=role, positions=positions, token_ids=tuple(ids.tolist()),
+            risk_probs=risk_probs, category_probs=category_probs,
             risk_labels=c.query_risk_levels if user else c.response_risk_levels,
             category_labels=c.query_categories if user else c.response_categories,
         )
@@ -228,16 +204,12 @@ class StreamGuard:
         if isinstance(token_ids, int):
             ids = torch.tensor([token_ids])
         elif isinstance(token_ids, torch.Tensor):
-            if (
-                token_ids.is_floating_point()
-                or token_ids.is_complex()
-                or token_ids.dtype == torch.bool
-            ):
+            if token_ids.is_floating_point() or token_ids.is_complex() or \
+                    token_ids.dtype == torch.bool:
                 raise TypeError(f"token ids must be an integer tensor, got dtype {token_ids.dtype}")
             if token_ids.dim() > 1:
                 raise ValueError(
-                    f"token ids must be 0-D or 1-D, got shape {tuple(token_ids.shape)}"
-                )
+                    f"token ids must be 0-D or 1-D, got shape {tuple(token_ids.shape)}")
             ids = token_ids.reshape(-1).to("cpu", torch.int64)
         else:
             ids = self._ids_from_sequence(token_ids)
@@ -247,8 +219,7 @@ class StreamGuard:
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(
-                f"token id {bad} is out of range [0, {self.config.vocab_size}) (vocab_size)"
-            )
+                f"token id {bad} is out of range [0, {self.config.vocab_size}) (vocab_size)")
         return ids
 
     @staticmethod
@@ -256,16 +227,11 @@ class StreamGuard:
         try:
             values = list(token_ids)
         except TypeError:
-            raise TypeError(
-                f"token ids must be an int, a sequence of ints or a tensor, "
-                f"got {type(token_ids).__name__}"
-            ) from None
+            raise TypeError(f"token ids must be an int, a sequence of ints or a tensor, "
+                            f"got {type(token_ids).__name__}") from None
         for value in values:
-            if (
-                isinstance(value, bool)
-                or (not isinstance(value, int)
-                and not (hasattr(value, "__index__") and not isinstance(value, float)))
-            ):
+            if isinstance(value, bool) or not isinstance(value, int) and not (
+                    hasattr(value, "__index__") and not isinstance(value, float)):
                 kind = "nested sequences (2-D)" if isinstance(value, (list, tuple)) else repr(value)
                 raise TypeError(f"token ids must be integers, got {kind}")
         return torch.tensor([int(v) for v in values], dtype=torch.int64)
@@ -278,9 +244,9 @@ class StreamGuard:
             raise StreamClosedError(f"stream {state.id} is closed; open a new one")
 
     # ---- the model card's API ----------------------------------------------------------------
-    def stream_moderate_from_ids(
-        self, token_ids: TokenIds, role: str, stream_state: StreamState | None = None
-    ) -> tuple[dict[str, list[Any]], StreamState]:
+    def stream_moderate_from_ids(self, token_ids: TokenIds, role: str,
+                                 stream_state: StreamState | None = None
+                                 ) -> tuple[dict[str, list[Any]], StreamState]:
         """Drop-in for the model card: returns (result dict over this call's tokens, state)."""
         state = stream_state if stream_state is not None else self.open_stream()
         try:
@@ -292,9 +258,8 @@ class StreamGuard:
         return verdicts.as_card_result(), state
 
     # ---- conversations ------------------------------------------------------------------------
-    def moderate_conversation(
-        self, messages: list[dict[str, str]], thinking: bool = False
-    ) -> ConversationVerdict:
+    def moderate_conversation(self, messages: list[dict[str, str]], thinking: bool = False
+                              ) -> ConversationVerdict:
         """Score a templated conversation: prompt verdict at the last user turn's <|im_end|> and
         per-token response verdicts over the span the official evaluation scores."""
         from qguard_stream.template import conversation_spans
@@ -307,15 +272,13 @@ class StreamGuard:
             prompt = self.moderate(state, spans.token_ids[: spans.user_end + 1], "user")
             response = None
             if spans.response_start is not None:
-                after_prompt = self.moderate(
-                    state, spans.token_ids[spans.user_end + 1 :], "assistant"
-                )
+                after_prompt = self.moderate(state, spans.token_ids[spans.user_end + 1:],
+                                             "assistant")
                 response = after_prompt.since(spans.response_start)
         finally:
             self.close_stream(state)
-        return ConversationVerdict(
-            spans.token_ids, spans.user_end, spans.response_start, prompt, response
-        )
+        return ConversationVerdict(spans.token_ids, spans.user_end, spans.response_start,
+                                   prompt, response)
 
 
 @dataclass(frozen=True)
@@ -335,3 +298,4 @@ class ConversationVerdict:
     @property
     def prompt_category(self) -> str:
         return self.prompt_verdicts.category[-1]
+

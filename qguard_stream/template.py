@@ -1,10 +1,9 @@
 """Chat-template positions: where the prompt verdict is read and where response scoring starts.
 
-Mirrors the official evaluation (QwenLM/Qwen3Guard eval/eval_stream.py): the conversation is
-rendered with enable_thinking=False; the prompt verdict is read at the <|im_end|> closing the last
-user turn; response scoring starts after `</think>` + "\\n\\n" (or right after
-`<|im_start|>assistant\\n<think>\\n` when the thinking trace is moderated) and runs to the end
-of the sequence.
+Mirrors the official evaluation (QwenLM/Qwen3Guard eval/eval_stream.py): the conversation is rendered
+with enable_thinking=False; the prompt verdict is read at the <|im_end|> closing the last user turn;
+response scoring starts after `</think>` + "\\n\\n" (or right after `<|im_start|>assistant\\n<think>\\n`
+when the thinking trace is moderated) and runs to the end of the sequence.
 """
 
 from __future__ import annotations
@@ -34,21 +33,15 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return messages
 
 
-def conversation_spans(
-    tokenizer: Any, messages: list[dict[str, str]], thinking: bool = False
-) -> ConversationSpans:
+def conversation_spans(tokenizer: Any, messages: list[dict[str, str]],
+                       thinking: bool = False) -> ConversationSpans:
     validate_messages(messages)
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=False, enable_thinking=False
-    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                         enable_thinking=False)
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     token = tokenizer.convert_tokens_to_ids
-    im_start, im_end, user, assistant = (
-        token("<|im_start|>"),
-        token("<|im_end|>"),
-        token("user"),
-        token("assistant"),
-    )
+    im_start, im_end, user, assistant = (token("<|im_start|>"), token("<|im_end|>"),
+                                         token("user"), token("assistant"))
     user_start = _last_pair(ids, im_start, user)
     user_end = ids.index(im_end, user_start + 2)
     response_start = None
@@ -57,9 +50,8 @@ def conversation_spans(
         if thinking:
             response_start = turn + 5  # <|im_start|> assistant \n <think> \n | trace...
         else:
-            think_end = _first_pair(
-                ids, token("</think>"), _single_id(tokenizer, "\n\n"), after=turn
-            )
+            think_end = _first_pair(ids, token("</think>"), _single_id(tokenizer, "\n\n"),
+                                    after=turn)
             response_start = think_end + 2
     return ConversationSpans(ids, user_end, response_start)
 

@@ -40,54 +40,31 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     # head_dim deliberately != hidden/heads in "tiny", so a derived head_dim would fail tests.
-    "tiny": Shape(
-        hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=128, inner=32
-    ),
-    "small": Shape(
-        hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768, inner=128
-    ),
+    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=128, inner=32),
+    "small": Shape(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768,
+                   inner=128),
     # benchmark presets named by the latency issue
-    "overhead": Shape(
-        hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768, inner=128
-    ),
-    "bandwidth": Shape(
-        hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, intermediate=1536, inner=256
-    ),
-    "0.6b": Shape(
-        hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072, inner=512
-    ),
-    "4b": Shape(
-        hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728, inner=512
-    ),
-    "8b": Shape(
-        hidden=4096,
-        layers=36,
-        heads=32,
-        kv_heads=8,
-        head_dim=128,
-        intermediate=12288,
-        inner=512,
-        tied=False,
-    ),
+    "overhead": Shape(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768,
+                      inner=128),
+    "bandwidth": Shape(hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
+                       inner=256),
+    "0.6b": Shape(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072,
+                  inner=512),
+    "4b": Shape(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728,
+                inner=512),
+    "8b": Shape(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=12288,
+                inner=512, tied=False),
 }
 
 
 def config_for(shape: Shape | str) -> GuardConfig:
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     return GuardConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        intermediate_size=shape.intermediate,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        max_position_embeddings=shape.max_positions,
-        guard_inner_size=shape.inner,
-        tie_word_embeddings=shape.tied,
-        eos_token_id=151645,
+        vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim, intermediate_size=shape.intermediate, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, max_position_embeddings=shape.max_positions,
+        guard_inner_size=shape.inner, tie_word_embeddings=shape.tied, eos_token_id=151645,
     )
 
 
@@ -122,9 +99,8 @@ def random_tensors(config: GuardConfig, seed: int, dtype: torch.dtype) -> dict[s
     for name, shape in shapes.items():
         tensors[name] = _init(name, shape, generator).to(dtype)
     if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = _init(
-            "lm_head.weight", shapes["model.embed_tokens.weight"], generator
-        ).to(dtype)
+        tensors["lm_head.weight"] = _init("lm_head.weight", shapes["model.embed_tokens.weight"],
+                                          generator).to(dtype)
     return tensors
 
 
@@ -142,14 +118,9 @@ def _init(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torc
     return std * torch.randn(shape, generator=generator)
 
 
-def make_random_checkpoint(
-    directory: str | Path,
-    shape: Shape | str = "tiny",
-    seed: int = 0,
-    shards: int = 1,
-    dtype: torch.dtype = torch.float32,
-    max_position_embeddings: int | None = None,
-) -> Path:
+def make_random_checkpoint(directory: str | Path, shape: Shape | str = "tiny", seed: int = 0,
+                           shards: int = 1, dtype: torch.dtype = torch.float32,
+                           max_position_embeddings: int | None = None) -> Path:
     """Write a random checkpoint (config.json, safetensors, tokenizer) to `directory`."""
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
