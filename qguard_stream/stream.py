@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,10 @@ from qguard_stream.cache import SessionCache
 from qguard_stream.config import GuardConfig
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.model import GuardModel
+
+if TYPE_CHECKING:
+    from qguard_stream.hooks import Monitor
+    from qguard_stream.policy import Policy
 
 ROLES = ("user", "assistant")
 TokenIds = int | Sequence[int] | torch.Tensor
@@ -105,6 +109,7 @@ class StreamState:
     id: int = field(default_factory=lambda: next(_session_ids))
     token_ids: list[int] = field(default_factory=list)
     last_verdicts: Verdicts | None = None
+    monitor: Monitor | None = None  # policy + callbacks (qguard_stream.hooks); None: no dispatch
 
     @property
     def length(self) -> int:
@@ -124,6 +129,10 @@ class StreamGuard:
         self.tokenizer = tokenizer
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
+        from qguard_stream.hooks import Hooks
+
+        self.hooks = Hooks()  # callbacks for every session (qguard_stream.hooks)
+        self.policy_factory: Callable[[], Policy] | None = None  # a policy per session, if set
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str],
@@ -160,6 +169,8 @@ class StreamGuard:
             )
         del state.token_ids[length:]
         state.last_verdicts = None
+        if state.monitor is not None:
+            state.monitor.truncate(length)
 
     # ---- scoring ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -184,6 +195,10 @@ class StreamGuard:
         verdicts = self._verdicts(role, range(start, start + new), ids, risk_probs, category_probs)
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
+        if state.monitor is not None or self.hooks or self.policy_factory is not None:
+            from qguard_stream.hooks import dispatch
+
+            dispatch(self, state, verdicts)  # after the state update, outside the forward
         return verdicts
 
     def _verdicts(self, role: str, positions: range, ids: torch.Tensor, risk_probs: torch.Tensor,
