@@ -108,6 +108,7 @@ class Monitor:
     hooks: Hooks = field(default_factory=Hooks)
     policy_start: int = 0
     levels: list[tuple[int, str, str]] = field(default_factory=list)  # (position, role, level)
+    last_tokens: list[TokenVerdict] = field(default_factory=list)  # the last call's tokens
 
     @property
     def decisions(self) -> list[Decision]:
@@ -124,12 +125,14 @@ class Monitor:
         """Follow a session rollback to `length` tokens."""
         while self.levels and self.levels[-1][0] >= length:
             self.levels.pop()
+        self.last_tokens = []
         if self.policy is not None:
             self.policy.truncate(length)
 
     def record(self, session_id: int, tokens: list[TokenVerdict]) -> list[tuple]:
         """Update levels and policy for all tokens; return the events to fire, in order."""
         events: list[tuple] = []
+        self.last_tokens = tokens
         for token in tokens:
             previous = self.previous_level(token.role)
             self.levels.append((token.position, token.role, token.risk_level))

@@ -258,6 +258,20 @@ class StreamGuard:
         if state.closed:
             raise StreamClosedError(f"stream {state.id} is closed; open a new one")
 
+    # ---- guarding token iterators (qguard_stream.integrations.watch) ----------------------------
+    def watch(self, tokens: Any, **options: Any) -> Any:
+        """`for t in guard.watch(token_iter, prompt=ids, holdback=N, chunk=k)`: each token with its
+        verdict, stopping at a policy flag; see qguard_stream.integrations.watch.Watch."""
+        from qguard_stream.integrations.watch import Watch
+
+        return Watch(self, tokens, **options)
+
+    def awatch(self, tokens: Any, **options: Any) -> Any:
+        """The async twin of watch, for `async for`; see ...integrations.watch.AsyncWatch."""
+        from qguard_stream.integrations.watch import AsyncWatch
+
+        return AsyncWatch(self, tokens, **options)
+
     # ---- the model card's API ----------------------------------------------------------------
     def stream_moderate_from_ids(self, token_ids: TokenIds, role: str,
                                  stream_state: StreamState | None = None
