@@ -82,14 +82,14 @@ def split_prompt(prompt: Sequence[int]) -> tuple[list[int], list[int]]:
 def feed_prompt(guard: StreamGuard, state: StreamState, prompt: TokenItem | None) -> None:
     if prompt is None:
         return
-    user, header = split_prompt(_ids(prompt))
+    user, header = split_prompt(item_ids(prompt))
     if user:
         guard.moderate(state, user, "user")
     if header:
         guard.moderate(state, header, "assistant")
 
 
-def _ids(item: TokenItem) -> list[int]:
+def item_ids(item: TokenItem) -> list[int]:
     if isinstance(item, torch.Tensor):
         if item.dim() > 1:
             raise ValueError(f"a token burst must be 0-D or 1-D, got shape {tuple(item.shape)}")
@@ -137,7 +137,7 @@ class _Watcher:
         return self.result.decision is not None
 
     def push(self, item: TokenItem) -> list[GuardedToken]:
-        self.pending.extend(_ids(item))
+        self.pending.extend(item_ids(item))
         return self._score() if len(self.pending) >= self.chunk else []
 
     def finish(self) -> list[GuardedToken]:
