@@ -7,7 +7,9 @@ the source and ends the iteration cleanly; the outcome is in `watch.result` (a W
 `raise_on_flag=True` a `FlaggedError` carrying the same result is raised instead.
 
 holdback=N: a token is released to the consumer only once N later tokens have been scored, so a
-flag withholds the unsafe span (the flagged run plus anything after it) instead of leaking it.
+flag withholds the unsafe span instead of leaking it. Whatever the holdback, the flagged token and
+anything scored with or after it are never released (holdback=0 still withholds the flagged token;
+holdback >= window - 1 withholds the whole flagged run).
 Tokens still held when the source ends cleanly are released then. chunk=k: tokens are scored once k
 are pending (a burst counts all its tokens), trading latency for fewer forwards.
 
