@@ -12,7 +12,11 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from qguard_stream import StreamGuard, consecutive_unsafe
-from qguard_stream.integrations.hf_generate import GuardStoppingCriteria, guard_criteria
+from qguard_stream.integrations.hf_generate import (
+    GuardStoppingCriteria,
+    HoldbackStreamer,
+    guard_criteria,
+)
 from qguard_stream.testing import make_trigger_checkpoint
 
 PAD, EOS, NEW = 0, 511, 16
@@ -139,3 +143,40 @@ def test_bad_options_are_rejected(setup):
         GuardStoppingCriteria(setup.guard, policy="loose")
     with pytest.raises(ValueError, match="prompt_length"):
         GuardStoppingCriteria(setup.guard, prompt_length=-1)
+
+
+class Collect(BaseStreamer):
+    def __init__(self) -> None:
+        self.puts: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+@pytest.mark.parametrize("holdback", [0, 2])
+def test_holdback_streamer_withholds_the_flagged_span(setup, holdback):
+    inner = Collect()
+    criteria = GuardStoppingCriteria(setup.guard, eos_token_id=EOS)
+    streamer = HoldbackStreamer(inner, criteria, holdback=holdback)
+    generate(setup.lm, PROMPTS[:1], stopping_criteria=[criteria], streamer=streamer)
+    criteria.close()
+    flagged = 4 + setup.expected_index
+    cut = max(4, flagged - holdback)
+    released = [t for put in inner.puts[1:] for t in put]
+    assert inner.puts[0] == PROMPTS[0].tolist() and inner.ended
+    assert released == setup.reference[0, 4:cut].tolist()
+    assert streamer.withheld == setup.reference[0, cut:flagged + 1].tolist()
+
+
+def test_holdback_streamer_releases_everything_of_a_clean_row(setup):
+    inner = Collect()
+    criteria = GuardStoppingCriteria(setup.guard, eos_token_id=EOS)
+    streamer = HoldbackStreamer(inner, criteria, holdback=2)
+    out = generate(setup.lm, PROMPTS[1:], stopping_criteria=[criteria], streamer=streamer)
+    criteria.close()
+    assert [t for put in inner.puts[1:] for t in put] == out[0, 4:].tolist()
+    assert streamer.withheld == []

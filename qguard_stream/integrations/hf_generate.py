@@ -10,8 +10,11 @@ stop is reported done from then on and is not fed again; a row that emitted an E
 after it. Rows stopped by the guard get generate's pad token afterwards only when generate has an
 EOS criterion (an eos_token_id); otherwise transformers keeps sampling them until every row stops.
 
-The flagged token itself is already in the output (and was given to the streamer): generate
-appends before it checks. Use `criteria.decision(row)` to see which position was flagged.
+The flagged token itself is already in the output: generate appends before it checks. A plain
+streamer would also receive it (transformers hands tokens to the streamer after the criteria);
+wrap the streamer in `HoldbackStreamer(streamer, criteria, holdback=N)` to release each token only
+once N later tokens were scored and never release the flagged span. Use `criteria.decision(row)` to
+see which position was flagged.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from qguard_stream.hooks import Hooks, attach
 from qguard_stream.integrations.watch import feed_prompt
@@ -123,3 +127,43 @@ def guard_criteria(guard: StreamGuard, **options: Any) -> tuple[StoppingCriteria
     """(a StoppingCriteriaList to pass as generate(stopping_criteria=...), the criteria itself)."""
     criteria = GuardStoppingCriteria(guard, **options)
     return StoppingCriteriaList([criteria]), criteria
+
+
+class HoldbackStreamer(BaseStreamer):
+    """Wraps a streamer for single-row generate(): the prompt passes through; each generated token
+    reaches the inner streamer once `holdback` later tokens were scored; once the guard stops the
+    row, everything not yet released (the flagged token included) is withheld for good."""
+
+    def __init__(self, streamer: BaseStreamer, criteria: GuardStoppingCriteria,
+                 holdback: int = 0) -> None:
+        if isinstance(holdback, bool) or not isinstance(holdback, int) or holdback < 0:
+            raise ValueError(f"holdback must be an integer >= 0, got {holdback!r}")
+        self.streamer, self.criteria, self.holdback = streamer, criteria, holdback
+        self.held: list[int] = []
+        self.withheld: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            self.streamer.put(value)
+            return
+        if value.dim() > 1 and value.shape[0] != 1 or value.dim() == 1 and value.numel() != 1:
+            raise ValueError(f"HoldbackStreamer supports batch size 1, got {tuple(value.shape)}")
+        if self.withheld:
+            return  # the row was stopped: what follows is padding
+        self.held.append(int(value.reshape(-1)[0]))
+        if self.criteria.stopped and self.criteria.stopped[0]:
+            self.withheld, self.held = self.held, []
+            return
+        self._release(len(self.held) - self.holdback)
+
+    def end(self) -> None:
+        if not self.withheld:
+            self._release(len(self.held))
+        self.streamer.end()
+
+    def _release(self, count: int) -> None:
+        if count > 0:
+            released, self.held = self.held[:count], self.held[count:]
+            self.streamer.put(torch.tensor(released))
