@@ -13,18 +13,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import GuardConfig
+from qguard_stream.hooks import Hooks, Monitor, dispatch
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.model import GuardModel
-
-if TYPE_CHECKING:
-    from qguard_stream.hooks import Monitor
-    from qguard_stream.policy import Policy
+from qguard_stream.policy import Policy
 
 ROLES = ("user", "assistant")
 TokenIds = int | Sequence[int] | torch.Tensor
@@ -129,8 +127,6 @@ class StreamGuard:
         self.tokenizer = tokenizer
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
-        from qguard_stream.hooks import Hooks
-
         self.hooks = Hooks()  # callbacks for every session (qguard_stream.hooks)
         self.policy_factory: Callable[[], Policy] | None = None  # a policy per session, if set
 
@@ -196,8 +192,6 @@ class StreamGuard:
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
         if state.monitor is not None or self.hooks or self.policy_factory is not None:
-            from qguard_stream.hooks import dispatch
-
             dispatch(self, state, verdicts)  # after the state update, outside the forward
         return verdicts
 
