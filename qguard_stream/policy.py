@@ -102,7 +102,9 @@ def _check_window(window: int) -> None:
 
 
 class Policy:
-    """Base: keeps the tokens seen (for rollback) and the decisions made so far."""
+    """Base: keeps the tokens seen (for rollback) and the decisions made so far. A new rule
+    subclasses it and implements `_step` (one token -> decision or None), `_reset_rule` and
+    `fresh`; everything it remembers must be rebuilt by replaying `observe`."""
 
     rule = "policy"
 
