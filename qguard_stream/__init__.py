@@ -1,12 +1,24 @@
 """qguard_stream: Qwen3Guard-Stream as a token-streaming guardrail.
 
 Public API: StreamGuard (load, open/moderate/rollback/close sessions, the model card's
-stream_moderate_from_ids), StreamState, Verdicts, GuardConfig.
+stream_moderate_from_ids), StreamState, Verdicts, GuardConfig; decision policies
+(consecutive_unsafe, ConsecutiveUnsafe, ProbabilityThreshold) and callbacks (Hooks, attach).
+Integrations (watch / awatch iterators, transformers generate(), CARE) live in
+qguard_stream.integrations and are reached via guard.watch / guard.awatch or imported from there.
 """
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import ConfigError, GuardConfig
+from qguard_stream.hooks import FlagEvent, Hooks, Monitor, TransitionEvent, attach
 from qguard_stream.loader import CheckpointError
+from qguard_stream.policy import (
+    ConsecutiveUnsafe,
+    Decision,
+    Policy,
+    ProbabilityThreshold,
+    TokenVerdict,
+    consecutive_unsafe,
+)
 from qguard_stream.stream import (
     ConversationVerdict,
     StreamClosedError,
@@ -20,12 +32,23 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ConsecutiveUnsafe",
     "ConversationVerdict",
+    "Decision",
+    "FlagEvent",
     "GuardConfig",
+    "Hooks",
+    "Monitor",
+    "Policy",
+    "ProbabilityThreshold",
     "SessionCache",
     "StreamClosedError",
     "StreamGuard",
     "StreamState",
+    "TokenVerdict",
+    "TransitionEvent",
     "Verdicts",
     "__version__",
+    "attach",
+    "consecutive_unsafe",
 ]

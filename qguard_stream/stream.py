@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -19,8 +19,10 @@ import torch
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import GuardConfig
+from qguard_stream.hooks import Hooks, Monitor, dispatch
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.model import GuardModel
+from qguard_stream.policy import Policy
 
 ROLES = ("user", "assistant")
 TokenIds = int | Sequence[int] | torch.Tensor
@@ -105,6 +107,7 @@ class StreamState:
     id: int = field(default_factory=lambda: next(_session_ids))
     token_ids: list[int] = field(default_factory=list)
     last_verdicts: Verdicts | None = None
+    monitor: Monitor | None = None  # policy + callbacks (qguard_stream.hooks); None: no dispatch
 
     @property
     def length(self) -> int:
@@ -124,6 +127,8 @@ class StreamGuard:
         self.tokenizer = tokenizer
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
+        self.hooks = Hooks()  # callbacks for every session (qguard_stream.hooks)
+        self.policy_factory: Callable[[], Policy] | None = None  # a policy per session, if set
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str],
@@ -160,6 +165,8 @@ class StreamGuard:
             )
         del state.token_ids[length:]
         state.last_verdicts = None
+        if state.monitor is not None:
+            state.monitor.truncate(length)
 
     # ---- scoring ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -184,6 +191,8 @@ class StreamGuard:
         verdicts = self._verdicts(role, range(start, start + new), ids, risk_probs, category_probs)
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
+        if state.monitor is not None or self.hooks or self.policy_factory is not None:
+            dispatch(self, state, verdicts)  # after the state update, outside the forward
         return verdicts
 
     def _verdicts(self, role: str, positions: range, ids: torch.Tensor, risk_probs: torch.Tensor,
@@ -242,6 +251,20 @@ class StreamGuard:
             raise TypeError(f"expected a StreamState, got {type(state).__name__}")
         if state.closed:
             raise StreamClosedError(f"stream {state.id} is closed; open a new one")
+
+    # ---- guarding token iterators (qguard_stream.integrations.watch) ----------------------------
+    def watch(self, tokens: Any, **options: Any) -> Any:
+        """`for t in guard.watch(token_iter, prompt=ids, holdback=N, chunk=k)`: each token with its
+        verdict, stopping at a policy flag; see qguard_stream.integrations.watch.Watch."""
+        from qguard_stream.integrations.watch import Watch
+
+        return Watch(self, tokens, **options)
+
+    def awatch(self, tokens: Any, **options: Any) -> Any:
+        """The async twin of watch, for `async for`; see ...integrations.watch.AsyncWatch."""
+        from qguard_stream.integrations.watch import AsyncWatch
+
+        return AsyncWatch(self, tokens, **options)
 
     # ---- the model card's API ----------------------------------------------------------------
     def stream_moderate_from_ids(self, token_ids: TokenIds, role: str,

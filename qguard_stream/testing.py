@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -160,3 +161,83 @@ def tokenizer_dir() -> Path:
 def copy_tokenizer(directory: Path) -> None:
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir() / name, directory / name)
+
+
+# Residual-stream dimensions reserved by make_trigger_checkpoint: no layer writes to them, so at every
+# position they hold exactly the token's own embedding there.
+_BIAS_DIM, _UNSAFE_DIM, _CONTROVERSIAL_DIM = 0, 1, 2
+
+
+def make_trigger_checkpoint(directory: str | Path, trigger_token_ids: Sequence[int],
+                            controversial_token_ids: Sequence[int] = (), category: int = 0,
+                            shape: Shape | str = "tiny", seed: int = 0,
+                            dtype: torch.dtype = torch.float32) -> Path:
+    """A checkpoint in the real format whose guard says Unsafe exactly at `trigger_token_ids`,
+    Controversial exactly at `controversial_token_ids` and Safe everywhere else, whatever the
+    context (both the response and the query paths; category index `category` on flagged tokens).
+
+    How: the backbone stays random except that three residual dimensions are reserved. Every
+    token's embedding carries a constant in dim 0; trigger tokens also carry a large value in dim 1
+    (Controversial: dim 2). The rows of o_proj and down_proj writing to dims 0-2 are zeroed, so
+    those dims reach the final norm unchanged; the heads read only them: after the heads' RMSNorm
+    the inner vector points along dim 0 (Safe) unless dim 1 or 2 dominates (Unsafe/Controversial).
+    """
+    trigger, controversial = _token_set(trigger_token_ids), _token_set(controversial_token_ids)
+    if trigger & controversial:
+        raise ValueError(f"token ids {sorted(trigger & controversial)} are both Unsafe and "
+                         f"Controversial triggers")
+    config = config_for(shape)
+    if not 0 <= category < len(config.response_categories):
+        raise ValueError(f"category must be in [0, {len(config.response_categories)}), "
+                         f"got {category}")
+    for token_id in trigger | controversial:
+        if not 0 <= token_id < config.vocab_size:
+            raise ValueError(f"trigger token id {token_id} is out of range [0, {config.vocab_size})")
+    tensors = random_tensors(config, seed, dtype)
+    _reserve_dims(tensors, config, sorted(trigger), sorted(controversial))
+    for prefix in ("", "query_"):
+        _trigger_head(tensors, prefix, config.guard_inner_size, category)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
+    write_safetensors(directory, tensors, 1)
+    copy_tokenizer(directory)
+    return directory
+
+
+def _token_set(token_ids: Sequence[int]) -> set[int]:
+    ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+    for token_id in ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise TypeError(f"trigger token ids must be integers, got {token_id!r}")
+    return set(ids)
+
+
+def _reserve_dims(tensors: dict[str, torch.Tensor], config: GuardConfig, trigger: list[int],
+                  controversial: list[int]) -> None:
+    reserved = [_BIAS_DIM, _UNSAFE_DIM, _CONTROVERSIAL_DIM]
+    embed = tensors["model.embed_tokens.weight"]
+    embed[:, reserved] = 0.0
+    embed[:, _BIAS_DIM] = 8.0
+    embed[trigger, _UNSAFE_DIM] = 32.0
+    embed[controversial, _CONTROVERSIAL_DIM] = 32.0
+    for layer in range(config.num_hidden_layers):
+        tensors[f"model.layers.{layer}.self_attn.o_proj.weight"][reserved] = 0.0
+        tensors[f"model.layers.{layer}.mlp.down_proj.weight"][reserved] = 0.0
+    tensors["model.norm.weight"][reserved] = 1.0
+
+
+def _trigger_head(tensors: dict[str, torch.Tensor], prefix: str, inner: int, category: int) -> None:
+    pre = tensors[f"{prefix}risk_level_category_pre.weight"]
+    pre.zero_()
+    for dim in (_BIAS_DIM, _UNSAFE_DIM, _CONTROVERSIAL_DIM):
+        pre[dim, dim] = 1.0
+    tensors[f"{prefix}risk_level_category_layernorm.weight"].fill_(1.0)
+    risk = tensors[f"{prefix}risk_level_head.weight"]
+    risk.zero_()
+    scale = 4.0  # inner entries reach ~sqrt(inner) after the RMSNorm: logits gap ~ 4 * 5
+    for level, dim in ((0, _BIAS_DIM), (1, _UNSAFE_DIM), (2, _CONTROVERSIAL_DIM)):
+        risk[level, dim] = scale
+    categories = tensors[f"{prefix}category_head.weight"]
+    categories.zero_()
+    categories[category, _UNSAFE_DIM] = categories[category, _CONTROVERSIAL_DIM] = scale
