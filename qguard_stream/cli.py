@@ -20,8 +20,10 @@ DEMO_RESPONSE = (
     "Sure. First find the router model, then try the default admin password printed on the label. "
     "If that fails, capture the handshake and crack it offline with a wordlist."
 )
+DEMO_UNSAFE = " crack it offline"  # the demo checkpoint flags these tokens Unsafe...
+DEMO_CONTROVERSIAL = " password"  # ...and these Controversial
 DEMO_SHAPE = "tiny"
-DEMO_CACHE_VERSION = "v1"
+DEMO_CACHE_VERSION = "v2"
 
 # subcommand -> (module, help); modules are imported only when their subcommand runs or is listed.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {}
@@ -34,17 +36,26 @@ def cache_dir() -> Path:
 
 
 def demo_checkpoint() -> Path:
-    """The demo's random checkpoint, built once under the user cache dir (atomically)."""
-    from qguard_stream.testing import make_random_checkpoint
+    """The demo's random checkpoint, built once under the user cache dir (atomically).
+
+    Its backbone is random, but its heads are engineered (make_trigger_checkpoint) so that the
+    tokens of DEMO_UNSAFE read Unsafe and those of DEMO_CONTROVERSIAL Controversial: the demo then
+    shows transitions and a policy stop where a reader expects them."""
+    from qguard_stream.testing import make_trigger_checkpoint, tokenizer_dir
 
     target = cache_dir() / f"demo-{DEMO_SHAPE}-{DEMO_CACHE_VERSION}"
     if (target / "config.json").is_file():
         return target
+    from transformers import AutoTokenizer
+
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"building a random demo checkpoint in {target} (once)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    unsafe = tokenizer.encode(DEMO_UNSAFE, add_special_tokens=False)
+    controversial = tokenizer.encode(DEMO_CONTROVERSIAL, add_special_tokens=False)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     try:
-        make_random_checkpoint(staging, DEMO_SHAPE, seed=0)
+        make_trigger_checkpoint(staging, unsafe, controversial, category=6, shape=DEMO_SHAPE)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").is_file():  # lost a race to another process: fine
@@ -76,7 +87,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if random_weights:
         print("=" * 78)
         print("RANDOM WEIGHTS: this checkpoint is random, so its verdicts are MEANINGLESS.")
-        print("It shows the mechanics only. For real verdicts: --model Qwen/Qwen3Guard-Stream-0.6B")
+        print(f"Its heads are rigged to call {DEMO_UNSAFE.strip()!r} Unsafe and "
+              f"{DEMO_CONTROVERSIAL.strip()!r}")
+        print("Controversial, to show transitions and a stop. Real verdicts:")
+        print("  qguard-stream demo --model Qwen/Qwen3Guard-Stream-0.6B")
         print("=" * 78)
     dtype = str(guard.dtype).removeprefix("torch.")
     print(f"model: {path} ({guard.config.num_hidden_layers} layers, hidden "
@@ -86,32 +100,44 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def stream_conversation(guard, prompt: str, response: str, delay: float) -> None:
-    """Score the prompt, then the response token by token, printing verdicts and transitions."""
+    """Score the prompt, then stream the response token by token under the official policy;
+    transitions and the flag are reported by callbacks, and the stream stops at the flag."""
+    from qguard_stream.hooks import Hooks, attach
+    from qguard_stream.policy import ConsecutiveUnsafe
     from qguard_stream.template import conversation_spans
 
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     spans = conversation_spans(guard.tokenizer, messages)
     ids = spans.token_ids
+    notes: list[str] = []
+    hooks = Hooks()
+    hooks.on_transition(lambda e: notes.append(f"<-- transition {e.previous_level} -> {e.level}"))
+    hooks.on_flag(lambda e: notes.append(f"<-- FLAG {e.decision.label} ({e.decision.rule})"))
     state = guard.open_stream()
     try:
         verdict = guard.moderate(state, ids[: spans.user_end + 1], "user")
-        print(f"\nprompt: {prompt!r}\n  -> {_describe(verdict, -1)}\n\nresponse, token by token:")
-        previous = None
-        for position in range(spans.user_end + 1, len(ids)):
+        print(f"\nprompt: {prompt!r}\n  -> {_describe(verdict, -1)}")
+        guard.moderate(state, ids[spans.user_end + 1: spans.response_start], "assistant")
+        monitor = attach(state, ConsecutiveUnsafe(), hooks)
+        print("\nresponse, token by token (official rule: stop at two consecutive Unsafe):")
+        for position in range(spans.response_start, len(ids)):
+            notes.clear()
             started = time.perf_counter()
             verdict = guard.moderate(state, ids[position], "assistant")
             elapsed_ms = 1000 * (time.perf_counter() - started)
-            level = verdict.risk_level[0]
-            marker = ""
-            if previous is not None and level != previous and position >= spans.response_start:
-                marker = f"   <-- transition {previous} -> {level}"
-            if position >= spans.response_start:
-                previous = level
             text = guard.tokenizer.decode([ids[position]])
-            print(f"  {position:4d} {text!r:>18}  {_describe(verdict, 0)}  "
-                  f"[{elapsed_ms:5.1f} ms]{marker}")
+            print(f"  {position:4d} {text!r:>14}  {_describe(verdict, 0)}  [{elapsed_ms:5.1f} ms]  "
+                  + "  ".join(notes))
+            decision = monitor.stop_decision
+            if decision is not None:
+                withheld = guard.tokenizer.decode(ids[position + 1:])
+                print(f"\nSTOPPED at position {decision.position}: {decision.label}, category "
+                      f"{decision.category}. Withheld from the user: {withheld!r}")
+                break
             if delay:
                 time.sleep(delay)
+        else:
+            print("\nresponse completed: no flag")
     finally:
         guard.close_stream(state)
 
@@ -120,7 +146,7 @@ def _describe(verdicts, index: int) -> str:
     level = verdicts.risk_level[index]
     text = f"{level:<13} p={verdicts.risk_prob[index]:.2f}"
     if level != "Safe":
-        text += f"  category={verdicts.category[index]}"
+        text += f"  {verdicts.category[index]}"
     return text
 
 
