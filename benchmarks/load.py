@@ -4,7 +4,7 @@
 
 Starts its own server (a subprocess on 127.0.0.1, a free port) over `--model` or a random
 checkpoint of `--shape`; each client opens a session with a prompt, then sends a chunk of `--chunk`
-assistant tokens `--rate` times a second (waiting for each reply; a late reply delays the next send)
+assistant tokens `--rate` times a second (one chunk in flight; a late reply delays the next send, with no catch-up burst)
 for `--duration` seconds, rolling back to its prompt when the session reaches
 `--max-session-tokens`. Reports throughput (tokens/s), p50/p99 verdict latency (send -> reply) and
 peak KV pool use (from /metrics). Bounded in clients, rate and time; loopback only.
@@ -100,7 +100,8 @@ async def client(url: str, seed: int, args: argparse.Namespace, stop_at: float) 
                 result.latencies_s.append(time.monotonic() - sent)
                 result.tokens += args.chunk
                 length = reply["length"]
-            next_send += 1.0 / args.rate
+            # one chunk in flight per client; when replies lag, send on reply (no catch-up burst)
+            next_send = max(next_send + 1.0 / args.rate, time.monotonic())
         await ws.send(json.dumps({"type": "close"}))
         await ws.recv()
     return result
