@@ -52,6 +52,8 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
                "--block-size", str(args.block_size), "--log-level", "warning"]
     if args.device:
         command += ["--device", args.device]
+    if args.torch_threads:
+        command += ["--torch-threads", str(args.torch_threads)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return subprocess.Popen(command, env=env)
 
@@ -148,6 +150,7 @@ def report(args: argparse.Namespace, results: list[ClientResult], elapsed: float
     return {
         "clients": args.clients, "rate_per_client": args.rate, "chunk": args.chunk,
         "duration_s": round(elapsed, 1), "shape": args.shape if not args.model else args.model,
+        "torch_threads": args.torch_threads,
         "tokens": tokens, "throughput_tok_s": round(tokens / elapsed, 1),
         "p50_ms": round(1000 * percentile(latencies, 0.50), 1),
         "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
@@ -171,6 +174,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--kv-tokens", type=int, default=65536, help="KV pool size in tokens")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--torch-threads", type=int, default=None, help="server's torch threads")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
         parser.error(f"--clients must be in 1..{MAX_CLIENTS}, got {args.clients}")

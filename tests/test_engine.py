@@ -363,3 +363,19 @@ def test_async_front_end_scores_concurrent_sessions(engine: Engine,
     for results, script in zip(all_results, scripts):
         for got, expected in zip(results, reference(tiny_guard, script)):
             assert_same_verdicts(got, expected)
+
+
+def test_async_engine_survives_a_new_event_loop(engine: Engine, tiny_guard: StreamGuard) -> None:
+    runtime = AsyncEngine(engine)
+
+    async def score(ids: list[int]):
+        session = await runtime.open()
+        verdicts = await asyncio.wait_for(runtime.moderate(session, ids, "user"), timeout=60)
+        await runtime.close(session)
+        return verdicts
+
+    first = asyncio.run(score([1, 2, 3]))
+    second = asyncio.run(score([4, 5]))  # the first loop and its stepper task are gone
+    assert_same_verdicts(first, reference(tiny_guard, [([1, 2, 3], "user")])[0])
+    assert_same_verdicts(second, reference(tiny_guard, [([4, 5], "user")])[0])
+    asyncio.run(runtime.aclose())

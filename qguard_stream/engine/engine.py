@@ -301,6 +301,7 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._freed: asyncio.Event | None = None
         self._stepper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> Session:
         return await self._call(self.engine.open)
@@ -320,7 +321,7 @@ class AsyncEngine:
         self._events()[0].set()
         return await asyncio.wrap_future(future)
 
-    async def stats(self) -> Any:
+    async def stats(self) -> EngineStats:
         return await self._call(self.engine.stats)
 
     async def aclose(self) -> None:
@@ -359,11 +360,15 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
-        if self._wake is None or self._freed is None:
-            self._wake, self._freed = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self._wake is None or self._freed is None or self._loop is not loop:
+            # first use, or reuse from a new event loop (events and tasks belong to one loop)
+            self._wake, self._freed, self._loop = asyncio.Event(), asyncio.Event(), loop
+            self._stepper = None
         return self._wake, self._freed
 
     def _ensure_stepper(self) -> None:
+        self._events()
         if self._stepper is None or self._stepper.done():
             self._stepper = asyncio.get_running_loop().create_task(self._step_forever())
 

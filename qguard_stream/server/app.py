@@ -169,6 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--on-pool-exhausted", choices=("error", "wait"), default="error")
     parser.add_argument("--pool-wait-timeout", type=float, default=10.0, help="seconds")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -184,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     guard = StreamGuard.from_pretrained(args.model, device=args.device, dtype=dtype)
     app = create_app(Engine(guard, settings_from_args(args)),
