@@ -1,23 +1,19 @@
 """Engine: many sessions scored by one batched forward per step, KV from one paged pool.
 
-Sync front-end: `submit` queues a chunk (reserving its KV blocks) and returns a Future; `step` runs
-one batched forward over the queued chunks; `moderate`/`moderate_many` do both. Thread-safe: one
-lock guards sessions, pool and queue, and is held for the duration of a step.
-Async front-end: AsyncEngine runs every engine call on one worker thread and steps in a background
-task while requests are queued, so the event loop never blocks on the model.
+`submit` queues a chunk (reserving its KV blocks) and returns a Future; `step` runs one batched
+forward over the queued chunks; `moderate`/`moderate_many` do both. Thread-safe: one lock guards
+sessions, pool and queue, and is held for the duration of a step. The asyncio front-end is
+async_engine.AsyncEngine.
 A call that raises leaves its session as it was. Policies and callbacks run outside (after a step).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import Future
 
 import torch
 
@@ -30,67 +26,12 @@ from qguard_stream.engine.block_pool import (
 )
 from qguard_stream.engine.runner import Chunk, ModelRunner
 from qguard_stream.engine.scheduler import Request, Scheduler, Session
+from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
 from qguard_stream.stream import ROLES, StreamClosedError, StreamGuard, TokenIds, Verdicts
-
-DEFAULT_MAX_TOKENS = 32768
-EXHAUSTION_MODES = ("error", "wait")
 
 
 class SessionBusyError(RuntimeError):
     """The session has queued chunks; the operation needs them scored first."""
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Runtime settings. KV budget: `kv_memory_gb` (GiB) or `max_tokens`; neither means
-    DEFAULT_MAX_TOKENS positions. When the pool is exhausted, `on_pool_exhausted="error"` raises
-    PoolExhaustedError at once; "wait" waits up to `pool_wait_timeout_s` for blocks to be freed."""
-
-    block_size: int = 16
-    kv_memory_gb: float | None = None
-    max_tokens: int | None = None
-    max_batch_tokens: int = 8192
-    on_pool_exhausted: str = "error"
-    pool_wait_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_memory_gb is not None and self.max_tokens is not None:
-            raise ValueError(f"give kv_memory_gb ({self.kv_memory_gb}) or max_tokens "
-                             f"({self.max_tokens}), not both")
-        if self.on_pool_exhausted not in EXHAUSTION_MODES:
-            raise ValueError(f"on_pool_exhausted must be one of {EXHAUSTION_MODES}, "
-                             f"got {self.on_pool_exhausted!r}")
-        if not self.pool_wait_timeout_s >= 0:
-            raise ValueError(f"pool_wait_timeout_s must be >= 0, got {self.pool_wait_timeout_s}")
-
-    def budget(self) -> tuple[float | None, int | None]:
-        if self.kv_memory_gb is None and self.max_tokens is None:
-            return None, DEFAULT_MAX_TOKENS
-        return self.kv_memory_gb, self.max_tokens
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one step did; passed to step listeners (metrics) after the step."""
-
-    sessions: int
-    tokens: int
-    seconds: float
-    used_blocks: int
-    total_blocks: int
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active_sessions: int
-    queued_requests: int
-    used_blocks: int
-    total_blocks: int
-    block_size: int
-    tokens_scored: int
-    steps: int
 
 
 class Engine:
@@ -289,100 +230,3 @@ class Engine:
             raise TypeError(f"expected an engine Session, got {type(session).__name__}")
         if session.closed:
             raise StreamClosedError(f"session {session.id} is closed; open a new one")
-
-
-class AsyncEngine:
-    """asyncio front-end: engine calls run on one worker thread; a background task steps while
-    chunks are queued, so concurrent `moderate` calls share steps."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qguard-engine")
-        self._wake: asyncio.Event | None = None
-        self._freed: asyncio.Event | None = None
-        self._stepper: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def open(self) -> Session:
-        return await self._call(self.engine.open)
-
-    async def close(self, session: Session) -> None:
-        await self._call(self.engine.close, session)
-        self._events()[1].set()
-
-    async def rollback(self, session: Session, length: int) -> None:
-        await self._call(self.engine.rollback, session, length)
-        self._events()[1].set()
-
-    async def moderate(self, session: Session, token_ids: TokenIds, role: str) -> Verdicts:
-        """Queue a chunk and await its verdicts (waits for pool space when so configured)."""
-        future = await self._submit(session, token_ids, role)
-        self._ensure_stepper()
-        self._events()[0].set()
-        return await asyncio.wrap_future(future)
-
-    async def stats(self) -> EngineStats:
-        return await self._call(self.engine.stats)
-
-    async def aclose(self) -> None:
-        """Stop the background stepper and the worker thread (sessions are left as they are)."""
-        if self._stepper is not None:
-            self._stepper.cancel()
-            try:
-                await self._stepper
-            except asyncio.CancelledError:
-                pass
-            self._stepper = None
-        self._worker.shutdown(wait=True)
-
-    async def _submit(self, session: Session, token_ids: TokenIds, role: str
-                      ) -> Future[Verdicts]:
-        settings = self.engine.settings
-        deadline = time.monotonic() + settings.pool_wait_timeout_s
-        while True:
-            try:
-                return await self._call(self.engine.submit, session, token_ids, role, False)
-            except PoolExhaustedError as error:
-                remaining = deadline - time.monotonic()
-                if settings.on_pool_exhausted != "wait" or isinstance(error, PoolTooSmallError):
-                    raise
-                if remaining <= 0:
-                    raise PoolExhaustedError(
-                        f"{error} after waiting {settings.pool_wait_timeout_s}s") from None
-                freed = self._events()[1]
-                freed.clear()
-                try:  # poll too: a free may land between the refusal and clear()
-                    await asyncio.wait_for(freed.wait(), min(remaining, 0.05))
-                except asyncio.TimeoutError:
-                    pass
-
-    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
-
-    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
-        loop = asyncio.get_running_loop()
-        if self._wake is None or self._freed is None or self._loop is not loop:
-            # first use, or reuse from a new event loop (events and tasks belong to one loop)
-            self._wake, self._freed, self._loop = asyncio.Event(), asyncio.Event(), loop
-            self._stepper = None
-        return self._wake, self._freed
-
-    def _ensure_stepper(self) -> None:
-        self._events()
-        if self._stepper is None or self._stepper.done():
-            self._stepper = asyncio.get_running_loop().create_task(self._step_forever())
-
-    async def _step_forever(self) -> None:
-        wake = self._events()[0]
-        while True:
-            await wake.wait()
-            wake.clear()
-            while await self._call(self._step_quietly) > 0:
-                pass
-
-    def _step_quietly(self) -> int:
-        # A failed step already failed its requests' futures; keep serving the others.
-        try:
-            return self.engine.step()
-        except Exception:  # noqa: BLE001 - the error went to the requests' futures
-            return 1
