@@ -335,3 +335,25 @@ def test_decision_tracker_follows_consecutive_unsafe_rule() -> None:
     tracker.rollback(12)
     assert tracker.decision()["risk_level"] == "Safe"
 
+
+
+def test_pool_exhaustion_gives_an_error_frame_and_the_server_keeps_serving(
+        tiny_guard: StreamGuard) -> None:
+    server = LiveServer(Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=32)))
+    server.start()
+    try:
+        async def main() -> None:
+            async with websockets.connect(server.ws, additional_headers=AUTH) as ws:
+                first = await ask(ws, {"type": "open", "token_ids": list(range(1, 25))})
+                refused = await ask(ws, {"type": "open", "token_ids": list(range(1, 17))})
+                assert refused["type"] == "error" and refused["code"] == "pool_exhausted"
+                assert "KV pool exhausted" in refused["error"]
+                assert server.engine.stats().active_sessions == 1
+                await ask(ws, {"type": "close", "session": first["session"]})
+                reopened = await ask(ws, {"type": "open", "token_ids": list(range(1, 17))})
+                assert reopened["type"] == "opened" and reopened["length"] == 16
+
+        asyncio.run(main())
+        wait_until_no_sessions(server)
+    finally:
+        server.stop()
