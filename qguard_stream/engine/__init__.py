@@ -1,0 +1,26 @@
+"""Batched engine: many sessions, one forward per step, KV from one paged block pool."""
+
+from qguard_stream.engine.async_engine import AsyncEngine
+from qguard_stream.engine.block_pool import (
+    BlockPool,
+    BlockTable,
+    PoolExhaustedError,
+    PoolTooSmallError,
+)
+from qguard_stream.engine.engine import Engine, SessionBusyError
+from qguard_stream.engine.scheduler import Session
+from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
+
+__all__ = [
+    "AsyncEngine",
+    "BlockPool",
+    "BlockTable",
+    "Engine",
+    "EngineSettings",
+    "EngineStats",
+    "PoolExhaustedError",
+    "PoolTooSmallError",
+    "Session",
+    "SessionBusyError",
+    "StepStats",
+]

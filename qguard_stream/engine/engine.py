@@ -1,0 +1,232 @@
+"""Engine: many sessions scored by one batched forward per step, KV from one paged pool.
+
+`submit` queues a chunk (reserving its KV blocks) and returns a Future; `step` runs one batched
+forward over the queued chunks; `moderate`/`moderate_many` do both. Thread-safe: one lock guards
+sessions, pool and queue, and is held for the duration of a step. The asyncio front-end is
+async_engine.AsyncEngine.
+A call that raises leaves its session as it was. Policies and callbacks run outside (after a step).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+import torch
+
+from qguard_stream.engine.block_pool import (
+    BlockPool,
+    BlockTable,
+    PoolExhaustedError,
+    PoolTooSmallError,
+    blocks_for_budget,
+)
+from qguard_stream.engine.runner import Chunk, ModelRunner
+from qguard_stream.engine.scheduler import Request, Scheduler, Session
+from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
+from qguard_stream.stream import ROLES, StreamClosedError, StreamGuard, TokenIds, Verdicts
+
+
+class SessionBusyError(RuntimeError):
+    """The session has queued chunks; the operation needs them scored first."""
+
+
+class Engine:
+    """Batched scoring of many sessions over one paged KV pool."""
+
+    def __init__(self, guard: StreamGuard, settings: EngineSettings | None = None) -> None:
+        self.guard = guard
+        self.settings = settings or EngineSettings()
+        kv_memory_gb, max_tokens = self.settings.budget()
+        num_blocks = blocks_for_budget(guard.config, guard.dtype, self.settings.block_size,
+                                       kv_memory_gb, max_tokens)
+        self.pool = BlockPool(guard.config, num_blocks, self.settings.block_size, guard.device,
+                              guard.dtype)
+        self.runner = ModelRunner(guard.model, self.pool)
+        self.scheduler = Scheduler(self.settings.max_batch_tokens)
+        self.sessions: dict[int, Session] = {}
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+        self._lock = threading.Condition(threading.RLock())
+        self._tokens_scored = 0
+        self._steps = 0
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str],
+                        settings: EngineSettings | None = None,
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> Engine:
+        return cls(StreamGuard.from_pretrained(path_or_id, device, dtype), settings)
+
+    # ---- sessions ---------------------------------------------------------------------------
+    def open(self) -> Session:
+        """A new, empty session (holds no blocks until fed)."""
+        with self._lock:
+            session = Session(BlockTable(self.pool.block_size))
+            self.sessions[session.id] = session
+            return session
+
+    def close(self, session: Session) -> None:
+        """Free the session's blocks and cancel its queued chunks (idempotent)."""
+        with self._lock:
+            if session.closed:
+                return
+            for request in self.scheduler.remove_session(session):
+                request.future.set_exception(StreamClosedError(f"session {session.id} closed"))
+            session.closed = True
+            session.table.shrink(self.pool, 0)
+            session.last_verdicts = None
+            self.sessions.pop(session.id, None)
+            self._lock.notify_all()
+
+    def rollback(self, session: Session, length: int) -> None:
+        """Keep the first `length` scored tokens; blocks past them go back to the pool."""
+        with self._lock:
+            self._check_open(session)
+            if isinstance(length, bool) or not isinstance(length, int):
+                raise TypeError(f"rollback length must be an int, got {length!r}")
+            if not 0 <= length <= session.length:
+                raise ValueError(f"cannot roll back to length {length}: the session holds "
+                                 f"{session.length} tokens")
+            if session.queued:
+                raise SessionBusyError(f"session {session.id} has {session.queued} queued "
+                                       f"chunk(s); roll back after they are scored")
+            del session.token_ids[length:]
+            session.reserved = length
+            session.table.shrink(self.pool, length)
+            session.last_verdicts = None
+            self._lock.notify_all()
+
+    # ---- scoring ----------------------------------------------------------------------------
+    def submit(self, session: Session, token_ids: TokenIds, role: str,
+               wait: bool | None = None) -> Future[Verdicts]:
+        """Queue a chunk (reserving its KV blocks); the Future resolves at the step scoring it.
+        `wait` overrides the settings' exhaustion mode (True: wait up to the timeout)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        ids = self.guard._validate_ids(token_ids)
+        with self._lock:
+            self._check_open(session)
+            end = session.reserved + ids.shape[0]
+            limit = self.guard.config.max_position_embeddings
+            if end > limit:
+                raise ValueError(f"feeding {ids.shape[0]} tokens to a session of "
+                                 f"{session.reserved} would exceed max_position_embeddings={limit}")
+            self._reserve(session, end, self._should_wait(wait))
+            request = Request(session, session.reserved, ids, role)
+            session.reserved, session.queued = end, session.queued + 1
+            self.scheduler.add(request)
+            return request.future
+
+    def step(self) -> int:
+        """Run one batched forward over queued chunks; returns how many chunks it scored."""
+        with self._lock:
+            batch = self.scheduler.next_batch()
+            if not batch:
+                return 0
+            began = time.perf_counter()
+            chunks = [Chunk(r.session.table, r.start, r.token_ids, r.role) for r in batch]
+            try:
+                scores = self.runner.forward(chunks)
+            except Exception as error:
+                for request in batch:
+                    self._fail(request, error)
+                raise
+            for request, (risk_probs, category_probs) in zip(batch, scores):
+                self._complete(request, risk_probs, category_probs)
+            stats = StepStats(len(batch), sum(r.num_tokens for r in batch),
+                              time.perf_counter() - began, self.pool.used_blocks,
+                              self.pool.num_blocks)
+            self._steps += 1
+            self._tokens_scored += stats.tokens
+        for listener in self.step_listeners:
+            listener(stats)
+        return len(batch)
+
+    def moderate(self, session: Session, token_ids: TokenIds, role: str) -> Verdicts:
+        """Score one chunk now (batched with whatever else is queued)."""
+        future = self.submit(session, token_ids, role)
+        return self._drain(future)
+
+    def moderate_many(self, chunks: Sequence[tuple[Session, TokenIds, str]]) -> list[Verdicts]:
+        """Score (session, token_ids, role) chunks together; a session may appear more than once
+        (its chunks run in order). If one chunk is refused, those already queued still run."""
+        futures: list[Future[Verdicts]] = []
+        try:
+            for session, token_ids, role in chunks:
+                futures.append(self.submit(session, token_ids, role))
+        finally:
+            results = [self._drain(future) for future in futures]
+        return results
+
+    def has_queued(self) -> bool:
+        with self._lock:
+            return bool(self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(len(self.sessions), len(self.scheduler.waiting),
+                               self.pool.used_blocks, self.pool.num_blocks, self.pool.block_size,
+                               self._tokens_scored, self._steps)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _drain(self, future: Future[Verdicts]) -> Verdicts:
+        while not future.done():
+            self.step()
+        return future.result()
+
+    def _should_wait(self, wait: bool | None) -> bool:
+        return self.settings.on_pool_exhausted == "wait" if wait is None else wait
+
+    def _reserve(self, session: Session, end: int, wait: bool) -> None:
+        """Grow the session's table to `end` positions, waiting for freed blocks if asked."""
+        table = session.table
+        if len(table.blocks) + table.blocks_needed(end) > self.pool.num_blocks:
+            raise PoolTooSmallError(
+                f"a session of {end} tokens needs more than the pool's {self.pool.num_blocks} "
+                f"blocks of {self.pool.block_size} tokens")
+        deadline = time.monotonic() + self.settings.pool_wait_timeout_s
+        while True:
+            try:
+                table.grow(self.pool, end)
+                return
+            except PoolExhaustedError as error:
+                remaining = deadline - time.monotonic()
+                if not wait or remaining <= 0:
+                    suffix = f" after waiting {self.settings.pool_wait_timeout_s}s" if wait else ""
+                    raise PoolExhaustedError(f"{error}{suffix}") from None
+                self._lock.wait(remaining)
+                self._check_open(session)
+
+    def _complete(self, request: Request, risk_probs: torch.Tensor,
+                  category_probs: torch.Tensor) -> None:
+        session = request.session
+        positions = range(request.start, request.start + request.num_tokens)
+        verdicts = self.guard._verdicts(request.role, positions, request.token_ids, risk_probs,
+                                        category_probs)
+        session.token_ids.extend(verdicts.token_ids)
+        session.queued -= 1
+        session.last_verdicts = verdicts
+        request.future.set_result(verdicts)
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """Undo a failed chunk and every later chunk of its session; the session keeps what was
+        scored before."""
+        session = request.session
+        later = self.scheduler.remove_session(session)
+        for failed in (request, *later):
+            if not failed.future.done():
+                failed.future.set_exception(error)
+        session.queued = 0
+        session.reserved = session.length
+        session.table.shrink(self.pool, session.length)
+        self._lock.notify_all()
+
+    @staticmethod
+    def _check_open(session: Session) -> None:
+        if not isinstance(session, Session):
+            raise TypeError(f"expected an engine Session, got {type(session).__name__}")
+        if session.closed:
+            raise StreamClosedError(f"session {session.id} is closed; open a new one")

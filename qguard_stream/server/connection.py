@@ -1,0 +1,148 @@
+"""One WebSocket connection's sessions and the handling of its frames.
+
+Sessions are numbered per connection and live only in this object, so no other connection can reach
+them; `close_all` frees them when the connection ends, however it ends. A frame that fails yields an
+error frame and leaves every session as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qguard_stream.engine import AsyncEngine, PoolExhaustedError, Session, SessionBusyError
+from qguard_stream.server.decision import ConsecutiveUnsafeTracker
+from qguard_stream.server.protocol import (
+    Command,
+    ProtocolError,
+    last_verdict_json,
+    parse_command,
+    verdicts_json,
+)
+from qguard_stream.server.text import prompt_and_header_ids, text_to_ids
+from qguard_stream.stream import StreamClosedError, Verdicts
+
+
+@dataclass(eq=False)
+class LiveSession:
+    """An engine session plus what the server tracks for it."""
+
+    session: Session
+    tracker: ConsecutiveUnsafeTracker = field(default_factory=ConsecutiveUnsafeTracker)
+    levels: list[tuple[str, str]] = field(default_factory=list)  # (role, risk level) per position
+
+    def record(self, verdicts: Verdicts) -> list[dict[str, Any]]:
+        """Store the new risk levels; return the transitions (level changes within one role)."""
+        transitions = []
+        for position, level in zip(verdicts.positions, verdicts.risk_level):
+            previous = self.levels[position - 1] if position else None
+            if previous is not None and previous[0] == verdicts.role and previous[1] != level:
+                transitions.append({"position": position, "from": previous[1], "to": level})
+            self.levels.append((verdicts.role, level))
+        return transitions
+
+    def rollback(self, length: int) -> None:
+        del self.levels[length:]
+        self.tracker.rollback(length)
+
+
+def error_frame(message: str, code: str, command: Command | None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "error": message}
+    if command is not None:
+        frame.update(id=command.request_id, session=command.session, request=command.type)
+    return frame
+
+
+class Connection:
+    """The sessions of one WebSocket connection."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer: Any) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.sessions: dict[int, LiveSession] = {}
+        self._next_id = 1
+
+    async def handle_frame(self, frame: str | bytes) -> dict[str, Any]:
+        """Answer one client frame: a reply, or an error frame naming what was wrong."""
+        command = None
+        try:
+            command = parse_command(frame)
+            handler = {"open": self.open, "feed": self.feed, "rollback": self.rollback,
+                       "close": self.close}[command.type]
+            reply = await handler(command)
+        except PoolExhaustedError as error:
+            return error_frame(str(error), "pool_exhausted", command)
+        except (ProtocolError, ValueError, TypeError, StreamClosedError,
+                SessionBusyError) as error:
+            return error_frame(str(error), "bad_request", command)
+        if command.request_id is not None:
+            reply["id"] = command.request_id
+        return reply
+
+    async def open(self, command: Command) -> dict[str, Any]:
+        prompt_ids = header_ids = None
+        if command.messages is not None:  # tokenize first: a bad body opens nothing
+            prompt_ids, header_ids = prompt_and_header_ids(self.tokenizer, command.messages)
+        live = LiveSession(await self.engine.open())
+        reply: dict[str, Any] = {"type": "opened"}
+        try:
+            if prompt_ids is not None and header_ids is not None:
+                prompt = await self.engine.moderate(live.session, prompt_ids, "user")
+                live.record(prompt)
+                live.record(await self.engine.moderate(live.session, header_ids, "assistant"))
+                reply["prompt"] = last_verdict_json(prompt)
+            elif command.token_ids is not None:
+                verdicts = await self.engine.moderate(live.session, command.token_ids,
+                                                      command.role)
+                live.record(verdicts)
+                reply["verdict"] = last_verdict_json(verdicts)
+        except BaseException:
+            await self.engine.close(live.session)
+            raise
+        session_id, self._next_id = self._next_id, self._next_id + 1
+        self.sessions[session_id] = live
+        return {**reply, "session": session_id, "length": live.session.length}
+
+    async def feed(self, command: Command) -> dict[str, Any]:
+        session_id, live = self._find(command)
+        ids = command.token_ids if command.text is None else text_to_ids(self.tokenizer,
+                                                                           command.text)
+        verdicts = await self.engine.moderate(live.session, ids, command.role)
+        transitions = live.record(verdicts)
+        flags = []
+        if command.role == "assistant":
+            flags = live.tracker.update(verdicts.positions, verdicts.risk_level, verdicts.category)
+        return {"type": "verdicts", "session": session_id, **verdicts_json(verdicts),
+                "transitions": transitions, "flags": [flag.as_json() for flag in flags],
+                "decision": live.tracker.decision(), "length": live.session.length}
+
+    async def rollback(self, command: Command) -> dict[str, Any]:
+        session_id, live = self._find(command)
+        assert command.length is not None
+        await self.engine.rollback(live.session, command.length)
+        live.rollback(command.length)
+        return {"type": "rolled_back", "session": session_id, "length": command.length,
+                "decision": live.tracker.decision()}
+
+    async def close(self, command: Command) -> dict[str, Any]:
+        session_id, live = self._find(command)
+        del self.sessions[session_id]
+        await self.engine.close(live.session)
+        return {"type": "closed", "session": session_id}
+
+    async def close_all(self) -> None:
+        """Free every session of this connection (on disconnect)."""
+        sessions, self.sessions = list(self.sessions.values()), {}
+        for live in sessions:
+            await self.engine.close(live.session)
+
+    def _find(self, command: Command) -> tuple[int, LiveSession]:
+        if command.session is None:
+            if len(self.sessions) != 1:
+                raise ProtocolError(f"'session' is required: this connection holds "
+                                    f"{len(self.sessions)} sessions")
+            return next(iter(self.sessions.items()))
+        if command.session not in self.sessions:
+            raise ProtocolError(f"unknown session {command.session}: this connection holds "
+                                f"{sorted(self.sessions)}")
+        return command.session, self.sessions[command.session]

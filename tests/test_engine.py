@@ -1,0 +1,381 @@
+"""Engine: batched ragged forward over a paged KV pool, against StreamGuard (one session at a time,
+its own contiguous cache) as the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from qguard_stream import StreamClosedError, StreamGuard
+from qguard_stream.engine import (
+    AsyncEngine,
+    Engine,
+    EngineSettings,
+    PoolExhaustedError,
+    PoolTooSmallError,
+    SessionBusyError,
+)
+from qguard_stream.engine.block_pool import BlockTable, blocks_for_budget, bytes_per_token
+
+VOCAB = 151936
+TOLERANCE = 1e-4
+
+
+def random_ids(rng: random.Random, count: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(count)]
+
+
+def reference(guard: StreamGuard, chunks: list[tuple[list[int], str]]) -> list:
+    state = guard.open_stream()
+    try:
+        return [guard.moderate(state, ids, role) for ids, role in chunks]
+    finally:
+        guard.close_stream(state)
+
+
+def assert_same_verdicts(actual, expected) -> None:
+    assert actual.positions == expected.positions
+    assert actual.token_ids == expected.token_ids
+    assert actual.risk_ids == expected.risk_ids
+    assert actual.category_ids == expected.category_ids
+    torch.testing.assert_close(actual.risk_probs, expected.risk_probs, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(actual.category_probs, expected.category_probs, atol=TOLERANCE,
+                               rtol=0)
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls on a shared 2-core box run ~10x faster without intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+@pytest.fixture(scope="module")
+def engine(tiny_guard: StreamGuard) -> Engine:
+    # Small blocks, so sessions' positions interleave across many non-contiguous blocks.
+    return Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=32768))
+
+
+@pytest.fixture(autouse=True)
+def pool_left_empty(request: pytest.FixtureRequest):
+    yield
+    if "engine" in request.fixturenames:
+        engine = request.getfixturevalue("engine")
+        assert engine.pool.used_blocks == 0, "a test leaked KV blocks"
+        assert not engine.sessions
+
+
+TARGET_CHUNKS = [(20, "user"), (1, "assistant"), (9, "assistant"), (1, "assistant"),
+                 (16, "assistant"), (3, "user"), (1, "assistant")]
+
+
+def target_script(seed: int) -> list[tuple[list[int], str]]:
+    rng = random.Random(seed)
+    return [(random_ids(rng, size), role) for size, role in TARGET_CHUNKS]
+
+
+def run_with_others(engine: Engine, script: list[tuple[list[int], str]], others: int,
+                    seed: int) -> list:
+    """Run the target's chunks; before each, every other session queues a chunk of random size
+    and role, so each target step is batched with `others` sessions of different lengths."""
+    rng = random.Random(seed)
+    target = engine.open()
+    companions = [engine.open() for _ in range(others)]
+    engine.moderate_many([(s, random_ids(rng, rng.randint(1, 40)), rng.choice(("user",
+                          "assistant"))) for s in companions])
+    results = []
+    for ids, role in script:
+        futures = [engine.submit(target, ids, role)]
+        for session in companions:
+            futures.append(engine.submit(session, random_ids(rng, rng.randint(1, 12)),
+                                         rng.choice(("user", "assistant"))))
+        assert engine.step() == others + 1  # everyone in one batched forward
+        results.append(futures[0].result())
+        assert all(future.done() for future in futures)
+    for session in (target, *companions):
+        engine.close(session)
+    return results
+
+
+def test_engine_alone_matches_stream_guard(engine: Engine, tiny_guard: StreamGuard) -> None:
+    script = target_script(seed=3)
+    session = engine.open()
+    actual = [engine.moderate(session, ids, role) for ids, role in script]
+    engine.close(session)
+    for got, expected in zip(actual, reference(tiny_guard, script)):
+        assert_same_verdicts(got, expected)
+
+
+@pytest.mark.parametrize("others", [1, 7, 63])
+def test_verdicts_batch_invariant(engine: Engine, others: int) -> None:
+    script = target_script(seed=11)
+    alone = run_with_others(engine, script, 0, seed=0)
+    batched = run_with_others(engine, script, others, seed=others)
+    for got, expected in zip(batched, alone):
+        assert_same_verdicts(got, expected)
+
+
+def test_every_batched_session_matches_its_own_reference(engine: Engine,
+                                                         tiny_guard: StreamGuard) -> None:
+    rng = random.Random(5)
+    scripts = [[(random_ids(rng, rng.randint(1, 10)), rng.choice(("user", "assistant")))
+                for _ in range(rng.randint(1, 4))] for _ in range(12)]
+    sessions = [engine.open() for _ in scripts]
+    chunks = [(s, ids, role) for s, script in zip(sessions, scripts) for ids, role in script]
+    results = iter(engine.moderate_many(chunks))
+    for session, script in zip(sessions, scripts):
+        for expected in reference(tiny_guard, script):
+            assert_same_verdicts(next(results), expected)
+        engine.close(session)
+
+
+def test_session_with_several_queued_chunks_runs_them_in_order(engine: Engine) -> None:
+    session = engine.open()
+    first, second = engine.submit(session, [1, 2, 3], "user"), engine.submit(session, [4], "user")
+    assert engine.step() == 1 and first.done() and not second.done()
+    assert engine.step() == 1 and second.result().positions == range(3, 4)
+    assert session.token_ids == [1, 2, 3, 4]
+    engine.close(session)
+
+
+# ---- pool sizing and exhaustion --------------------------------------------------------------
+def test_pool_sized_by_memory_budget(tiny_guard: StreamGuard) -> None:
+    config = tiny_guard.config  # tiny: 2 layers, 2 kv heads, head_dim 32, fp32
+    per_token = 2 * 2 * 2 * 32 * 4
+    assert bytes_per_token(config, torch.float32) == per_token
+    assert blocks_for_budget(config, torch.float32, 16, 0.001, None) == \
+        int(0.001 * 2**30) // (16 * per_token)
+    assert blocks_for_budget(config, torch.float32, 16, None, 100) == 7
+    engine = Engine(tiny_guard, EngineSettings(block_size=16, kv_memory_gb=0.001))
+    assert engine.pool.nbytes() == engine.pool.num_blocks * 16 * per_token
+    with pytest.raises(ValueError, match="kv_memory_gb"):
+        EngineSettings(kv_memory_gb=1.0, max_tokens=10)
+
+
+@pytest.fixture()
+def small_engine(tiny_guard: StreamGuard) -> Engine:
+    return Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=64))  # 8 blocks
+
+
+def test_exhausted_pool_raises_and_leaves_sessions_intact(small_engine: Engine,
+                                                          tiny_guard: StreamGuard) -> None:
+    rng = random.Random(1)
+    a_ids, b_ids, more = random_ids(rng, 40), random_ids(rng, 32), random_ids(rng, 8)
+    a, b = small_engine.open(), small_engine.open()
+    small_engine.moderate(a, a_ids, "user")  # 5 blocks of 8
+    with pytest.raises(PoolExhaustedError, match="need 4 block"):
+        small_engine.moderate(b, b_ids, "user")
+    assert b.length == 0 and b.table.blocks == [] and small_engine.pool.used_blocks == 5
+    verdicts = small_engine.moderate(b, b_ids[:24], "user")  # exactly the 3 free blocks
+    assert_same_verdicts(verdicts, reference(tiny_guard, [(b_ids[:24], "user")])[0])
+    small_engine.close(b)
+    got = small_engine.moderate(a, more, "assistant")
+    assert_same_verdicts(got, reference(tiny_guard, [(a_ids, "user"), (more, "assistant")])[1])
+    small_engine.close(a)
+    assert small_engine.pool.used_blocks == 0
+
+
+def test_request_larger_than_pool_is_refused_at_once_even_when_waiting(
+        tiny_guard: StreamGuard) -> None:
+    engine = Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=64,
+                                               on_pool_exhausted="wait", pool_wait_timeout_s=30))
+    session = engine.open()
+    with pytest.raises(PoolTooSmallError, match="more than the pool's 8 blocks"):
+        engine.moderate(session, list(range(65)), "user")
+    assert engine.pool.used_blocks == 0 and session.length == 0
+
+
+def test_wait_mode_times_out_with_typed_error(tiny_guard: StreamGuard) -> None:
+    engine = Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=16,
+                                               on_pool_exhausted="wait", pool_wait_timeout_s=0.2))
+    holder, waiter = engine.open(), engine.open()
+    engine.moderate(holder, list(range(16)), "user")
+    with pytest.raises(PoolExhaustedError, match="after waiting 0.2s"):
+        engine.moderate(waiter, [1], "user")
+    assert waiter.length == 0 and engine.pool.used_blocks == 2
+
+
+def test_wait_mode_proceeds_when_another_thread_frees_blocks(tiny_guard: StreamGuard) -> None:
+    engine = Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=16,
+                                               on_pool_exhausted="wait", pool_wait_timeout_s=20))
+    holder, waiter = engine.open(), engine.open()
+    engine.moderate(holder, list(range(16)), "user")
+    closer = threading.Timer(0.3, engine.close, args=(holder,))
+    closer.start()
+    verdicts = engine.moderate(waiter, [5, 6, 7], "user")
+    closer.join()
+    assert_same_verdicts(verdicts, reference(tiny_guard, [([5, 6, 7], "user")])[0])
+    engine.close(waiter)
+    assert engine.pool.used_blocks == 0
+
+
+async def test_async_wait_mode_proceeds_when_a_session_closes(tiny_guard: StreamGuard) -> None:
+    engine = Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=16,
+                                               on_pool_exhausted="wait", pool_wait_timeout_s=20))
+    runtime = AsyncEngine(engine)
+    holder, waiter = await runtime.open(), await runtime.open()
+    await runtime.moderate(holder, list(range(16)), "user")
+
+    async def close_later() -> None:
+        await asyncio.sleep(0.3)
+        await runtime.close(holder)
+
+    verdicts, _ = await asyncio.gather(runtime.moderate(waiter, [5, 6, 7], "user"),
+                                       close_later())
+    assert_same_verdicts(verdicts, reference(tiny_guard, [([5, 6, 7], "user")])[0])
+    await runtime.close(waiter)
+    await runtime.aclose()
+    assert engine.pool.used_blocks == 0
+
+
+# ---- rollback, close, bad input ----------------------------------------------------------------
+def test_rollback_frees_blocks_past_new_length(engine: Engine, tiny_guard: StreamGuard) -> None:
+    rng = random.Random(2)
+    prompt, first, second = random_ids(rng, 30), random_ids(rng, 10), random_ids(rng, 7)
+    session = engine.open()
+    engine.moderate(session, prompt, "user")
+    engine.moderate(session, first, "assistant")
+    assert len(session.table.blocks) == 5
+    engine.rollback(session, 33)
+    assert len(session.table.blocks) == 5 and session.length == 33
+    engine.rollback(session, 9)
+    assert len(session.table.blocks) == 2 and engine.pool.used_blocks == 2
+    got = engine.moderate(session, second, "assistant")
+    expected = reference(tiny_guard, [(prompt[:9], "user"), (second, "assistant")])[1]
+    assert_same_verdicts(got, expected)
+    engine.close(session)
+
+
+def test_rollback_refused_while_chunks_are_queued(engine: Engine) -> None:
+    session = engine.open()
+    engine.moderate(session, [1, 2, 3], "user")
+    future = engine.submit(session, [4, 5], "assistant")
+    with pytest.raises(SessionBusyError, match="queued"):
+        engine.rollback(session, 1)
+    engine.step()
+    assert future.result().positions == range(3, 5) and session.length == 5
+    engine.close(session)
+
+
+def test_close_cancels_queued_chunks_and_frees_blocks(engine: Engine) -> None:
+    session = engine.open()
+    future = engine.submit(session, list(range(20)), "user")
+    assert engine.pool.used_blocks == 3
+    engine.close(session)
+    with pytest.raises(StreamClosedError):
+        future.result()
+    assert engine.step() == 0
+    with pytest.raises(StreamClosedError):
+        engine.submit(session, [1], "user")
+    engine.close(session)  # idempotent
+
+
+@pytest.mark.parametrize(("ids", "role", "error", "match"), [
+    ([1, VOCAB], "user", ValueError, f"token id {VOCAB} is out of range"),
+    ([1, 2], "system", ValueError, "role must be one of"),
+    ([[1, 2]], "user", TypeError, "nested"),
+    ([], "user", ValueError, "empty"),
+])
+def test_bad_input_names_the_value_and_changes_nothing(engine: Engine, ids, role, error,
+                                                       match) -> None:
+    session = engine.open()
+    engine.moderate(session, [7, 8], "user")
+    with pytest.raises(error, match=match):
+        engine.submit(session, ids, role)
+    assert session.token_ids == [7, 8] and session.reserved == 2 and session.queued == 0
+    assert engine.pool.used_blocks == 1
+    engine.close(session)
+
+
+def test_session_bounded_by_max_position_embeddings(tiny_guard: StreamGuard) -> None:
+    engine = Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=20000))
+    session = engine.open()
+    limit = tiny_guard.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_position_embeddings={limit}"):
+        engine.submit(session, [1] * (limit + 1), "user")
+    assert engine.pool.used_blocks == 0
+
+
+# ---- many sessions -----------------------------------------------------------------------------
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def open_feed_close(engine: Engine, count: int, rng: random.Random, wave: int = 100) -> None:
+    for _ in range(count // wave):
+        sessions = [engine.open() for _ in range(wave)]
+        engine.moderate_many([(s, random_ids(rng, rng.randint(1, 20)), "user") for s in sessions])
+        for session in sessions:
+            engine.close(session)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc for RSS")
+def test_thousand_sessions_leave_pool_empty_and_memory_flat(engine: Engine) -> None:
+    rng = random.Random(9)
+    open_feed_close(engine, 100, rng)  # warm allocator caches first
+    gc.collect()
+    before = rss_bytes()
+    open_feed_close(engine, 1000, rng)
+    gc.collect()
+    growth = rss_bytes() - before
+    assert engine.pool.used_blocks == 0 and engine.pool.free_blocks == engine.pool.num_blocks
+    assert not engine.sessions and engine.stats().active_sessions == 0
+    assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 1,000 sessions"
+
+
+def test_block_table_slots_follow_blocks() -> None:
+    table = BlockTable(block_size=4)
+    table.blocks = [7, 2, 9]
+    assert table.slots(2, 10).tolist() == [30, 31, 8, 9, 10, 11, 36, 37]
+    assert table.blocks_needed(12) == 0 and table.blocks_needed(13) == 1
+
+
+def test_async_front_end_scores_concurrent_sessions(engine: Engine,
+                                                    tiny_guard: StreamGuard) -> None:
+    rng = random.Random(4)
+    scripts = [[(random_ids(rng, rng.randint(1, 9)), rng.choice(("user", "assistant")))
+                for _ in range(3)] for _ in range(8)]
+
+    async def client(runtime: AsyncEngine, script) -> list:
+        session = await runtime.open()
+        results = [await runtime.moderate(session, ids, role) for ids, role in script]
+        await runtime.close(session)
+        return results
+
+    async def main() -> list:
+        runtime = AsyncEngine(engine)
+        try:
+            return await asyncio.gather(*(client(runtime, s) for s in scripts))
+        finally:
+            await runtime.aclose()
+
+    all_results = asyncio.run(main())
+    for results, script in zip(all_results, scripts):
+        for got, expected in zip(results, reference(tiny_guard, script)):
+            assert_same_verdicts(got, expected)
+
+
+def test_async_engine_survives_a_new_event_loop(engine: Engine, tiny_guard: StreamGuard) -> None:
+    runtime = AsyncEngine(engine)
+
+    async def score(ids: list[int]):
+        session = await runtime.open()
+        verdicts = await asyncio.wait_for(runtime.moderate(session, ids, "user"), timeout=60)
+        await runtime.close(session)
+        return verdicts
+
+    first = asyncio.run(score([1, 2, 3]))
+    second = asyncio.run(score([4, 5]))  # the first loop and its stepper task are gone
+    assert_same_verdicts(first, reference(tiny_guard, [([1, 2, 3], "user")])[0])
+    assert_same_verdicts(second, reference(tiny_guard, [([4, 5], "user")])[0])
+    asyncio.run(runtime.aclose())
