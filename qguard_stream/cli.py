@@ -26,7 +26,9 @@ DEMO_SHAPE = "tiny"
 DEMO_CACHE_VERSION = "v2"
 
 # subcommand -> (module, help); modules are imported only when their subcommand runs or is listed.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("qguard_stream.server", "serve many sessions over WebSocket/HTTP (batched engine)"),
+}
 
 
 def cache_dir() -> Path:

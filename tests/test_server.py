@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from qguard_stream import StreamGuard
 from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.server import create_app
+from qguard_stream.policy import consecutive_unsafe
 from qguard_stream.server.decision import ConsecutiveUnsafeTracker
 
 API_KEY = "test-key"
@@ -128,13 +129,13 @@ async def stream_client(live: LiveServer, seed: int, expected: list) -> None:
         assert opened["type"] == "opened" and opened["id"] == seed
         assert opened["length"] == len(prompt)
         assert opened["verdict"]["risk_level"] == expected[0].risk_level[-1]
-        tracker = ConsecutiveUnsafeTracker()
+        seen: list[tuple[int, str, str]] = []  # (position, level, category) of response tokens
         for chunk, want in zip(chunks, expected[1:]):
             reply = await ask(ws, {"type": "feed", "session": opened["session"],
                                    "token_ids": chunk})
             assert_reply_matches(reply, want)
-            tracker.update(want.positions, want.risk_level, want.category)
-            assert reply["decision"] == tracker.decision()
+            seen += zip(want.positions, want.risk_level, want.category)
+            assert reply["decision"] == official_decision(seen)
         closed = await ask(ws, {"type": "close", "session": opened["session"]})
         assert closed == {"type": "closed", "session": opened["session"]}
 
@@ -301,9 +302,8 @@ def test_moderate_matches_moderate_conversation(live: LiveServer,
     assert body["response"]["start"] == expected.response_start
     assert body["response"]["risk_level"] == response.risk_level
     assert body["response"]["risk_prob"] == pytest.approx(response.risk_prob, abs=1e-4)
-    tracker = ConsecutiveUnsafeTracker()
-    tracker.update(response.positions, response.risk_level, response.category)
-    assert body["decision"]["response"] == tracker.decision()
+    seen = list(zip(response.positions, response.risk_level, response.category))
+    assert body["decision"]["response"] == official_decision(seen)
     wait_until_no_sessions(live)
 
 
@@ -322,19 +322,26 @@ def test_moderate_rejects_bad_bodies_with_400(live: LiveServer, content: bytes,
     assert reason in reply.json()["error"]
 
 
-def test_decision_tracker_follows_consecutive_unsafe_rule() -> None:
-    tracker = ConsecutiveUnsafeTracker()
-    levels = ["Safe", "Controversial", "Controversial", "Unsafe", "Safe", "Unsafe", "Unsafe"]
-    categories = [f"c{i}" for i in range(len(levels))]
-    raised = tracker.update(range(10, 17), levels, categories)
-    assert [(f.position, f.risk_level) for f in raised] == [(12, "Controversial"), (16, "Unsafe")]
-    assert tracker.decision() == {"risk_level": "Unsafe", "category": "c6", "flag_position": 16}
-    tracker.rollback(16)
-    assert tracker.decision() == {"risk_level": "Controversial", "category": "c2",
-                                  "flag_position": 12}
-    tracker.rollback(12)
-    assert tracker.decision()["risk_level"] == "Safe"
+def official_decision(seen: list[tuple[int, str, str]]) -> dict:
+    """The decision JSON the official rule gives over the response tokens seen so far."""
+    label, index = consecutive_unsafe([level for _, level, _ in seen])
+    if index < 0:
+        return {"risk_level": "Safe", "category": None, "flag_position": None}
+    position, _, category = seen[index]
+    return {"risk_level": label, "category": category, "flag_position": position}
 
+
+def test_decision_tracker_follows_the_official_rule_and_rollback(tiny_guard: StreamGuard) -> None:
+    state = tiny_guard.open_stream()
+    verdicts = tiny_guard.moderate(state, list(range(100, 160)), "assistant")
+    tiny_guard.close_stream(state)
+    tracker = ConsecutiveUnsafeTracker()
+    tracker.update(verdicts)
+    seen = list(zip(verdicts.positions, verdicts.risk_level, verdicts.category))
+    assert tracker.decision() == official_decision(seen)
+    for length in (45, 20, 3):
+        tracker.rollback(length)
+        assert tracker.decision() == official_decision(seen[:length])
 
 
 def test_pool_exhaustion_gives_an_error_frame_and_the_server_keeps_serving(

@@ -139,7 +139,7 @@ async def moderate_body(runtime: AsyncEngine, tokenizer: Any, body: Any) -> dict
         await runtime.close(session)
     tracker = ConsecutiveUnsafeTracker()
     if response is not None:
-        tracker.update(response.positions, response.risk_level, response.category)
+        tracker.update(response)
     prompt_json = last_verdict_json(prompt)
     return {
         "prompt": prompt_json,

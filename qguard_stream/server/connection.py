@@ -111,9 +111,9 @@ class Connection:
         transitions = live.record(verdicts)
         flags = []
         if command.role == "assistant":
-            flags = live.tracker.update(verdicts.positions, verdicts.risk_level, verdicts.category)
+            flags = live.tracker.update(verdicts)
         return {"type": "verdicts", "session": session_id, **verdicts_json(verdicts),
-                "transitions": transitions, "flags": [flag.as_json() for flag in flags],
+                "transitions": transitions, "flags": flags,
                 "decision": live.tracker.decision(), "length": live.session.length}
 
     async def rollback(self, command: Command) -> dict[str, Any]:

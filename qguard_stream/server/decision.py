@@ -1,65 +1,43 @@
-"""A minimal stand-in for the official `consecutive_unsafe` response policy, for the server only.
+"""The server's response decision: the official rule (qguard_stream.policy.ConsecutiveUnsafe,
+loose mode) over one session's response tokens, rendered as JSON.
 
-Flag at the second of the first two adjacent Unsafe response tokens (response verdict Unsafe, with
-that token's category); failing that, the first adjacent Controversial pair gives Controversial;
-otherwise Safe. Kept in this one class so it can be swapped for qguard_stream.policy at merge time.
+Live streaming, the one-shot endpoint and offline evaluation therefore share one rule. This module
+only adapts the policy to the wire format; it must not re-implement it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from qguard_stream.hooks import token_verdicts
+from qguard_stream.policy import ConsecutiveUnsafe, Decision
+from qguard_stream.stream import Verdicts
 
-@dataclass(frozen=True)
-class Flag:
-    position: int  # second token of the pair
-    risk_level: str  # "Unsafe" or "Controversial"
-    category: str
 
-    def as_json(self) -> dict[str, Any]:
-        return {"position": self.position, "risk_level": self.risk_level,
-                "category": self.category}
+def flag_json(decision: Decision) -> dict[str, Any]:
+    return {"position": decision.position, "risk_level": decision.label,
+            "category": decision.category}
 
 
 class ConsecutiveUnsafeTracker:
-    """Per-session state of the rule over response tokens, with rollback."""
+    """Per-session state of the official rule over response tokens, with rollback."""
 
     def __init__(self) -> None:
-        self.positions: list[int] = []
-        self.levels: list[str] = []
-        self.categories: list[str] = []
-        self.flags: dict[str, Flag] = {}  # first flag per level
+        self.policy = ConsecutiveUnsafe()
 
-    def update(self, positions: range, levels: list[str], categories: list[str]) -> list[Flag]:
-        """Add scored response tokens; return the flags they raised (at most one per level)."""
-        raised = []
-        for position, level, category in zip(positions, levels, categories):
-            if self._pairs_with_previous(position, level) and level not in self.flags:
-                self.flags[level] = Flag(position, level, category)
-                raised.append(self.flags[level])
-            self.positions.append(position)
-            self.levels.append(level)
-            self.categories.append(category)
-        return raised
+    def update(self, verdicts: Verdicts) -> list[dict[str, Any]]:
+        """Add scored response tokens; return the flags they raised, as JSON."""
+        raised = [self.policy.observe(token) for token in token_verdicts(verdicts)]
+        return [flag_json(decision) for decision in raised if decision is not None]
 
     def rollback(self, length: int) -> None:
-        """Forget tokens at positions >= length and recompute the flags."""
-        kept = [entry for entry in zip(self.positions, self.levels, self.categories)
-                if entry[0] < length]
-        self.positions, self.levels, self.categories, self.flags = [], [], [], {}
-        for position, level, category in kept:
-            self.update(range(position, position + 1), [level], [category])
+        """Forget tokens at positions >= length."""
+        self.policy.truncate(length)
 
     def decision(self) -> dict[str, Any]:
         """{"risk_level", "category", "flag_position"} of the response so far."""
-        for level in ("Unsafe", "Controversial"):
-            if level in self.flags:
-                flag = self.flags[level]
-                return {"risk_level": level, "category": flag.category,
-                        "flag_position": flag.position}
-        return {"risk_level": "Safe", "category": None, "flag_position": None}
-
-    def _pairs_with_previous(self, position: int, level: str) -> bool:
-        return (level in ("Unsafe", "Controversial") and bool(self.positions)
-                and self.positions[-1] == position - 1 and self.levels[-1] == level)
+        verdict = self.policy.verdict()
+        if not verdict.flagged:
+            return {"risk_level": "Safe", "category": None, "flag_position": None}
+        return {"risk_level": verdict.label, "category": verdict.category,
+                "flag_position": verdict.position}
