@@ -210,6 +210,13 @@ def run_eval(samples: Sequence[dict[str, Any]], predictor: Predictor, output_pat
     if path.exists() and good < path.stat().st_size:
         with path.open("r+b") as handle:  # drop a line torn by an interruption
             handle.truncate(good)
+    for record in records:
+        if record.get("index", len(samples)) >= len(samples) or \
+                record.get("data_type") != data_type:
+            raise ValueError(
+                f"{path} holds a record (index {record.get('index')!r}, data_type "
+                f"{record.get('data_type')!r}) that is not from these {len(samples)} "
+                f"{data_type} samples; delete the file (or pass --overwrite) to start afresh")
     done = {record["index"] for record in records}
     with path.open("a", encoding="utf-8") as out:
         for index, sample in _pending(samples, done, progress):

@@ -191,3 +191,10 @@ def test_runner_resumes_after_interruption(tiny_guard, tmp_path):
     assert records[:2] == first
     assert [r["index"] for r in read_records(out)] == [0, 1, 2]
     assert out.read_text().count("\n") == 3
+
+
+def test_resuming_into_a_foreign_output_file_is_refused(tiny_guard, tmp_path):
+    out = write_jsonl(tmp_path / "out.jsonl", [{"index": 0, "data_type": "prompt", "label": S}])
+    with pytest.raises(ValueError, match="not from these 3 response samples"):
+        run_eval(SAMPLES, stream_predictor(tiny_guard, "response"), out, "response",
+                 progress=False)
