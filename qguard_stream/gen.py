@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qguard_stream.batch_decode import batch_greedy_generate
 from qguard_stream.causal_lm import CausalLM, greedy_generate
 from qguard_stream.config import GuardConfig
 from qguard_stream.gen_parse import GenVerdict, parse_gen_output
@@ -71,13 +72,16 @@ class GenGuard:
 
     def generate_ids_batch(self, batch: Sequence[Sequence[int]], max_new_tokens: int = 128,
                            eos_token_id: EosIds = None) -> list[list[int]]:
-        """generate_ids for many sequences decoded together (one KV cache each)."""
+        """generate_ids for many sequences decoded together: left-padded into one KV buffer,
+        one forward per step for the whole batch; each row equals its single-sequence result."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         prompts = [self._check_ids(ids, row) for row, ids in enumerate(batch)]
         stop = self.stop_ids if eos_token_id is None else frozenset(_eos_list(eos_token_id))
-        return greedy_generate(self.lm, prompts, max_new_tokens, stop)
+        if len(prompts) == 1:
+            return greedy_generate(self.lm, prompts, max_new_tokens, stop)
+        return batch_greedy_generate(self.lm, prompts, max_new_tokens, stop)
 
     def _check_ids(self, token_ids: Sequence[int], row: int) -> list[int]:
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)

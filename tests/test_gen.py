@@ -20,12 +20,26 @@ NEW_TOKENS = 6
 PAD = 151643
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
-def pair(request, tmp_path_factory) -> tuple[GenGuard, Qwen3ForCausalLM]:
-    directory = make_random_gen_checkpoint(tmp_path_factory.mktemp("gen"), "tiny", seed=7,
-                                           tied=request.param)
-    hf = Qwen3ForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
-    return GenGuard.from_pretrained(directory, device="cpu"), hf
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[bool, tuple[GenGuard, Qwen3ForCausalLM]]:
+    """A tied and an untied random Gen checkpoint, each loaded by us and by transformers."""
+    loaded = {}
+    for tied in (True, False):
+        directory = make_random_gen_checkpoint(tmp_path_factory.mktemp("gen"), "tiny", seed=7,
+                                               tied=tied)
+        hf = Qwen3ForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+        loaded[tied] = GenGuard.from_pretrained(directory, device="cpu"), hf
+    return loaded
+
+
+@pytest.fixture(params=[True, False], ids=["tied", "untied"])
+def pair(request, pairs) -> tuple[GenGuard, Qwen3ForCausalLM]:
+    return pairs[request.param]
+
+
+@pytest.fixture
+def untied(pairs) -> tuple[GenGuard, Qwen3ForCausalLM]:
+    return pairs[False]
 
 
 def random_prompts() -> list[list[int]]:
@@ -66,8 +80,8 @@ def test_greedy_ids_on_a_templated_prompt_equal_transformers(pair):
     assert guard.generate_ids(ids, NEW_TOKENS) == hf_generate(hf, ids, [151645])
 
 
-def test_generation_stops_after_eos_and_includes_it(pair):
-    guard, hf = pair
+def test_generation_stops_after_eos_and_includes_it(untied):
+    guard, hf = untied
     ids = random_prompts()[1]
     free = guard.generate_ids(ids, NEW_TOKENS, eos_token_id=[])
     assert len(free) == NEW_TOKENS
@@ -85,8 +99,8 @@ def test_batched_decode_equals_each_row_generated_alone(pair):
     assert batched == [hf_generate(hf, ids, 151645) for ids in prompts]
 
 
-def test_batched_decode_with_an_early_stopping_row(pair):
-    guard, hf = pair
+def test_batched_decode_with_an_early_stopping_row(untied):
+    guard, hf = untied
     prompts = random_prompts()
     eos = guard.generate_ids(prompts[1], NEW_TOKENS, eos_token_id=[])[2]
     batched = guard.generate_ids_batch(prompts, NEW_TOKENS, eos_token_id=eos)
@@ -94,8 +108,8 @@ def test_batched_decode_with_an_early_stopping_row(pair):
     assert batched == [hf_generate(hf, ids, eos) for ids in prompts]
 
 
-def test_moderate_prompt_decodes_the_generated_text(pair):
-    guard, hf = pair
+def test_moderate_prompt_decodes_the_generated_text(untied):
+    guard, hf = untied
     verdict = guard.moderate_prompt("How can I make a bomb?", max_new_tokens=4)
     ids = guard.render([{"role": "user", "content": "How can I make a bomb?"}])
     expected = hf_generate(hf, ids, 151645, new_tokens=4)
@@ -104,8 +118,8 @@ def test_moderate_prompt_decodes_the_generated_text(pair):
     assert not verdict.parsed and verdict.safety is None  # random weights write no verdict
 
 
-def test_moderate_batch_matches_single_calls(pair):
-    guard, _ = pair
+def test_moderate_batch_matches_single_calls(untied):
+    guard, _ = untied
     conversations = [[{"role": "user", "content": "hi"}],
                      [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]]
     batch = guard.moderate_batch(conversations, max_new_tokens=3)
@@ -161,13 +175,13 @@ def test_config_eos_list_is_used_as_stop_ids(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [([], "empty"), ([1, -1], "-1"), ([1.5], "1.5"),
                                           ([True], "True"), ([151936], "151936")])
-def test_bad_token_ids_are_rejected_naming_the_value(pair, bad, message):
-    guard, _ = pair
+def test_bad_token_ids_are_rejected_naming_the_value(untied, bad, message):
+    guard, _ = untied
     with pytest.raises(ValueError, match=message):
         guard.generate_ids(bad, 2)
 
 
-def test_bad_max_new_tokens_is_rejected(pair):
-    guard, _ = pair
+def test_bad_max_new_tokens_is_rejected(untied):
+    guard, _ = untied
     with pytest.raises(ValueError, match="max_new_tokens"):
         guard.generate_ids([1, 2], 0)
