@@ -1,11 +1,14 @@
 """qguard_stream: Qwen3Guard-Stream as a token-streaming guardrail.
 
 Public API: StreamGuard (load, open/moderate/rollback/close sessions, the model card's
-stream_moderate_from_ids), StreamState, Verdicts, GuardConfig.
+stream_moderate_from_ids), StreamState, Verdicts, GuardConfig; GenGuard (Qwen3Guard-Gen
+moderation by greedy generation) with GenVerdict / parse_gen_output.
 """
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import ConfigError, GuardConfig
+from qguard_stream.gen import GenGuard
+from qguard_stream.gen_parse import GenVerdict, parse_gen_output
 from qguard_stream.loader import CheckpointError
 from qguard_stream.stream import (
     ConversationVerdict,
@@ -21,6 +24,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ConversationVerdict",
+    "GenGuard",
+    "GenVerdict",
     "GuardConfig",
     "SessionCache",
     "StreamClosedError",
@@ -28,4 +33,5 @@ __all__ = [
     "StreamState",
     "Verdicts",
     "__version__",
+    "parse_gen_output",
 ]
