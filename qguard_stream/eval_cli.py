@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thinking", action="store_true",
                         help="stream: score the response from right after <think>")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="gen: decoding budget")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="gen: conversations decoded together (stream scores one at a time)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh instead of resuming from --output")
     parser.add_argument("--report", type=Path, default=None, help="also write the metrics as JSON")
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and args.output.exists():
         args.output.unlink()
     records = run_eval(samples, predictor, args.output, args.data_type,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress,
+                       batch_size=args.batch_size if kind == "gen" else 1)
     report = summarize(records)
     print(format_report(report))
     if args.report is not None:

@@ -21,7 +21,8 @@ from qguard_stream.policy import consecutive_unsafe
 DATA_TYPES = ("prompt", "response")
 LATENCY_BINS = ("Ahead", "Hit", "1-32", "33-64", "65-128", "129-256", ">256", "Safe")
 UNPARSEABLE = "Unparseable"  # a Gen output the parser rejected; counts as not Unsafe
-Predictor = Callable[[dict[str, Any]], dict[str, Any]]
+# A predictor maps a batch of samples to one result dict each (the fields a record adds).
+Predictor = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 
 # ---- metrics (pure) ------------------------------------------------------------------------
@@ -200,11 +201,13 @@ def _complete_records(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def run_eval(samples: Sequence[dict[str, Any]], predictor: Predictor, output_path: str | Path,
-             data_type: str, progress: bool = True) -> list[dict[str, Any]]:
-    """Append one record per sample not yet in output_path (by its line index), flushing each;
-    returns all records, in index order."""
+             data_type: str, progress: bool = True, batch_size: int = 1) -> list[dict[str, Any]]:
+    """Append one record per sample not yet in output_path (by its line index), `batch_size`
+    samples per predictor call, flushing each batch; returns all records, in index order."""
     if data_type not in DATA_TYPES:
         raise ValueError(f"data_type must be one of {DATA_TYPES}, got {data_type!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     path = Path(output_path)
     records, good = _complete_records(path)
     if path.exists() and good < path.stat().st_size:
@@ -219,29 +222,34 @@ def run_eval(samples: Sequence[dict[str, Any]], predictor: Predictor, output_pat
                 f"{data_type} samples; delete the file (or pass --overwrite) to start afresh")
     done = {record["index"] for record in records}
     with path.open("a", encoding="utf-8") as out:
-        for index, sample in _pending(samples, done, progress):
-            record = {**sample, "index": index, "data_type": data_type, **predictor(sample)}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for batch in _pending(samples, done, progress, batch_size):
+            results = predictor([sample for _, sample in batch])
+            for (index, sample), result in zip(batch, results):
+                record = {**sample, "index": index, "data_type": data_type, **result}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                records.append(record)
             out.flush()
-            records.append(record)
     return sorted(records, key=lambda record: record["index"])
 
 
-def _pending(samples: Sequence[dict[str, Any]], done: set[int],
-             progress: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+def _pending(samples: Sequence[dict[str, Any]], done: set[int], progress: bool,
+             batch_size: int) -> Iterator[list[tuple[int, dict[str, Any]]]]:
     from tqdm.auto import tqdm
 
     todo = [(i, s) for i, s in enumerate(samples) if i not in done]
-    bar = tqdm(todo, total=len(samples), initial=len(samples) - len(todo), disable=not progress,
-               unit="sample", desc="evaluating")
-    yield from bar
+    with tqdm(total=len(samples), initial=len(samples) - len(todo), disable=not progress,
+              unit="sample", desc="evaluating") as bar:
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first:first + batch_size]
+            yield batch
+            bar.update(len(batch))
 
 
 # ---- predictors ----------------------------------------------------------------------------
 def stream_predictor(guard: Any, data_type: str, thinking: bool = False) -> Predictor:
     """Per-token levels from StreamGuard.moderate_conversation over the officially scored span."""
 
-    def predict(sample: dict[str, Any]) -> dict[str, Any]:
+    def predict_one(sample: dict[str, Any]) -> dict[str, Any]:
         messages = sample["message"]
         if data_type == "response" and messages[-1].get("role") != "assistant":
             raise ValueError(f"response data needs an assistant turn last, got {messages!r}")
@@ -255,22 +263,26 @@ def stream_predictor(guard: Any, data_type: str, thinking: bool = False) -> Pred
         return {"pred_risk_levels": levels, "split_idx_eval": verdict.response_start,
                 "pred_category": response.category[flag] if flag >= 0 else None}
 
-    return predict
+    return lambda samples: [predict_one(sample) for sample in samples]
 
 
 def gen_predictor(guard: Any, data_type: str, max_new_tokens: int = 128) -> Predictor:
-    """Gen verdict of the last assistant turn (response data) or the last user turn (prompt)."""
+    """Gen verdicts of the last assistant turn (response data) or the last user turn (prompt),
+    a batch of conversations decoded together."""
 
-    def predict(sample: dict[str, Any]) -> dict[str, Any]:
+    def conversation(sample: dict[str, Any]) -> list[dict[str, str]]:
         messages = sample["message"]
         if data_type == "prompt":
             last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"),
                             default=-1)
-            messages = messages[: last_user + 1]
-        elif messages[-1].get("role") != "assistant":
+            return messages[: last_user + 1]
+        if messages[-1].get("role") != "assistant":
             raise ValueError(f"response data needs an assistant turn last, got {messages!r}")
-        verdict = guard.moderate_batch([messages], max_new_tokens)[0]
-        return {"safety": verdict.safety, "categories": list(verdict.categories),
-                "refusal": verdict.refusal, "raw_text": verdict.raw_text, "error": verdict.error}
+        return messages
+
+    def predict(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        verdicts = guard.moderate_batch([conversation(s) for s in samples], max_new_tokens)
+        return [{"safety": v.safety, "categories": list(v.categories), "refusal": v.refusal,
+                 "raw_text": v.raw_text, "error": v.error} for v in verdicts]
 
     return predict

@@ -90,8 +90,11 @@ def test_eval_gen_on_prompt_data(gen_checkpoint, tmp_path, capsys):
     samples, out = write_samples(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
     assert invoke(eval_cli, ["--model", str(gen_checkpoint), "--device", "cpu", "--input",
                              str(samples), "--output", str(out), "--data-type", "prompt",
-                             "--max-new-tokens", "2", "--no-progress"]) == 0
+                             "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]) == 0
     records = read_records(out)
     assert [r["index"] for r in records] == [0, 1]
     assert all("raw_text" in r and r["error"] for r in records)  # random weights: unparseable
+    guard = GenGuard.from_pretrained(gen_checkpoint, device="cpu")
+    assert [r["raw_text"] for r in records] == [
+        guard.moderate_prompt(p, 2).raw_text for p in (PROMPT, "Hi")]
     assert "unparseable outputs (counted as not Unsafe): 2" in capsys.readouterr().out

@@ -181,9 +181,9 @@ def test_runner_resumes_after_interruption(tiny_guard, tmp_path):
         handle.write('{"index": 2, "torn')  # a line cut by the interruption
     calls = []
 
-    def counting(sample):
-        calls.append(sample)
-        return predictor(sample)
+    def counting(samples):
+        calls.extend(samples)
+        return predictor(samples)
 
     records = run_eval(SAMPLES, counting, out, "response", progress=False)
     assert calls == [SAMPLES[2]]
@@ -198,3 +198,17 @@ def test_resuming_into_a_foreign_output_file_is_refused(tiny_guard, tmp_path):
     with pytest.raises(ValueError, match="not from these 3 response samples"):
         run_eval(SAMPLES, stream_predictor(tiny_guard, "response"), out, "response",
                  progress=False)
+
+
+def test_runner_batches_predictor_calls(tmp_path):
+    batches = []
+
+    def predictor(samples):
+        batches.append(len(samples))
+        return [{"safety": "Safe"} for _ in samples]
+
+    samples = [{"message": [], "label": S}] * 5
+    records = run_eval(samples, predictor, tmp_path / "o.jsonl", "prompt", progress=False,
+                       batch_size=2)
+    assert batches == [2, 2, 1]
+    assert [r["index"] for r in records] == [0, 1, 2, 3, 4]
