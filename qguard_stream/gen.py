@@ -78,6 +78,8 @@ class GenGuard:
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         prompts = [self._check_ids(ids, row) for row, ids in enumerate(batch)]
+        if not prompts:
+            return []
         stop = self.stop_ids if eos_token_id is None else frozenset(_eos_list(eos_token_id))
         if len(prompts) == 1:
             return greedy_generate(self.lm, prompts, max_new_tokens, stop)
@@ -116,6 +118,8 @@ class GenGuard:
                        max_new_tokens: int = 128) -> list[GenVerdict]:
         """Moderate many conversations together; each is judged on its last message (a response
         when the last message is the assistant's, else a prompt)."""
+        if not conversations:
+            return []
         prompts = [self.render(messages) for messages in conversations]
         outputs = self.generate_ids_batch(prompts, max_new_tokens)
         return [self._verdict(messages, ids) for messages, ids in zip(conversations, outputs)]

@@ -99,6 +99,31 @@ def test_batched_decode_equals_each_row_generated_alone(pair):
     assert batched == [hf_generate(hf, ids, 151645) for ids in prompts]
 
 
+def test_batched_decode_equals_transformers_left_padded_batch(pair):
+    guard, hf = pair
+    prompts = random_prompts()
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                      eos_token_id=151645, pad_token_id=PAD)
+    expected = [_through_eos(row, 151645) for row in out[:, width:].tolist()]
+    assert guard.generate_ids_batch(prompts, NEW_TOKENS, eos_token_id=151645) == expected
+
+
+def _through_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_empty_batch_gives_no_rows(untied):
+    guard, _ = untied
+    assert guard.generate_ids_batch([], 4) == []
+    assert guard.moderate_batch([], 4) == []
+
+
 def test_batched_decode_with_an_early_stopping_row(untied):
     guard, hf = untied
     prompts = random_prompts()
