@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
         verdict = (guard.moderate_prompt(args.prompt, args.max_new_tokens)
                    if args.response is None else
                    guard.moderate_response(args.prompt, args.response, args.max_new_tokens))
-        result: dict[str, Any] = {"kind": kind, **verdict.to_dict()}
+        result: dict[str, Any] = {"model_kind": kind, **verdict.to_dict()}
     else:
-        result = {"kind": kind, **stream_result(guard, args.prompt, args.response, args.thinking)}
+        result = {"model_kind": kind, **stream_result(guard, args.prompt, args.response, args.thinking)}
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
 

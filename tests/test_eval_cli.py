@@ -49,7 +49,7 @@ def test_moderate_stream_prints_prompt_and_response_verdicts(tiny_checkpoint, ti
     expected = tiny_guard.moderate_conversation([{"role": "user", "content": PROMPT},
                                                  {"role": "assistant", "content": RESPONSE}])
     level, flag = consecutive_unsafe(expected.response_verdicts.risk_level)
-    assert out["kind"] == "stream"
+    assert out["model_kind"] == "stream"
     assert out["prompt"]["risk_level"] == expected.prompt_risk_level
     assert out["response"]["risk_level"] == level
     assert out["response"]["flagged_token"] == (flag if flag >= 0 else None)
@@ -60,7 +60,8 @@ def test_moderate_gen_prints_the_parsed_verdict(gen_checkpoint, capsys):
                                  "--prompt", PROMPT, "--max-new-tokens", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
     expected = GenGuard.from_pretrained(gen_checkpoint, device="cpu").moderate_prompt(PROMPT, 3)
-    assert out == {"kind": "gen", **expected.to_dict()}
+    assert out == {"model_kind": "gen", **expected.to_dict()}
+    assert out["kind"] == "prompt"
 
 
 def write_samples(path: Path) -> Path:
