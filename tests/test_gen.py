@@ -210,3 +210,25 @@ def test_bad_max_new_tokens_is_rejected(untied):
     guard, _ = untied
     with pytest.raises(ValueError, match="max_new_tokens"):
         guard.generate_ids([1, 2], 0)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_checkpoint_saved_by_transformers_loads_and_decodes_the_same(tmp_path, tied):
+    from transformers import Qwen3Config
+
+    from qguard_stream.testing import STAND_IN_GEN_TEMPLATE, copy_tokenizer
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=151936, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         intermediate_size=128, tie_word_embeddings=tied,
+                         max_position_embeddings=512, eos_token_id=151645)
+    hf = Qwen3ForCausalLM(config).eval()
+    hf.save_pretrained(str(tmp_path))
+    copy_tokenizer(tmp_path)
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = STAND_IN_GEN_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    guard = GenGuard.from_pretrained(tmp_path, device="cpu")
+    ids = random_prompts()[1]
+    assert guard.generate_ids(ids, NEW_TOKENS) == _hf_generate(hf, ids, 151645, NEW_TOKENS)
