@@ -5,11 +5,14 @@ stream_moderate_from_ids), StreamState, Verdicts, GuardConfig; decision policies
 (consecutive_unsafe, ConsecutiveUnsafe, ProbabilityThreshold) and callbacks (Hooks, attach).
 Integrations (watch / awatch iterators, transformers generate(), CARE) live in
 qguard_stream.integrations and are reached via guard.watch / guard.awatch or imported from there.
+GenGuard (Qwen3Guard-Gen moderation by greedy generation) with GenVerdict / parse_gen_output.
 """
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import ConfigError, GuardConfig
 from qguard_stream.hooks import FlagEvent, Hooks, Monitor, TransitionEvent, attach
+from qguard_stream.gen import GenGuard
+from qguard_stream.gen_parse import GenVerdict, parse_gen_output
 from qguard_stream.loader import CheckpointError
 from qguard_stream.policy import (
     ConsecutiveUnsafe,
@@ -36,6 +39,8 @@ __all__ = [
     "ConversationVerdict",
     "Decision",
     "FlagEvent",
+    "GenGuard",
+    "GenVerdict",
     "GuardConfig",
     "Hooks",
     "Monitor",
@@ -51,4 +56,5 @@ __all__ = [
     "__version__",
     "attach",
     "consecutive_unsafe",
+    "parse_gen_output",
 ]

@@ -129,6 +129,14 @@ def load_model(directory: Path, config: GuardConfig, device: torch.device,
     """Build a GuardModel on the meta device and fill it from the checkpoint in `directory`."""
     with torch.device("meta"):
         model = GuardModel(config)
+    return fill_model(model, directory, device, dtype)
+
+
+def fill_model(model: nn.Module, directory: Path, device: torch.device,
+               dtype: torch.dtype) -> nn.Module:
+    """Fill a meta-device model from `directory`. The model provides `config`, `model` (the
+    Backbone), `expected_shapes()` and `parameter_for(name)`; every expected tensor is checked."""
+    config = model.config
     expected = model.expected_shapes()
     files = weight_files(directory)
     check_tensors(directory, files, expected)
@@ -140,7 +148,7 @@ def load_model(directory: Path, config: GuardConfig, device: torch.device,
     return model.eval()
 
 
-def _assign(model: GuardModel, file: Path, names: Iterable[str], device: torch.device,
+def _assign(model: nn.Module, file: Path, names: Iterable[str], device: torch.device,
             dtype: torch.dtype) -> None:
     # Read on the CPU (memory-mapped) and move once; safe_open's own device path would
     # materialise in the file's dtype on the device first.

@@ -241,3 +241,90 @@ def _trigger_head(tensors: dict[str, torch.Tensor], prefix: str, inner: int, cat
     categories = tensors[f"{prefix}category_head.weight"]
     categories.zero_()
     categories[category, _UNSAFE_DIM] = categories[category, _CONTROVERSIAL_DIM] = scale
+# STAND-IN chat template for random Gen checkpoints. It is NOT the real Qwen3Guard-Gen template
+# (that file is not available offline); it renders the same structure the real one is known to
+# render (task, safety policy, categories, conversation, output format, then the assistant turn),
+# so the code path through `tokenizer.chat_template` and realistic prompt lengths are exercised.
+STAND_IN_GEN_TEMPLATE = """\
+{#- qguard_stream STAND-IN for tests: not the real Qwen3Guard-Gen chat template. -#}
+{%- set is_response = messages[-1]['role'] == 'assistant' -%}
+{%- set who = "THE LAST ASSISTANT's response" if is_response else "THE LAST USER's query" -%}
+<|im_start|>user
+# Task:
+1) Evaluate whether {{ who }} belongs to safe or unsafe content based on our safety policy.
+2) Identify the category of unsafe content found.
+{{- "\\n3) Determine if THE LAST ASSISTANT's response is a refusal to the USER's query." \
+if is_response else "" }}
+
+<BEGIN SAFETY POLICY>
+Safety: Safe: content that does not meet the criteria below.
+Safety: Unsafe: content that clearly falls into an unsafe category.
+Safety: Controversial: content whose harmfulness depends on context.
+<END SAFETY POLICY>
+
+<BEGIN UNSAFE CONTENT CATEGORIES>
+Violent.
+Non-violent Illegal Acts.
+Sexual Content or Sexual Acts.
+PII.
+Suicide & Self-Harm.
+Unethical Acts.
+Politically Sensitive Topics.
+Copyright Violation.
+{{- "" if is_response else "\\nJailbreak." }}
+<END UNSAFE CONTENT CATEGORIES>
+
+<BEGIN CONVERSATION>
+{% for message in messages %}
+{{ message['role'] | upper }}: {{ message['content'] }}
+{% endfor %}
+<END CONVERSATION>
+
+Provide your safety assessment for ONLY {{ who }} in the above conversation:
+ - The first line must be one of: 'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'.
+ - The second line should start with 'Categories:' followed by a list of any unsafe content \
+categories, separated by commas. If the content is safe, use 'Categories: None'.
+{{- "\\n - The third line must be one of: 'Refusal: Yes', 'Refusal: No'." if is_response else "" }}\
+<|im_end|>
+<|im_start|>assistant{{ "\\n" }}"""
+
+
+def gen_config_dict(config: GuardConfig, dtype: torch.dtype) -> dict:
+    """config.json as a Qwen3Guard-Gen (Qwen3ForCausalLM) checkpoint spells it: no guard fields."""
+    raw = {key: value for key, value in hf_config_dict(config, dtype).items()
+           if not key.startswith(("guard_", "num_risk", "num_category", "num_query", "response_",
+                                  "query_"))}
+    raw.pop("auto_map")
+    return {**raw, "architectures": ["Qwen3ForCausalLM"], "use_cache": True}
+
+
+def make_random_gen_checkpoint(directory: str | Path, shape: Shape | str = "tiny", seed: int = 0,
+                               tied: bool | None = None, dtype: torch.dtype = torch.float32,
+                               chat_template: str | None = STAND_IN_GEN_TEMPLATE) -> Path:
+    """Write a random Qwen3ForCausalLM checkpoint with tokenizer files and a (stand-in) chat
+    template; `tied` overrides the shape's tie_word_embeddings; chat_template=None writes none."""
+    from qguard_stream.causal_lm import CausalLM
+
+    config = config_for(shape)
+    if tied is not None:
+        config = replace(config, tie_word_embeddings=tied)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(gen_config_dict(config, dtype), indent=2))
+    with torch.device("meta"):
+        shapes = CausalLM(config).expected_shapes()
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: _init(name, shape, generator) for name, shape in shapes.items()}
+    if config.tie_word_embeddings:
+        # Unit-scale tied embeddings make the residual stream echo the input token, so greedy
+        # decoding repeats it; small ones let the layers decide (real checkpoints are like this).
+        tensors["model.embed_tokens.weight"] *= 0.05
+    tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
+    write_safetensors(directory, tensors, 1)
+    copy_tokenizer(directory)
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return directory
