@@ -150,6 +150,7 @@ class IncrementalTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         backend = check_supported(tokenizer)
         self._tokenizer = tokenizer
+        self._backend = backend
         self._normalize = backend.normalizer.normalize_str if backend.normalizer else str
         self._pre_tokenize = backend.pre_tokenizer.pre_tokenize_str
         self._added = AddedTokens.from_contents(list(tokenizer.get_added_vocab()))
@@ -217,6 +218,10 @@ class IncrementalTokenizer:
         return delta
 
     def _encode(self, text: str) -> list[int]:
+        backend = self._backend
+        if backend.truncation is None and backend.padding is None and \
+                not backend.encode_special_tokens:
+            return backend.encode(text, add_special_tokens=False).ids  # same ids, less overhead
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ---- where text is final -----------------------------------------------------------------
@@ -236,18 +241,20 @@ class IncrementalTokenizer:
     def _cut_in_segment(self, text: str, start: int) -> int | None:
         """The largest final cut strictly inside the last plain segment text[start:], if any."""
         offsets = self._normalized_offsets(text, start)
-        candidates = [c for c in reversed(offsets) if not self._added.unfinished_at(text, c)]
-        if not candidates:
+        positions = list(reversed(offsets))
+        # text[start:limit] normalizes to a final string: no added token can begin before limit
+        limit = next((c for c in positions if not self._added.unfinished_at(text, c)), None)
+        if limit is None:
             return None
-        limit = candidates[0]  # text[start:limit] normalizes to a final string
         known = self._normalize(text[start:limit])
         if len(known) != offsets[limit]:
             return None  # the normalizer disagrees with our table of safe starters
         pieces = self._pre_tokenize(known)
         final = _final_piece_ends(known, pieces)
-        for cut in candidates[1:]:
-            count = final.get(offsets[cut])
-            if count and self._splits_as(text[start:cut], known[: offsets[cut]], pieces[:count]):
+        for cut in positions:
+            count = final.get(offsets[cut]) if cut < limit else None
+            if count and not self._added.unfinished_at(text, cut) and \
+                    self._splits_as(text[start:cut], known[: offsets[cut]], pieces[:count]):
                 return cut
         return None
 
