@@ -81,6 +81,20 @@ def test_mixed_str_and_byte_deltas_give_one_shot_ids(qwen_tokenizer, text, cuts,
     assert ids == one_shot(qwen_tokenizer, text)
 
 
+# Few classes, densely mixed: contraction starts, whitespace kinds, digits, punctuation, '<'.
+DENSE = ["'", "s", "r", "e", "l", "L", "v", "t", "d", "m", "a", "A", " ", "\n", "\r", "\t", "\x0c",
+         "\u00a0", "\u3000", "1", ".", "!", "_", "’", "<", "|", ">", "é", "\u0301", "日",
+         "<|im_end|>", "<think>"]
+
+
+@PROPERTY
+@given(text=st.lists(st.sampled_from(DENSE), min_size=1, max_size=30).map("".join),
+       size=st.integers(min_value=1, max_value=3))
+def test_dense_class_mixes_fed_in_tiny_deltas_give_one_shot_ids(qwen_tokenizer, text, size):
+    _, ids = stream(qwen_tokenizer, [text[i:i + size] for i in range(0, len(text), size)])
+    assert ids == one_shot(qwen_tokenizer, text)
+
+
 ADVERSARIAL = [
     "Hello world, this is a test.", "   leading spaces", "trailing spaces   ", "a  \n\n  b",
     "line\n\n\n   indented\n\tTabbed", "x \r\n y", "It's they're we've I'm you'll he'd",
@@ -111,6 +125,12 @@ def test_only_the_unstable_last_word_is_held_back(qwen_tokenizer):
     ids = incremental.push("Hello world, this is")
     assert ids == one_shot(qwen_tokenizer, "Hello world, this")
     assert incremental.pending_text == " is"
+
+
+def test_punctuation_is_emitted_once_the_next_character_is_known(qwen_tokenizer):
+    incremental = IncrementalTokenizer(qwen_tokenizer)
+    assert incremental.push("We bake. Then") == one_shot(qwen_tokenizer, "We bake.")
+    assert incremental.pending_text == " Then"
 
 
 def test_trailing_spaces_wait_for_the_next_character(qwen_tokenizer):

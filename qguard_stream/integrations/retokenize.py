@@ -9,10 +9,10 @@ where every stage splits there whatever text comes later:
 1. added tokens ("<|im_end|>", ...) are matched on the raw text, leftmost-longest: no added token may
    start before c and be unfinished at c, so no text ending at c is a proper prefix of one;
 2. NFC normalization: the character at c must be a starter that nothing composes with backwards;
-3. the split regex (GPT-2 style, see PRE_TOKENIZER_PATTERN): the match starting at p only reads text
-   up to max(end, p + 2, first non-space after p) (contractions read 3 characters, `\\s+(?!\\S)` and
-   `\\s*[\\r\\n]+` read past a whole whitespace run); every piece left of c must have read only
-   text already known and final;
+3. the split regex (GPT-2 style, see PRE_TOKENIZER_PATTERN): the match [p, end) only reads text up
+   to index max(end, first non-space at or after p) (a greedy run reads the character that ends it;
+   `\\s+(?!\\S)` and `\\s*[\\r\\n]+` read past a whole whitespace run); every piece left of c
+   must have read only text already known and final;
 4. BPE runs within one piece, so pieces that are final give final ids.
 The window kept is the text after the last cut, so each push costs O(window), not O(history).
 This module owns no model and no session; it never changes the ids a one-shot call would give.
@@ -284,7 +284,9 @@ def _final_piece_ends(known: str, pieces: list[tuple[str, tuple[int, int]]]) -> 
     next_non_space = _next_non_space(known)
     final: dict[int, int] = {}
     for count, (_, (begin, end)) in enumerate(pieces, start=1):
-        if max(end, begin + 2, next_non_space[begin]) >= len(known):
+        # A contraction alternative reads text[begin + 2] only after "'r", "'v" or "'l"; then
+        # either it matched (end > begin + 2) or the letters alternative read as far (end >= it).
+        if max(end, next_non_space[begin]) >= len(known):
             break  # this piece's match read text that is not known yet
         final[end] = count
     return final
