@@ -6,13 +6,15 @@ stream_moderate_from_ids), StreamState, Verdicts, GuardConfig; decision policies
 Integrations (watch / awatch iterators, transformers generate(), CARE) live in
 qguard_stream.integrations and are reached via guard.watch / guard.awatch or imported from there.
 GenGuard (Qwen3Guard-Gen moderation by greedy generation) with GenVerdict / parse_gen_output.
+TextStreamGuard feeds text deltas from any LLM.
 """
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import ConfigError, GuardConfig
-from qguard_stream.hooks import FlagEvent, Hooks, Monitor, TransitionEvent, attach
 from qguard_stream.gen import GenGuard
 from qguard_stream.gen_parse import GenVerdict, parse_gen_output
+from qguard_stream.hooks import FlagEvent, Hooks, Monitor, TransitionEvent, attach
+from qguard_stream.integrations.text import TextStreamGuard
 from qguard_stream.loader import CheckpointError
 from qguard_stream.policy import (
     ConsecutiveUnsafe,
@@ -52,6 +54,7 @@ __all__ = [
     "StreamState",
     "TokenVerdict",
     "TransitionEvent",
+    "TextStreamGuard",
     "Verdicts",
     "__version__",
     "attach",

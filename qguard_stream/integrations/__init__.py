@@ -1,2 +1,2 @@
 """Wiring the guard into the loops that generate: token iterators (sync and async), transformers
-generate(), and the rollback-and-regenerate (CARE) loop."""
+generate(), the rollback-and-regenerate (CARE) loop, and text streams from any LLM."""

@@ -1,0 +1,129 @@
+"""TextStreamGuard: moderate a response that arrives as text deltas from any LLM.
+
+The deltas (OpenAI-style SSE chunks, bytes, anything) are re-tokenized with the guard's Qwen3
+tokenizer by IncrementalTokenizer; only ids that no later text can change are scored, with the
+response heads, one moderate() call per delta; the held-back tail is scored by flush()/close().
+The ids scored therefore equal `tokenizer(full_text)`, and so do the verdicts. This module does not
+decide (policies) or notify (hooks); it only turns text into verdicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+from qguard_stream.integrations.retokenize import Delta, IncrementalTokenizer
+from qguard_stream.stream import StreamClosedError, StreamGuard, StreamState, Verdicts
+from qguard_stream.template import validate_messages
+
+Prompt = str | list[dict[str, str]] | Sequence[int]
+
+
+class TextStreamGuard:
+    """One guarded response: an open session fed with the stable tokens of streamed text.
+
+    `prompt` may be a user message (str), chat messages ending with a user turn (rendered with the
+    chat template, enable_thinking=False, plus the generation prompt), or token ids fed as-is with
+    role "user". The response text is tokenized on its own, as a Qwen3 generator would emit it.
+    """
+
+    def __init__(self, guard: StreamGuard, prompt: Prompt | None = None,
+                 tokenizer: Any = None) -> None:
+        tokenizer = tokenizer if tokenizer is not None else guard.tokenizer
+        if tokenizer is None:
+            raise ValueError("the guard has no tokenizer: pass tokenizer=")
+        self.guard = guard
+        self._retokenizer = IncrementalTokenizer(tokenizer)
+        user_ids, header_ids = prompt_token_ids(tokenizer, prompt)
+        self.state: StreamState = guard.open_stream()
+        self._response_ids: list[int] = []
+        self.prompt_verdicts: Verdicts | None = None
+        try:
+            if user_ids:
+                self.prompt_verdicts = guard.moderate(self.state, user_ids, "user")
+            if header_ids:
+                guard.moderate(self.state, header_ids, "assistant")
+        except Exception:
+            guard.close_stream(self.state)
+            raise
+        self.response_start = self.state.length
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Response ids scored so far (a copy)."""
+        return list(self._response_ids)
+
+    @property
+    def pending_text(self) -> str:
+        """Response text received but held back because its tokens may still change."""
+        return self._retokenizer.pending_text
+
+    def feed(self, delta: Delta) -> Verdicts | None:
+        """Add a text delta; score the ids it made final. None when all of it is held back."""
+        self._check_open()
+        snapshot = self._retokenizer.snapshot()
+        return self._score(self._retokenizer.push(delta), snapshot)
+
+    def flush(self) -> Verdicts | None:
+        """End of the response text: score the held-back tail. Later feeds start a new text."""
+        self._check_open()
+        snapshot = self._retokenizer.snapshot()
+        return self._score(self._retokenizer.flush(), snapshot)
+
+    def close(self) -> Verdicts | None:
+        """Flush, then free the session. Returns the tail's verdicts (None when there was none)."""
+        try:
+            return self.flush()
+        finally:
+            self.guard.close_stream(self.state)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.guard.close_stream(self.state)
+
+    def _score(self, ids: list[int], snapshot: Any) -> Verdicts | None:
+        if not ids:
+            return None
+        try:
+            verdicts = self.guard.moderate(self.state, ids, "assistant")
+        except Exception:
+            self._retokenizer.restore(snapshot)  # the text stays pending, as before the call
+            raise
+        self._response_ids.extend(ids)
+        return verdicts
+
+    def _check_open(self) -> None:
+        if self.state.closed:
+            raise StreamClosedError(f"text stream {self.state.id} is closed; open a new one")
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Prompt | None) -> tuple[list[int], list[int]]:
+    """(ids scored with the query heads, assistant-header ids scored with the response heads)."""
+    if prompt is None:
+        return [], []
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return _messages_ids(tokenizer, prompt)
+    ids = list(prompt)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"prompt must be a str, chat messages or a non-empty list of token ids, "
+                         f"got {prompt!r}")
+    return ids, []
+
+
+def _messages_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    validate_messages(messages)
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the last prompt message must be the user turn, got role "
+                         f"{messages[-1]['role']!r}")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end not in ids:
+        raise ValueError(f"the chat template rendered no <|im_end|>: {text!r}")
+    user_end = len(ids) - 1 - ids[::-1].index(im_end)  # the generation prompt holds none
+    return ids[:user_end + 1], ids[user_end + 1:]
