@@ -31,7 +31,8 @@ def triton_available() -> bool:
 
 
 def fused_path_applies(hidden: torch.Tensor) -> bool:
-    """Whether `guard_head_scores(hidden, ..., fused=True)` takes the Triton kernel: CUDA rows and triton."""
+    """Whether `guard_head_scores(hidden, ..., fused=True)` takes the Triton kernel: CUDA rows and
+    triton importable."""
     return hidden.is_cuda and triton_available()
 
 

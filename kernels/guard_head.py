@@ -1,13 +1,16 @@
-"""The fused guard head in Triton: projection -> RMSNorm -> risk/category heads -> softmax -> winners.
+"""The fused guard head in Triton: projection -> RMSNorm -> two heads -> softmax -> winners.
 
-One program scores a block of rows: it streams the [inner, H] projection weight over H tiles into an
-fp32 accumulator that holds the rows' whole inner vector (512 wide) in registers, normalises it, runs
-the two tiny heads (3 and 8/9 classes, one row-sum per class, softmax over a masked 16-wide tile)
-and writes only the probabilities and winners.
-Cast points follow the plain-PyTorch formula in `reference.py` (each linear's output rounded to the
-input dtype, Qwen3RMSNorm casting the normalised value before the weight), so bf16 results match the
-bf16 torch path, not just the exact math. No dispatch here: callers choose between this and the
-reference. Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+One program scores a block of 16 rows: it streams the [inner, H] projection weight over H tiles
+into an fp32 accumulator holding the rows' whole inner vector (512 wide) in registers, normalises
+it, runs the two tiny heads (3 and 8/9 classes: one row-sum per class, softmax over a masked
+16-wide tile) and writes only the probabilities and the winners.
+
+Cast points follow the plain-PyTorch formula in `reference.py` (each linear's output rounded to
+the input dtype, Qwen3RMSNorm casting the normalised value before the weight), so bf16 results
+match the bf16 torch path, not just the exact math. Known limit: k <= 16 rows is one program, so
+one SM streams the whole weight (a split-H variant would spread small k over the GPU).
+No dispatch here: callers choose between this and the reference. Runs on CUDA tensors, or on CPU
+tensors when imported under TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations

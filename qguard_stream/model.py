@@ -158,9 +158,9 @@ class GuardHead(nn.Module):
         return scores.risk_probs, scores.category_probs
 
     def scores(self, hidden: torch.Tensor) -> GuardHeadOutput:
-        """hidden [k, hidden_size] -> probabilities plus each row's winning ids and probabilities."""
+        """hidden [k, hidden_size] -> probabilities plus each row's winning id and probability."""
         return guard_head_scores(hidden, self.pre.weight, self.layernorm.weight, self.risk.weight,
-                          self.category.weight, self.layernorm.eps, fused=self.fused)
+                                 self.category.weight, self.layernorm.eps, fused=self.fused)
 
 
 # Checkpoint name -> (head attribute, submodule) for the two guard paths.

@@ -1,10 +1,11 @@
 """The fused guard-head kernel against the plain-PyTorch formula.
 
-On CPU the Triton kernel itself runs under Triton's interpreter. Interpreter mode has to be on before
-triton is first imported (triton's own helpers are jit functions too), so those runs happen in one
-subprocess with TRITON_INTERPRET=1 and the parent compares; interpreter mode never leaks into this
-process. On CUDA the compiled kernel is checked directly. The oracle is the reference formula in
-float64 on the same dtype-rounded weights, plus the torch path in the kernel's own dtype.
+On CPU the Triton kernel itself runs under Triton's interpreter. Interpreter mode must be on
+before triton is first imported (triton's own helpers are jit functions too), so those runs happen
+in one subprocess with TRITON_INTERPRET=1 and this process compares; interpreter mode never leaks
+into the other tests. The kernel is also compiled for sm_80/sm_90 here (no GPU needed), and on CUDA
+the compiled kernel is checked directly. The oracle is the reference formula in float64 on the same
+dtype-rounded weights, plus the torch path in the kernel's own dtype.
 """
 
 from __future__ import annotations
