@@ -30,10 +30,13 @@ def triton_available() -> bool:
     return True
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def fused_path_applies(hidden: torch.Tensor) -> bool:
-    """Whether `guard_head_scores(hidden, ..., fused=True)` takes the Triton kernel: CUDA rows and
-    triton importable."""
-    return hidden.is_cuda and triton_available()
+    """Whether `guard_head_scores(hidden, ..., fused=True)` takes the Triton kernel: CUDA rows in
+    fp32/bf16/fp16 and triton importable."""
+    return hidden.is_cuda and hidden.dtype in FUSED_DTYPES and triton_available()
 
 
 def guard_head_scores(hidden: torch.Tensor, pre_w: torch.Tensor, norm_w: torch.Tensor,

@@ -18,16 +18,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from qguard_stream.kernels import FUSED_DTYPES
 from qguard_stream.kernels.reference import GuardHeadOutput
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_INNER = 1024  # the accumulator is [BLOCK_ROWS, inner] fp32 in registers
 ROWS_PER_PROGRAM = 16  # the smallest tl.dot M; rows beyond k are masked
 # H tile per dtype: 3 pipeline stages of the [tile, 512] weight slice take ~66 KB of shared memory,
 # which fits sm_80/86/89/90. Checked by compiling for sm_90 and sm_80 (no register spills); speed
 # not measured on a GPU yet.
 HIDDEN_TILE = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
-LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 3}
+LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": True}  # pinned: 3.10 flips it
 MAX_CLASSES = 16  # both heads' probabilities are computed in one 16-wide tile
 # triton.jit picks interpreted or compiled when this module is imported; the launcher follows suit.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -182,8 +182,8 @@ def check_inputs(hidden: torch.Tensor, pre_w: torch.Tensor, norm_w: torch.Tensor
                              f"got {tuple(head.shape)}")
     tensors = {"hidden": hidden, "pre_w": pre_w, "norm_w": norm_w, "risk_w": risk_w, "cat_w": cat_w}
     dtypes = {name: t.dtype for name, t in tensors.items()}
-    if hidden.dtype not in KERNEL_DTYPES or len(set(dtypes.values())) != 1:
-        raise ValueError(f"expected one dtype among {KERNEL_DTYPES} for all inputs, got {dtypes}")
+    if hidden.dtype not in FUSED_DTYPES or len(set(dtypes.values())) != 1:
+        raise ValueError(f"expected one dtype among {FUSED_DTYPES} for all inputs, got {dtypes}")
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"expected all inputs on one device, got {devices}")

@@ -230,6 +230,7 @@ def test_compiled_kernel_refuses_cpu_tensors() -> None:
 def test_cpu_rows_take_the_reference_path() -> None:
     inputs = head_inputs(64, 32, 9, 5, seed=3)
     assert not kernels.fused_path_applies(inputs[0])
+    assert not kernels.fused_path_applies(inputs[0].double())
     out, ref = guard_head_scores(*inputs, EPS), guard_head_reference(*inputs, EPS)
     assert torch.equal(out.risk_probs, ref.risk_probs)
     assert torch.equal(out.category_ids, ref.category_ids)
