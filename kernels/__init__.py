@@ -40,8 +40,8 @@ def fused_path_applies(hidden: torch.Tensor) -> bool:
 
 
 def guard_head_scores(hidden: torch.Tensor, pre_w: torch.Tensor, norm_w: torch.Tensor,
-               risk_w: torch.Tensor, cat_w: torch.Tensor, eps: float,
-               fused: bool = True) -> GuardHeadOutput:
+                      risk_w: torch.Tensor, cat_w: torch.Tensor, eps: float,
+                      fused: bool = True) -> GuardHeadOutput:
     """Score k rows of one guard path: the fused kernel on CUDA (unless `fused` is False), the
     plain-PyTorch reference elsewhere. Same shapes and outputs either way (see GuardHeadOutput)."""
     if fused and fused_path_applies(hidden):
