@@ -9,6 +9,34 @@ GenGuard (Qwen3Guard-Gen moderation by greedy generation) with GenVerdict / pars
 TextStreamGuard feeds text deltas from any LLM.
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _attach_source_tree_kernels() -> None:
+    """Make `qguard_stream.kernels` importable when running from a checkout.
+
+    Installed, setuptools maps the top-level kernels/ folder to `qguard_stream.kernels`
+    (package-dir). From a source tree (PYTHONPATH=repo root) nothing does, so register that folder
+    under the same dotted name. No top-level `kernels` module is ever made importable: that name
+    belongs to Hugging Face's `kernels` package, which transformers probes for.
+    """
+    name = f"{__name__}.kernels"
+    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if importlib.util.find_spec(name) is not None or not source.is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        name, source, submodule_search_locations=[str(source.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    sys.modules[__name__].kernels = module
+
+
+_attach_source_tree_kernels()
+
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import ConfigError, GuardConfig
 from qguard_stream.gen import GenGuard

@@ -13,6 +13,7 @@ from torch import nn
 
 from qguard_stream.cache import LayerCache
 from qguard_stream.config import GuardConfig
+from qguard_stream.kernels import GuardHeadOutput, guard_head_scores
 
 
 class RMSNorm(nn.Module):
@@ -136,20 +137,30 @@ class Backbone(nn.Module):
 
 
 class GuardHead(nn.Module):
-    """One guard path: projection -> RMSNorm -> risk and category linear heads."""
+    """One guard path: projection -> RMSNorm -> risk and category linear heads.
 
-    def __init__(self, config: GuardConfig, num_risk: int, num_category: int) -> None:
+    On CUDA (with triton) the whole path is one fused kernel; set `fused = False` to run the plain
+    PyTorch formula there too. Elsewhere it is always the plain formula.
+    """
+
+    def __init__(self, config: GuardConfig, num_risk: int, num_category: int,
+                 fused: bool = True) -> None:
         super().__init__()
         self.pre = nn.Linear(config.hidden_size, config.guard_inner_size, bias=False)
         self.layernorm = RMSNorm(config.guard_inner_size, config.rms_norm_eps)
         self.risk = nn.Linear(config.guard_inner_size, num_risk, bias=False)
         self.category = nn.Linear(config.guard_inner_size, num_category, bias=False)
+        self.fused = fused
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (risk_probs, category_probs) in fp32."""
-        inner = self.layernorm(self.pre(hidden))
-        risk = F.softmax(self.risk(inner).float(), dim=-1)
-        return risk, F.softmax(self.category(inner).float(), dim=-1)
+        scores = self.scores(hidden)
+        return scores.risk_probs, scores.category_probs
+
+    def scores(self, hidden: torch.Tensor) -> GuardHeadOutput:
+        """hidden [k, hidden_size] -> probabilities plus each row's winning id and probability."""
+        return guard_head_scores(hidden, self.pre.weight, self.layernorm.weight, self.risk.weight,
+                                 self.category.weight, self.layernorm.eps, fused=self.fused)
 
 
 # Checkpoint name -> (head attribute, submodule) for the two guard paths.
@@ -186,6 +197,11 @@ class GuardModel(nn.Module):
             return getattr(getattr(self, path), sub), "weight"
         module_path, _, attr = disk_name.removeprefix("model.").rpartition(".")
         return self.model.get_submodule(module_path), attr
+
+    def use_fused_heads(self, enabled: bool) -> None:
+        """Turn the fused Triton guard-head kernel on or off for both paths (it only ever runs
+        on CUDA)."""
+        self.response.fused = self.query.fused = enabled
 
     def head(self, role: str) -> GuardHead:
         return self.query if role == "user" else self.response

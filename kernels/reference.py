@@ -1,0 +1,48 @@
+"""The guard head in plain PyTorch: the formula the fused kernel must reproduce, used off CUDA.
+
+One guard path for the scored rows: projection -> RMSNorm (Qwen3RMSNorm's cast points) -> risk and
+category linear heads -> fp32 softmax -> winning id and probability. Works in any float dtype, so a
+float64 call is the accuracy oracle for the bf16/fp32 paths. Owns no weights and no dispatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GuardHeadOutput:
+    """One guard path's scores for k rows: full probabilities and the compact winners."""
+
+    risk_probs: torch.Tensor  # [k, R] fp32 (float64 when computed in float64)
+    category_probs: torch.Tensor  # [k, C] fp32
+    risk_ids: torch.Tensor  # [k] int64, argmax of risk_probs
+    category_ids: torch.Tensor  # [k] int64
+    risk_max: torch.Tensor  # [k] the winning risk probability
+    category_max: torch.Tensor  # [k]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3RMSNorm: normalise in fp32, cast back to x's dtype, then scale by the weight."""
+    x32 = x.float() if x.dtype != torch.float64 else x
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def softmax_winners(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs, argmax ids, max prob) of a softmax taken in at least fp32."""
+    probs = F.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    best_prob, best_id = probs.max(dim=-1)
+    return probs, best_id, best_prob
+
+
+def guard_head_reference(hidden: torch.Tensor, pre_w: torch.Tensor, norm_w: torch.Tensor,
+                         risk_w: torch.Tensor, cat_w: torch.Tensor, eps: float) -> GuardHeadOutput:
+    """hidden [k, H]; pre_w [inner, H]; norm_w [inner]; risk_w [R, inner]; cat_w [C, inner]."""
+    inner = rms_norm(F.linear(hidden, pre_w), norm_w, eps)
+    risk_probs, risk_ids, risk_max = softmax_winners(F.linear(inner, risk_w))
+    cat_probs, cat_ids, cat_max = softmax_winners(F.linear(inner, cat_w))
+    return GuardHeadOutput(risk_probs, cat_probs, risk_ids, cat_ids, risk_max, cat_max)
