@@ -27,7 +27,8 @@ ROWS_PER_PROGRAM = 16  # the smallest tl.dot M; rows beyond k are masked
 # which fits sm_80/86/89/90. Checked by compiling for sm_90 and sm_80 (no register spills); speed
 # not measured on a GPU yet.
 HIDDEN_TILE = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 16}
-LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": True}  # pinned: 3.10 flips it
+# enable_fp_fusion pinned: Triton 3.10 flips its default
+LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": True}
 MAX_CLASSES = 16  # both heads' probabilities are computed in one 16-wide tile
 # triton.jit picks interpreted or compiled when this module is imported; the launcher follows suit.
 INTERPRETED = bool(triton.knobs.runtime.interpret)

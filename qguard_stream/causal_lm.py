@@ -1,8 +1,9 @@
-"""The Qwen3 causal LM behind Qwen3Guard-Gen (Backbone + lm_head) and greedy decoding on our KV cache.
+"""The Qwen3 causal LM behind Qwen3Guard-Gen (Backbone + lm_head) and greedy decoding on our KV
+cache.
 
 Loading reuses the guard's loader (same tensor names under `model.`, same checks); the LM head is
-`lm_head.weight`, or the embedding matrix when the config ties them. Decoding is greedy only: the Gen
-model is a classifier that writes its verdict, so sampling has no use here. This module knows
+`lm_head.weight`, or the embedding matrix when the config ties them. Decoding is greedy only: the
+Gen model is a classifier that writes its verdict, so sampling has no use here. This module knows
 nothing of chat templates or verdict text.
 """
 

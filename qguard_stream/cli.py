@@ -28,7 +28,7 @@ DEMO_CACHE_VERSION = "v2"
 # subcommand -> (module, help); modules are imported only when their subcommand runs or is listed.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("qguard_stream.server", "serve many sessions over WebSocket/HTTP (batched engine)"),
-    "eval": ("qguard_stream.eval_cli", "evaluate a Stream or Gen model on Qwen3GuardTest-style JSONL"),
+    "eval": ("qguard_stream.eval_cli", "evaluate a Stream or Gen model on Qwen3GuardTest JSONL"),
     "moderate": ("qguard_stream.moderate_cli", "moderate one prompt (and response) from the shell"),
 }
 

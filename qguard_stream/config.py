@@ -1,7 +1,7 @@
 """GuardConfig: the model's shape and label maps, read once from a checkpoint's config.json.
 
-This module owns every quirk of the on-disk config (rope_theta spelled two ways, label maps with string
-keys, missing optional maps). It must not touch weights or devices.
+This module owns every quirk of the on-disk config (rope_theta spelled two ways, label maps with
+string keys, missing optional maps). It must not touch weights or devices.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class GuardConfig:
                      "max_position_embeddings", "guard_inner_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"config field {name!r} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -181,8 +182,8 @@ def _labels(raw: dict[str, Any], map_key: str, count_key: str,
     if mapping is None:
         if count is not None and count != len(default):
             raise ConfigError(
-                f"config field {count_key!r} is {count} but no {map_key!r} is given and the default "
-                f"has {len(default)} labels"
+                f"config field {count_key!r} is {count} but no {map_key!r} is given and the "
+                f"default has {len(default)} labels"
             )
         return default
     if not isinstance(mapping, dict):
@@ -190,7 +191,8 @@ def _labels(raw: dict[str, Any], map_key: str, count_key: str,
     try:
         by_index = {int(key): str(value) for key, value in mapping.items()}
     except ValueError:
-        raise ConfigError(f"config field {map_key!r} has non-integer keys: {list(mapping)}") from None
+        raise ConfigError(
+            f"config field {map_key!r} has non-integer keys: {list(mapping)}") from None
     if sorted(by_index) != list(range(len(by_index))):
         raise ConfigError(f"config field {map_key!r} keys must be 0..n-1, got {sorted(by_index)}")
     if count is not None and count != len(by_index):

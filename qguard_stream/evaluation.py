@@ -172,7 +172,7 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number} is not valid JSON: {err}") from None
             if not isinstance(sample, dict) or not isinstance(sample.get("message"), list) \
                     or not isinstance(sample.get("label"), str):
-                raise ValueError(  # noqa: TRY004 - a malformed data file, not a caller's type
+                raise ValueError(
                     f"{path}:{number} needs a 'message' list and a 'label' string")
             samples.append(sample)
     return samples

@@ -144,8 +144,8 @@ def backbone_config(raw: dict[str, Any]) -> GuardConfig:
     """The backbone shape of a Qwen3ForCausalLM config.json. Gen checkpoints have no guard heads;
     guard_inner_size is filled with a placeholder the causal LM never reads."""
     if "Qwen3ForGuardModel" in (raw.get("architectures") or []):
-        raise CheckpointError("this is a Qwen3Guard-Stream checkpoint (Qwen3ForGuardModel); load it "
-                              "with StreamGuard, not GenGuard")
+        raise CheckpointError("this is a Qwen3Guard-Stream checkpoint (Qwen3ForGuardModel); "
+                              "load it with StreamGuard, not GenGuard")
     return GuardConfig.from_dict({**raw, "guard_inner_size": raw.get("guard_inner_size", 1)})
 
 

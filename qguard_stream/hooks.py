@@ -5,9 +5,9 @@
 policy instance, the last level per role (for transitions) and the decisions made.
 
 Order for each call to `StreamGuard.moderate`: the session (cache, tokens, last_verdicts) is updated
-first; then the monitor's bookkeeping (levels, policy, decisions) for *all* new tokens; only then are
-callbacks fired, token by token in position order: on_token, then on_transition if the level changed,
-then on_flag if the policy decided at that token; session hooks before guard hooks.
+first; then the monitor's bookkeeping (levels, policy, decisions) for *all* new tokens; only then
+are callbacks fired, token by token in position order: on_token, then on_transition if the level
+changed, then on_flag if the policy decided at that token; session hooks before guard hooks.
 
 A callback that raises: with `errors="raise"` (default) dispatch stops and the exception propagates
 to the caller of `moderate`; the session and monitor are already fully updated and consistent (the

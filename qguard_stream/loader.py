@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike[str]) -> Path:
-    """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the local cache."""
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded or from the local
+    cache."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -50,7 +51,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike[str]) -> Path:
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or os.sep != "/" and os.sep in text
+    return text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text)
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -61,7 +62,7 @@ def _from_hub(repo_id: str) -> Path:
         try:
             return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS,
                                           local_files_only=local_only))
-        except Exception as err:  # noqa: BLE001 - the hub raises many types; all mean "not here"
+        except Exception as err:
             where = "the local Hugging Face cache" if local_only else "the Hugging Face Hub"
             tried.append(f"{where}: {type(err).__name__}: {err}".splitlines()[0])
     raise CheckpointError(
@@ -92,7 +93,8 @@ def _open(file: Path, device: str = "cpu"):
     try:
         return safe_open(str(file), framework="pt", device=device)
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"cannot read {file} (truncated or not safetensors?): {err}") from None
+        raise CheckpointError(
+            f"cannot read {file} (truncated or not safetensors?): {err}") from None
 
 
 def check_tensors(directory: Path, files: dict[str, Path],

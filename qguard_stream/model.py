@@ -52,7 +52,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def causal_mask(start: int, new: int, device: torch.device) -> torch.Tensor | None:
-    """Mask for `new` queries at positions start.. against keys 0..start+new-1 (None if not needed)."""
+    """Mask for `new` queries at positions start.. against keys 0..start+new-1 (None if not
+    needed)."""
     if new == 1:
         return None
     query_pos = torch.arange(start, start + new, device=device)[:, None]
@@ -125,7 +126,8 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
 
-    def forward(self, token_ids: torch.Tensor, caches: list[LayerCache], start: int) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, caches: list[LayerCache],
+                start: int) -> torch.Tensor:
         """token_ids: [T] at positions start..start+T-1; returns final hidden states [T, hidden]."""
         x = self.embed_tokens(token_ids)
         positions = torch.arange(start, start + token_ids.shape[0], device=token_ids.device)

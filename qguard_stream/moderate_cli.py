@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
                    guard.moderate_response(args.prompt, args.response, args.max_new_tokens))
         result: dict[str, Any] = {"model_kind": kind, **verdict.to_dict()}
     else:
-        result = {"model_kind": kind, **stream_result(guard, args.prompt, args.response, args.thinking)}
+        scores = stream_result(guard, args.prompt, args.response, args.thinking)
+        result = {"model_kind": kind, **scores}
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
 

@@ -1,9 +1,10 @@
 """Chat-template positions: where the prompt verdict is read and where response scoring starts.
 
-Mirrors the official evaluation (QwenLM/Qwen3Guard eval/eval_stream.py): the conversation is rendered
-with enable_thinking=False; the prompt verdict is read at the <|im_end|> closing the last user turn;
-response scoring starts after `</think>` + "\\n\\n" (or right after `<|im_start|>assistant\\n<think>\\n`
-when the thinking trace is moderated) and runs to the end of the sequence.
+Mirrors the official evaluation (QwenLM/Qwen3Guard eval/eval_stream.py): the conversation is
+rendered with enable_thinking=False; the prompt verdict is read at the <|im_end|> closing the last
+user turn; response scoring starts after `</think>` + "\\n\\n" (or right after
+`<|im_start|>assistant\\n<think>\\n` when the thinking trace is moderated) and runs to the end of
+the sequence.
 """
 
 from __future__ import annotations

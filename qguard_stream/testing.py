@@ -41,7 +41,8 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     # head_dim deliberately != hidden/heads in "tiny", so a derived head_dim would fail tests.
-    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=128, inner=32),
+    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=128,
+                  inner=32),
     "small": Shape(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=768,
                    inner=128),
     # benchmark presets named by the latency issue
@@ -163,8 +164,8 @@ def copy_tokenizer(directory: Path) -> None:
         shutil.copyfile(tokenizer_dir() / name, directory / name)
 
 
-# Residual-stream dimensions reserved by make_trigger_checkpoint: no layer writes to them, so at every
-# position they hold exactly the token's own embedding there.
+# Residual-stream dimensions reserved by make_trigger_checkpoint: no layer writes to them, so at
+# every position they hold exactly the token's own embedding there.
 _BIAS_DIM, _UNSAFE_DIM, _CONTROVERSIAL_DIM = 0, 1, 2
 
 
@@ -192,7 +193,8 @@ def make_trigger_checkpoint(directory: str | Path, trigger_token_ids: Sequence[i
                          f"got {category}")
     for token_id in trigger | controversial:
         if not 0 <= token_id < config.vocab_size:
-            raise ValueError(f"trigger token id {token_id} is out of range [0, {config.vocab_size})")
+            raise ValueError(
+                f"trigger token id {token_id} is out of range [0, {config.vocab_size})")
     tensors = random_tensors(config, seed, dtype)
     _reserve_dims(tensors, config, sorted(trigger), sorted(controversial))
     for prefix in ("", "query_"):

@@ -44,7 +44,8 @@ def test_multi_category_line_keeps_order():
 
 
 def test_whitespace_blank_lines_and_field_order_are_tolerated():
-    text = "\n  Refusal :No \n\nCategories:Suicide & Self-Harm ,  Unethical Acts\n Safety:Controversial"
+    text = ("\n  Refusal :No \n\nCategories:Suicide & Self-Harm ,  Unethical Acts\n"
+            " Safety:Controversial")
     verdict = parse_gen_output(text, "response")
     assert verdict.safety == "Controversial"
     assert verdict.categories == ("Suicide & Self-Harm", "Unethical Acts")

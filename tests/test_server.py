@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qguard_stream import StreamGuard
 from qguard_stream.engine import Engine, EngineSettings
-from qguard_stream.server import create_app
 from qguard_stream.policy import consecutive_unsafe
+from qguard_stream.server import create_app
 from qguard_stream.server.decision import ConsecutiveUnsafeTracker
 
 API_KEY = "test-key"

@@ -66,7 +66,8 @@ class GuardStoppingCriteria(StoppingCriteria):
             self._open(rows)
         if len(rows) != len(self.sessions):
             raise ValueError(f"input_ids has {len(rows)} rows but this criteria guards "
-                             f"{len(self.sessions)}; use one GuardStoppingCriteria per generate call")
+                             f"{len(self.sessions)}; use one GuardStoppingCriteria per generate "
+                             "call")
         for row, ids in enumerate(rows):
             self._feed(row, ids)
         return torch.tensor(self._stopped, dtype=torch.bool, device=input_ids.device)
@@ -148,7 +149,7 @@ class HoldbackStreamer(BaseStreamer):
             self._prompt_seen = True
             self.streamer.put(value)
             return
-        if value.dim() > 1 and value.shape[0] != 1 or value.dim() == 1 and value.numel() != 1:
+        if (value.dim() > 1 and value.shape[0] != 1) or (value.dim() == 1 and value.numel() != 1):
             raise ValueError(f"HoldbackStreamer supports batch size 1, got {tuple(value.shape)}")
         if self.withheld:
             return  # the row was stopped: what follows is padding

@@ -6,7 +6,8 @@
 
 Why a cut is final. The tokenizer runs four stages; a cut c in the pending text is accepted only
 where every stage splits there whatever text comes later:
-1. added tokens ("<|im_end|>", ...) are matched on the raw text, leftmost-longest: no added token may
+1. added tokens ("<|im_end|>", ...) are matched on the raw text, leftmost-longest: no added token
+may
    start before c and be unfinished at c, so no text ending at c is a proper prefix of one;
 2. NFC normalization: the character at c must be a starter that nothing composes with backwards;
 3. the split regex (GPT-2 style, see PRE_TOKENIZER_PATTERN): the match [p, end) only reads text up

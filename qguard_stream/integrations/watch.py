@@ -1,10 +1,10 @@
 """Guarding a token iterator: `guard.watch(tokens, prompt=...)` and its async twin `guard.awatch`.
 
-Each item of the source is one token id or a burst (a list / 1-D tensor of ids). Tokens are scored as
-the assistant's response in one session; the consumer receives each token with its verdict. When the
-policy (default: the official consecutive_unsafe rule) asks to stop, the watcher stops pulling from
-the source and ends the iteration cleanly; the outcome is in `watch.result` (a WatchResult), and with
-`raise_on_flag=True` a `FlaggedError` carrying the same result is raised instead.
+Each item of the source is one token id or a burst (a list / 1-D tensor of ids). Tokens are scored
+as the assistant's response in one session; the consumer receives each token with its verdict. When
+the policy (default: the official consecutive_unsafe rule) asks to stop, the watcher stops pulling
+from the source and ends the iteration cleanly; the outcome is in `watch.result` (a WatchResult),
+and with `raise_on_flag=True` a `FlaggedError` carrying the same result is raised instead.
 
 holdback=N: a token is released to the consumer only once N later tokens have been scored, so a
 flag withholds the unsafe span instead of leaking it. Whatever the holdback, the flagged token and

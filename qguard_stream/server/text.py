@@ -22,7 +22,8 @@ def text_to_ids(tokenizer: Any, text: str) -> list[int]:
 
 def prompt_and_header_ids(tokenizer: Any, messages: Any) -> tuple[list[int], list[int]]:
     """The templated prompt through the last user turn's <|im_end|>, and the assistant header
-    (`\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`) after which response scoring starts."""
+    (`\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`) after which response scoring
+    starts."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: open with token_ids instead of messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
