@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,13 @@ def tiny_guard(tiny_checkpoint: Path) -> StreamGuard:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_guard: StreamGuard):
     return tiny_guard.tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module (tiny matmuls run faster without thread handoffs);
+    use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import gc
 import os
 import random
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -51,13 +50,7 @@ def assert_same_verdicts(actual, expected) -> None:
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core box run ~10x faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def engine(tiny_guard: StreamGuard) -> Engine:

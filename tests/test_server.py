@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import torch
 import uvicorn
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
@@ -59,13 +58,7 @@ class LiveServer:
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core box run ~10x faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def live(tiny_guard: StreamGuard) -> Iterator[LiveServer]:

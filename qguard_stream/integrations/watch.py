@@ -173,11 +173,11 @@ class _Watcher:
         return released
 
 
-class Watch:
-    """Iterate to receive GuardedTokens; `result` is set when the iteration ends."""
+class _WatchBase:
+    """What Watch and AsyncWatch share: the watcher, the source and the outcome."""
 
-    def __init__(self, guard: StreamGuard, tokens: Iterable[TokenItem], *,
-                 prompt: TokenItem | None = None, policy: Policy | None = None,
+    def __init__(self, guard: StreamGuard, tokens: Iterable[TokenItem] | AsyncIterable[TokenItem],
+                 *, prompt: TokenItem | None = None, policy: Policy | None = None,
                  holdback: int = 0, chunk: int = 1, raise_on_flag: bool = False,
                  state: StreamState | None = None, hooks: Hooks | None = None) -> None:
         self._watcher = _Watcher(guard, prompt, policy, holdback, chunk, state, hooks)
@@ -185,7 +185,12 @@ class Watch:
 
     @property
     def result(self) -> WatchResult:
+        """The outcome: released and withheld tokens and every decision made."""
         return self._watcher.result
+
+
+class Watch(_WatchBase):
+    """Iterate to receive GuardedTokens; `result` is set when the iteration ends."""
 
     def __iter__(self) -> Iterator[GuardedToken]:
         watcher = self._watcher
@@ -203,20 +208,9 @@ class Watch:
             raise FlaggedError(watcher.result)
 
 
-class AsyncWatch:
+class AsyncWatch(_WatchBase):
     """The async twin of Watch: `async for token in guard.awatch(async_tokens, ...)`. The forward
     runs on the event loop's thread (it is short per token; wrap the source if that matters)."""
-
-    def __init__(self, guard: StreamGuard, tokens: AsyncIterable[TokenItem], *,
-                 prompt: TokenItem | None = None, policy: Policy | None = None,
-                 holdback: int = 0, chunk: int = 1, raise_on_flag: bool = False,
-                 state: StreamState | None = None, hooks: Hooks | None = None) -> None:
-        self._watcher = _Watcher(guard, prompt, policy, holdback, chunk, state, hooks)
-        self._tokens, self._raise = tokens, raise_on_flag
-
-    @property
-    def result(self) -> WatchResult:
-        return self._watcher.result
 
     def __aiter__(self) -> AsyncIterator[GuardedToken]:
         return self._run()
