@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="contexts 128,1024, k 1,16, fewer calls (under 2 min on 2 cores)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape, tiny grid: checks the harness runs, times nothing useful")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"),
                         help="directory for latency_<shape>_<device>.json/.png")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--seed", type=int, default=0)

@@ -3,9 +3,10 @@
 Three backends compute the same function (softmax(q k^T * scale) v, causal, grouped-query):
 flash-attn's KV-cache kernel when it imports and the tensors are on CUDA; a grouped small-query
 path (two batched matmuls, the query heads of a KV group stacked as rows, so K/V are never
-repeated or copied) for a few queries on the CPU, where SDPA's kernels are tuned for long queries;
-and SDPA everywhere else. The caller passes q already scaled (the scale is folded into q_norm), so
-every backend runs with scale 1. This module owns no cache: it reads the views it is given.
+repeated or copied, unlike SDPA's enable_gqa fallbacks) for up to 64 queries, where SDPA's CPU
+kernels are tuned for long queries; and SDPA for longer steps (prefill). The caller passes q
+already scaled (the scale is folded into q_norm), so every backend runs with scale 1. This module
+owns no cache: it reads the views it is given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ try:  # optional: pip install flash-attn (CUDA only)
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_with_kvcache = None
 
-# Up to this many new tokens, the CPU uses the grouped small-query path.
+# Up to this many new tokens, the grouped small-query path (when flash-attn is absent).
 SMALL_QUERY_TOKENS = 64
 
 
@@ -33,7 +34,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
     new = q.shape[0]
     if flash_available(q.device):
         return _flash(q, keys, values)
-    if q.device.type == "cpu" and new <= SMALL_QUERY_TOKENS:
+    if new <= SMALL_QUERY_TOKENS:
         return _grouped_small(q, keys, values, start, key_positions)
     return _sdpa(q, keys, values, start, key_positions)
 
@@ -49,13 +50,24 @@ def _flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.T
 
 def _grouped_small(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
                    key_positions: torch.Tensor) -> torch.Tensor:
+    new, length = q.shape[0], keys.shape[1]
+    future = None
+    if new > 1:
+        future = key_positions[None, :length] > key_positions[start:start + new, None]
+    return grouped_attention(q, keys, values, future)
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      future: torch.Tensor | None) -> torch.Tensor:
+    """q: [new, heads, dim] (pre-scaled); keys/values: [kv_heads, length, dim]; future: [new,
+    length] bool, True where a key is hidden from a query (None: all visible). The query heads
+    sharing a KV head are stacked as rows, so K/V are read in place, never repeated."""
     new, heads, dim = q.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
     rows = q.view(new, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * new, dim)
     scores = torch.bmm(rows, keys.transpose(1, 2))  # [kv_heads, group*new, length]
-    if new > 1:
-        future = key_positions[None, :length] > key_positions[start:start + new, None]
+    if future is not None:
         scores.view(kv_heads, group, new, length).masked_fill_(future, float("-inf"))
     accumulate = torch.promote_types(scores.dtype, torch.float32)  # softmax in >= fp32
     probs = torch.softmax(scores, dim=-1, dtype=accumulate).to(values.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qguard_stream.attention import flash_attn_with_kvcache, flash_available
+from qguard_stream.attention import flash_attn_with_kvcache, flash_available, grouped_attention
 from qguard_stream.cache import SessionCache
 from qguard_stream.fastpath import FastBackbone
 from qguard_stream.model import GuardHead
@@ -112,7 +112,5 @@ class DecodeRunner:
                                           softmax_scale=1.0, causal=True)
             return out.view(new, heads * dim)
         key_positions = self.backbone.key_positions[:keys.shape[1]]
-        visible = key_positions[None, :] <= positions[:, None]  # [bucket, capacity]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=visible, scale=1.0, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(new, heads * dim)
+        future = key_positions[None, :] > positions[:, None]  # [bucket, capacity]
+        return grouped_attention(q, keys, values, future)
