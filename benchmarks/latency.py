@@ -171,37 +171,44 @@ def _runners(variants: tuple[str, ...], guard: StreamGuard, directory: Path,
 
 def measure(runners: list, args: argparse.Namespace, vocab: int, device: torch.device
             ) -> list[Cell]:
-    """Time every runner on every (context, k) cell, in one process, on the same token ids."""
+    """Time every runner on every (context, k) cell, in one process, on the same token ids.
+    Calls are interleaved across runners (one call each, round-robin), so load from other
+    processes on a shared machine falls on every variant alike."""
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, vocab, (max(args.contexts),), generator=generator)
     new = torch.randint(0, vocab, (max(args.ks),), generator=generator)
+    sync = _synchronizer(device)
     cells = []
     for context in args.contexts:
         for runner in runners:
             runner.reset(prompt[:context])
-            for k in args.ks:
-                calls = args.card_calls if runner.name == "card_loop" else args.calls
-                times = _time_calls(runner, new[:k], context, calls, device)
-                cells.append(_cell(runner.name, context, k, times))
+        for k in args.ks:
+            times = _time_interleaved(runners, new[:k], context, args, sync)
+            for runner in runners:
+                cells.append(_cell(runner.name, context, k, times[runner.name]))
                 print(f"  {runner.name:17s} context {context:5d} k {k:3d}: "
                       f"{cells[-1].per_token_ms:9.3f} ms/token", flush=True)
     return cells
 
 
-def _time_calls(runner, new_ids: torch.Tensor, context: int, calls: int,
-                device: torch.device) -> list[float]:
-    sync = _synchronizer(device)
-    for _ in range(2):  # warm-up: first-call allocations, graph capture, lazy init
-        runner.step(new_ids)
-        runner.rollback(context)
+def _time_interleaved(runners: list, new_ids: torch.Tensor, context: int,
+                      args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, list[float]]:
+    for runner in runners:  # warm-up: first-call allocations, graph capture, lazy init
+        for _ in range(2):
+            runner.step(new_ids)
+            runner.rollback(context)
     sync()
-    times = []
-    for _ in range(calls):
-        began = time.perf_counter()
-        runner.step(new_ids)
-        sync()
-        times.append((time.perf_counter() - began) * 1e3)
-        runner.rollback(context)
+    times: dict[str, list[float]] = {runner.name: [] for runner in runners}
+    for call in range(max(args.calls, args.card_calls)):
+        for runner in runners:
+            limit = args.card_calls if runner.name == "card_loop" else args.calls
+            if call >= limit:
+                continue
+            began = time.perf_counter()
+            runner.step(new_ids)
+            sync()
+            times[runner.name].append((time.perf_counter() - began) * 1e3)
+            runner.rollback(context)
     return times
 
 

@@ -79,6 +79,14 @@ def rope_tables(config: GuardConfig, inv_freq: torch.Tensor, dtype: torch.dtype
     return angles.cos().to(dtype), sin.to(dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Qwen3's RMSNorm (fp32 statistics, cast back, then scale) in five ops: F.rms_norm is a
+    ~10-op composite on the CPU, and at decode sizes each op costs more than its arithmetic."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    inv_rms = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
+    return (x * inv_rms).to(x.dtype) * weight
+
+
 class FastBackbone:
     """The backbone's forward over fused weights, writing K/V into a session buffer in place."""
 
@@ -90,7 +98,8 @@ class FastBackbone:
         self.cos, self.sin = rope_tables(config, backbone.rotary.inv_freq, self.embed.dtype)
         self.key_positions = torch.arange(config.max_position_embeddings,
                                           device=self.embed.device)
-        self.eps = config.rms_norm_eps
+        self.eps = torch.tensor(config.rms_norm_eps, dtype=torch.float32,
+                                device=self.embed.device)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.hidden = config.head_dim, config.hidden_size
         self.qk_width = (self.heads + self.kv_heads) * self.head_dim
@@ -110,19 +119,18 @@ class FastBackbone:
 
         for layer, kv in zip(self.layers, buffer):
             x = self.layer(x, layer, kv, cos, sin, write_and_attend)
-        return F.rms_norm(x, (self.hidden,), self.final_norm, self.eps)
+        return rms_norm(x, self.final_norm, self.eps)
 
     def layer(self, x: torch.Tensor, w: FusedLayer, kv: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor, write_and_attend: KVAttend) -> torch.Tensor:
         """One decoder layer; `write_and_attend(kv, q, k, v)` stores k/v and returns attention."""
         new, dim = x.shape[0], self.head_dim
-        qkv = F.linear(F.rms_norm(x, (self.hidden,), w.input_norm, self.eps), w.qkv)
+        qkv = F.linear(rms_norm(x, w.input_norm, self.eps), w.qkv)
         qk = qkv[:, :self.qk_width].view(new, self.heads + self.kv_heads, dim)
-        qk = F.rms_norm(qk, (dim,), None, self.eps) * w.qk_norm
+        qk = rms_norm(qk, w.qk_norm, self.eps)
         qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), sin)
         v = qkv[:, self.qk_width:].view(new, self.kv_heads, dim)
         out = write_and_attend(kv, qk[:, :self.heads], qk[:, self.heads:], v)
         x = x + F.linear(out, w.o)
-        gate, up = F.linear(F.rms_norm(x, (self.hidden,), w.post_norm, self.eps),
-                            w.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(rms_norm(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w.down)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from qguard_stream.attention import flash_attn_with_kvcache, flash_available, grouped_attention
 from qguard_stream.cache import SessionCache
-from qguard_stream.fastpath import FastBackbone
+from qguard_stream.fastpath import FastBackbone, rms_norm
 from qguard_stream.model import GuardHead
 
 BUCKETS = (1, 2, 4, 8, 16)
@@ -98,7 +98,7 @@ class DecodeRunner:
 
         for layer, kv in zip(fast.layers, buffer):
             x = fast.layer(x, layer, kv, cos, sin, write_and_attend)
-        hidden = F.rms_norm(x, (fast.hidden,), fast.final_norm, fast.eps)
+        hidden = rms_norm(x, fast.final_norm, fast.eps)
         return self.heads[role](hidden)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from benchmarks.baselines import load_hf_backbone
 from qguard_stream import StreamGuard
 from qguard_stream.attention import _grouped_small, _sdpa
-from qguard_stream.fastpath import rope_tables
+from qguard_stream.fastpath import rms_norm, rope_tables
 from qguard_stream.graphs import BUCKETS, DecodeRunner, bucket_for
-from qguard_stream.model import Rotary, apply_rotary
+from qguard_stream.model import RMSNorm, Rotary, apply_rotary
 
 # (token count, role) per call: a prompt, single tokens, odd chunks (bucket padding), a long chunk.
 CALLS = [(23, "user"), (1, "assistant"), (1, "assistant"), (3, "assistant"), (1, "assistant"),
@@ -75,6 +75,19 @@ def test_fused_weights_are_views_of_one_tensor(tiny_guard: StreamGuard) -> None:
         assert proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
     rows = attn.q_proj.weight.shape[0]
     torch.testing.assert_close(fused[rows:rows + attn.k_proj.weight.shape[0]], attn.k_proj.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_model_rmsnorm(dtype: torch.dtype) -> None:
+    reference = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.copy_(1.0 + 0.1 * torch.randn(48))
+    reference = reference.to(dtype)
+    x = (3.0 * torch.randn(5, 48)).to(dtype)
+    got = rms_norm(x, reference.weight.detach(), torch.tensor(1e-6))
+    assert got.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, reference(x).detach(), atol=tolerance, rtol=tolerance)
 
 
 def test_rope_tables_match_rotary(tiny_guard: StreamGuard) -> None:
