@@ -308,7 +308,8 @@ def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
 
 
 def plot(cells: list[Cell], path: Path, title: str) -> None:
-    """Per-token latency vs context, one line per (variant, k), log-log."""
+    """Per-token latency vs context, one line per (variant, k), log-log; colour = k,
+    line style = variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,11 +317,12 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
 
     figure, axes = plt.subplots(figsize=(8, 5))
     styles = {"ours": "-", "card_loop": ":", "hf_dynamic_cache": "--"}
+    colours = {k: f"C{i}" for i, k in enumerate(sorted({c.k for c in cells}))}
     for variant, k in sorted({(c.variant, c.k) for c in cells}):
         points = sorted((c.context, c.per_token_ms) for c in cells
                         if c.variant == variant and c.k == k)
         axes.plot([p[0] for p in points], [p[1] for p in points], styles[variant], marker="o",
-                  label=f"{variant} k={k}")
+                  color=colours[k], label=f"{variant} k={k}")
     axes.set(xscale="log", yscale="log", xlabel="context (tokens)",
              ylabel="p50 latency per token (ms)", title=title)
     axes.grid(True, which="both", alpha=0.3)
