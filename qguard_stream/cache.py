@@ -8,6 +8,8 @@ heads, roles or verdicts.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 BLOCK_TOKENS = 256
@@ -40,6 +42,8 @@ class SessionCache:
         self.device, self.dtype = device, dtype
         self.buffer = self._allocate(min(_round_up(initial_tokens), max_tokens))
         self.layers = self._views()
+        # CUDA graphs captured against this buffer's addresses (see graphs.DecodeRunner).
+        self.graphs: dict[tuple[int, str], Any] = {}
 
     @property
     def capacity(self) -> int:
@@ -54,13 +58,16 @@ class SessionCache:
         buffer[:, :, :, :keep] = self.buffer[:, :, :, :keep]
         self.buffer = buffer
         self.layers = self._views()
+        self.graphs.clear()  # they point at the old buffer
 
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
     def _allocate(self, tokens: int) -> torch.Tensor:
         layers, pair, heads, dim = self.shape
-        return torch.empty(layers, pair, heads, tokens, dim, device=self.device, dtype=self.dtype)
+        # Zeros, not empty: the static-shape step attends over the whole buffer under a mask,
+        # and a masked NaN left in unwritten memory would still poison probs @ values.
+        return torch.zeros(layers, pair, heads, tokens, dim, device=self.device, dtype=self.dtype)
 
     def _views(self) -> list[LayerCache]:
         return [LayerCache(layer[0], layer[1]) for layer in self.buffer]

@@ -19,6 +19,8 @@ import torch
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import GuardConfig
+from qguard_stream.fastpath import FastBackbone
+from qguard_stream.graphs import DecodeRunner
 from qguard_stream.hooks import Hooks, Monitor, dispatch
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.model import GuardModel
@@ -121,7 +123,11 @@ class StreamState:
 class StreamGuard:
     """A Qwen3Guard-Stream model scoring conversations token by token."""
 
-    def __init__(self, model: GuardModel, tokenizer: Any = None) -> None:
+    def __init__(self, model: GuardModel, tokenizer: Any = None, fast_path: bool = True,
+                 use_cuda_graphs: bool | None = None) -> None:
+        """`fast_path`: run the fused lean forward (fastpath.py) instead of the module-by-module
+        core path. `use_cuda_graphs` (default: True on CUDA): replay captured CUDA graphs for
+        steps of <= 16 tokens; needs `fast_path`."""
         self.model = model
         self.config: GuardConfig = model.config
         self.tokenizer = tokenizer
@@ -129,17 +135,28 @@ class StreamGuard:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.hooks = Hooks()  # callbacks for every session (qguard_stream.hooks)
         self.policy_factory: Callable[[], Policy] | None = None  # a policy per session, if set
+        if use_cuda_graphs is None:
+            use_cuda_graphs = fast_path and self.device.type == "cuda"
+        if use_cuda_graphs and not fast_path:
+            raise ValueError("use_cuda_graphs=True needs fast_path=True")
+        self.fast = FastBackbone(model.model, self.config) if fast_path else None
+        self.runner = None
+        if use_cuda_graphs:
+            heads = {"user": model.query, "assistant": model.response}
+            self.runner = DecodeRunner(self.fast, heads, capture=True)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str],
                         device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> StreamGuard:
+                        dtype: torch.dtype | None = None, fast_path: bool = True,
+                        use_cuda_graphs: bool | None = None) -> StreamGuard:
         """Load a checkpoint directory or Hugging Face repo id (default: bf16 on CUDA, fp32 on CPU)."""
         directory = resolve_checkpoint(path_or_id)
         config = GuardConfig.from_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(directory, config, target, dtype or default_dtype(target))
-        return cls(model, load_tokenizer(directory))
+        return cls(model, load_tokenizer(directory), fast_path=fast_path,
+                   use_cuda_graphs=use_cuda_graphs)
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_stream(self) -> StreamState:
@@ -186,14 +203,22 @@ class StreamGuard:
             )
         assert state.cache is not None
         state.cache.ensure(start + new, keep=start)
-        hidden = self.model.model(ids.to(self.device, non_blocking=True), state.cache.layers, start)
-        risk_probs, category_probs = self.model.head(role)(hidden)
+        probs = self.runner.step(ids, state.cache, start, role) if self.runner else None
+        if probs is None:
+            hidden = self._backbone(ids.to(self.device, non_blocking=True), state.cache, start)
+            probs = self.model.head(role)(hidden)
+        risk_probs, category_probs = probs
         verdicts = self._verdicts(role, range(start, start + new), ids, risk_probs, category_probs)
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
         if state.monitor is not None or self.hooks or self.policy_factory is not None:
             dispatch(self, state, verdicts)  # after the state update, outside the forward
         return verdicts
+
+    def _backbone(self, ids: torch.Tensor, cache: SessionCache, start: int) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast(ids, cache.buffer, start)
+        return self.model.model(ids, cache.layers, start)
 
     def _verdicts(self, role: str, positions: range, ids: torch.Tensor, risk_probs: torch.Tensor,
                   category_probs: torch.Tensor) -> Verdicts:
@@ -211,7 +236,10 @@ class StreamGuard:
         if isinstance(token_ids, bool):
             raise TypeError(f"token ids must be integers, got {token_ids!r}")
         if isinstance(token_ids, int):
-            ids = torch.tensor([token_ids])
+            if not 0 <= token_ids < self.config.vocab_size:
+                raise ValueError(f"token id {token_ids} is out of range "
+                                 f"[0, {self.config.vocab_size}) (vocab_size)")
+            return torch.tensor([token_ids])
         elif isinstance(token_ids, torch.Tensor):
             if token_ids.is_floating_point() or token_ids.is_complex() or \
                     token_ids.dtype == torch.bool:

@@ -1,0 +1,88 @@
+"""Attention of k new queries against one session's KV prefix, with the backend picked per call.
+
+Three backends compute the same function (softmax(q k^T * scale) v, causal, grouped-query):
+flash-attn's KV-cache kernel when it imports and the tensors are on CUDA; a grouped small-query
+path (two batched matmuls, the query heads of a KV group stacked as rows, so K/V are never
+repeated or copied, unlike SDPA's enable_gqa fallbacks) for up to 64 queries, where SDPA's CPU
+kernels are tuned for long queries; and SDPA for longer steps (prefill). The caller passes q
+already scaled (the scale is folded into q_norm), so every backend runs with scale 1. This module
+owns no cache: it reads the views it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: pip install flash-attn (CUDA only)
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_with_kvcache = None
+
+# Up to this many new tokens, the grouped small-query path (when flash-attn is absent).
+SMALL_QUERY_TOKENS = 64
+
+
+def flash_available(device: torch.device) -> bool:
+    return flash_attn_with_kvcache is not None and device.type == "cuda"
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+           key_positions: torch.Tensor) -> torch.Tensor:
+    """q: [new, heads, head_dim] (pre-scaled) at positions start..; keys/values:
+    [kv_heads, start+new, head_dim]; key_positions: arange covering start+new. -> [new, heads*dim]."""
+    new = q.shape[0]
+    if flash_available(q.device):
+        return _flash(q, keys, values)
+    if new <= SMALL_QUERY_TOKENS:
+        return _grouped_small(q, keys, values, start, key_positions)
+    return _sdpa(q, keys, values, start, key_positions)
+
+
+def _flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    # [kv_heads, L, dim] -> [1, L, kv_heads, dim]: a strided view; the kernel takes row/head strides.
+    new, heads, dim = q.shape
+    k_cache, v_cache = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+    out = flash_attn_with_kvcache(q[None], k_cache, v_cache, cache_seqlens=keys.shape[1],
+                                  softmax_scale=1.0, causal=True)
+    return out.view(new, heads * dim)
+
+
+def _grouped_small(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                   key_positions: torch.Tensor) -> torch.Tensor:
+    new, length = q.shape[0], keys.shape[1]
+    future = None
+    if new > 1:
+        future = key_positions[None, :length] > key_positions[start:start + new, None]
+    return grouped_attention(q, keys, values, future)
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      future: torch.Tensor | None) -> torch.Tensor:
+    """q: [new, heads, dim] (pre-scaled); keys/values: [kv_heads, length, dim]; future: [new,
+    length] bool, True where a key is hidden from a query (None: all visible). The query heads
+    sharing a KV head are stacked as rows, so K/V are read in place, never repeated."""
+    new, heads, dim = q.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    rows = q.view(new, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * new, dim)
+    scores = torch.bmm(rows, keys.transpose(1, 2))  # [kv_heads, group*new, length]
+    if future is not None:
+        scores.view(kv_heads, group, new, length).masked_fill_(future, float("-inf"))
+    accumulate = torch.promote_types(scores.dtype, torch.float32)  # softmax in >= fp32
+    probs = torch.softmax(scores, dim=-1, dtype=accumulate).to(values.dtype)
+    out = torch.bmm(probs, values)  # [kv_heads, group*new, dim]
+    return out.view(kv_heads, group, new, dim).permute(2, 0, 1, 3).reshape(new, heads * dim)
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+          key_positions: torch.Tensor) -> torch.Tensor:
+    new, heads, dim = q.shape
+    mask = None
+    if start and new > 1:
+        mask = key_positions[None, :keys.shape[1]] <= key_positions[start:start + new, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+        is_causal=start == 0 and new > 1, scale=1.0, enable_gqa=True,
+    )
+    return out[0].transpose(0, 1).reshape(new, heads * dim)
