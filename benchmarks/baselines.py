@@ -46,7 +46,7 @@ def load_hf_backbone(directory: Path, config: GuardConfig, device: torch.device,
     state = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not dicts
+            for name in handle.keys():
                 if name.startswith("model."):
                     state[name.removeprefix("model.")] = handle.get_tensor(name).to(device, dtype)
     model.load_state_dict(state, strict=True, assign=True)

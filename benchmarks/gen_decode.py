@@ -1,4 +1,5 @@
-"""Gen greedy decoding: one sequence at a time (per-row SessionCache) vs one batched forward per step.
+"""Gen greedy decoding: one sequence at a time (per-row SessionCache) vs one batched forward per
+step.
 
 Usage: PYTHONPATH=. python benchmarks/gen_decode.py [--shape small] [--rows 8] [--new 32]
 Random weights; the two paths must produce the same ids (checked), only the time differs.

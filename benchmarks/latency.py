@@ -112,7 +112,8 @@ def _str_list(text: str) -> tuple[str, ...]:
     values = tuple(part for part in text.split(",") if part)
     unknown = set(values) - set(VARIANTS)
     if unknown or not values:
-        raise argparse.ArgumentTypeError(f"unknown variants {sorted(unknown)}; pick from {VARIANTS}")
+        raise argparse.ArgumentTypeError(
+            f"unknown variants {sorted(unknown)}; pick from {VARIANTS}")
     return values
 
 

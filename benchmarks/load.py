@@ -4,10 +4,10 @@
 
 Starts its own server (a subprocess on 127.0.0.1, a free port) over `--model` or a random
 checkpoint of `--shape`; each client opens a session with a prompt, then sends a chunk of `--chunk`
-assistant tokens `--rate` times a second (one chunk in flight; a late reply delays the next send, with no catch-up burst)
-for `--duration` seconds, rolling back to its prompt when the session reaches
-`--max-session-tokens`. Reports throughput (tokens/s), p50/p99 verdict latency (send -> reply) and
-peak KV pool use (from /metrics). Bounded in clients, rate and time; loopback only.
+assistant tokens `--rate` times a second (one chunk in flight; a late reply delays the next send,
+with no catch-up burst) for `--duration` seconds, rolling back to its prompt when the session
+reaches `--max-session-tokens`. Reports throughput (tokens/s), p50/p99 verdict latency (send ->
+reply) and peak KV pool use (from /metrics). Bounded in clients, rate and time; loopback only.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def flash_available(device: torch.device) -> bool:
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
            key_positions: torch.Tensor) -> torch.Tensor:
     """q: [new, heads, head_dim] (pre-scaled) at positions start..; keys/values:
-    [kv_heads, start+new, head_dim]; key_positions: arange covering start+new. -> [new, heads*dim]."""
+    [kv_heads, start+new, head_dim]; key_positions: arange covering start+new.
+    Returns [new, heads * head_dim]."""
     new = q.shape[0]
     if flash_available(q.device):
         return _flash(q, keys, values)
@@ -40,7 +41,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
 
 
 def _flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    # [kv_heads, L, dim] -> [1, L, kv_heads, dim]: a strided view; the kernel takes row/head strides.
+    # [kv_heads, L, dim] -> [1, L, kv_heads, dim]: a strided view; the kernel takes row/head
+    # strides.
     new, heads, dim = q.shape
     k_cache, v_cache = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
     out = flash_attn_with_kvcache(q[None], k_cache, v_cache, cache_seqlens=keys.shape[1],

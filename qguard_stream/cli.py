@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("qguard_stream.server", "serve many sessions over WebSocket/HTTP (batched engine)"),
     "eval": ("qguard_stream.eval_cli", "evaluate a Stream or Gen model on Qwen3GuardTest JSONL"),
     "moderate": ("qguard_stream.moderate_cli", "moderate one prompt (and response) from the shell"),
+    "bench": ("benchmarks.latency", "latency vs the card's loop and transformers (a checkout)"),
 }
 
 
@@ -162,11 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(handler=run_demo)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:  # an optional dependency or a checkout-only module is missing
+            sub = commands.add_parser(name, help=f"{help_text} [unavailable: {err}]")
+            sub.set_defaults(handler=_unavailable(name, err))
+            continue
         sub = commands.add_parser(name, help=help_text)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
     return parser
+
+
+def _unavailable(name: str, err: ImportError):
+    def handler(_: argparse.Namespace) -> int:
+        hint = " (pip install -e '.[server]')" if name == "serve" else ""
+        if name == "bench":
+            hint = " (run it from a source checkout: python -m benchmarks.latency)"
+        print(f"error: '{name}' is unavailable here: {err}{hint}", file=sys.stderr)
+        return 2
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:

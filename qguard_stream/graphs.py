@@ -31,7 +31,8 @@ def bucket_for(new: int) -> int | None:
 
 
 class DecodeRunner:
-    """Runs small steps with static shapes; replays a CUDA graph per (session buffer, bucket, role)."""
+    """Runs small steps with static shapes; replays a CUDA graph per (session buffer, bucket,
+    role)."""
 
     def __init__(self, backbone: FastBackbone, heads: dict[str, GuardHead], capture: bool) -> None:
         if capture and backbone.embed.device.type != "cuda":
@@ -47,7 +48,7 @@ class DecodeRunner:
 
     def step(self, token_ids: torch.Tensor, cache: SessionCache, start: int, role: str
              ) -> Probs | None:
-        """Score `token_ids` (1-D, CPU) at start..; None when no bucket fits (use the eager path)."""
+        """Score `token_ids` (1-D, CPU) at start..; None when no bucket fits (then go eager)."""
         new = token_ids.shape[0]
         bucket = bucket_for(new)
         if bucket is None or start + bucket > cache.capacity:
@@ -83,7 +84,7 @@ class DecodeRunner:
         return graph, outputs
 
     def static_step(self, buffer: torch.Tensor, bucket: int, role: str) -> Probs:
-        """The shape-static step over the static inputs; capturable (no host reads of the device)."""
+        """The shape-static step over the static inputs; capturable (no host reads of device)."""
         fast = self.backbone
         positions = self.start + self.offsets[:bucket]
         x = F.embedding(self.token_ids[:bucket], fast.embed)

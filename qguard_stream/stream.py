@@ -1,8 +1,8 @@
 """StreamGuard: sessions (StreamState), incremental scoring (Verdicts), rollback, the card's API.
 
 Each session owns a KV buffer; feeding k ids runs one forward over those k ids against it. A call
-either completes (cache written, length advanced, verdicts returned) or raises with the session as it
-was before the call. Label strings are made only when asked for. Policies, callbacks and batching
+either completes (cache written, length advanced, verdicts returned) or raises with the session as
+it was before the call. Label strings are made only when asked for. Policies, callbacks and batching
 live elsewhere.
 """
 
@@ -150,7 +150,8 @@ class StreamGuard:
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fast_path: bool = True,
                         use_cuda_graphs: bool | None = None) -> StreamGuard:
-        """Load a checkpoint directory or Hugging Face repo id (default: bf16 on CUDA, fp32 on CPU)."""
+        """Load a checkpoint directory or Hugging Face repo id (default: bf16 on CUDA, fp32 on
+        CPU)."""
         directory = resolve_checkpoint(path_or_id)
         config = GuardConfig.from_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -172,7 +173,7 @@ class StreamGuard:
         state.last_verdicts = None
 
     def rollback(self, state: StreamState, length: int) -> None:
-        """Keep only the first `length` tokens of the session (no recomputation of the kept part)."""
+        """Keep only the first `length` tokens of the session (the kept part is not recomputed)."""
         self._check_open(state)
         if isinstance(length, bool) or not isinstance(length, int):
             raise TypeError(f"rollback length must be an int, got {length!r}")
@@ -267,8 +268,8 @@ class StreamGuard:
             raise TypeError(f"token ids must be an int, a sequence of ints or a tensor, "
                             f"got {type(token_ids).__name__}") from None
         for value in values:
-            if isinstance(value, bool) or not isinstance(value, int) and not (
-                    hasattr(value, "__index__") and not isinstance(value, float)):
+            if isinstance(value, bool) or (not isinstance(value, int) and not (
+                    hasattr(value, "__index__") and not isinstance(value, float))):
                 kind = "nested sequences (2-D)" if isinstance(value, (list, tuple)) else repr(value)
                 raise TypeError(f"token ids must be integers, got {kind}")
         return torch.tensor([int(v) for v in values], dtype=torch.int64)

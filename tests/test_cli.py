@@ -37,3 +37,19 @@ def test_demo_reuses_its_cached_checkpoint_and_completes_a_clean_response(tmp_pa
 def test_demo_on_a_given_model_does_not_claim_rigged_weights(tiny_checkpoint, capsys):
     assert cli.main(["demo", "--model", str(tiny_checkpoint), "--response", "ok"]) == 0
     assert "RANDOM WEIGHTS" not in capsys.readouterr().out
+
+
+def test_every_subcommand_is_registered_with_its_options():
+    parser = cli.build_parser()
+    for argv in (["serve", "--model", "m"], ["eval", "--help"], ["moderate", "--help"],
+                 ["bench", "--help"]):
+        try:
+            parser.parse_args(argv)
+        except SystemExit as done:  # --help exits 0 after printing the subcommand's options
+            assert done.code == 0, argv
+
+
+def test_a_subcommand_whose_module_is_missing_fails_only_when_used(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "ghost", ("qguard_stream.no_such_module", "gone"))
+    assert cli.main(["ghost"]) == 2
+    assert "'ghost' is unavailable here" in capsys.readouterr().err
