@@ -168,8 +168,35 @@ def test_open_with_messages_scores_prompt_like_the_template(live: LiveServer,
             assert opened["length"] == len(prompt) + len(header)
             assert opened["prompt"]["position"] == len(prompt) - 1
             assert opened["prompt"]["risk_level"] == expected[0].risk_level[-1]
-            reply = await ask(ws, {"type": "feed", "text": " Mix flour"})
+            reply = await ask(ws, {"type": "feed", "text": " Mix flour", "final": True})
             assert_reply_matches(reply, expected[2])
+            assert reply["pending_text"] == ""
+
+    asyncio.run(main())
+    wait_until_no_sessions(live)
+
+
+def test_text_deltas_split_anywhere_score_the_ids_of_the_whole_text(
+        live: LiveServer, tiny_guard: StreamGuard) -> None:
+    text = "Mix 200 g of flour, then knead it well. 🍞 Done!"
+    deltas = ["Mi", "x 2", "00 g of fl", "our, then kn", "ead it well. \U0001f35e", " Do", "ne!"]
+    assert "".join(deltas) == text
+    whole = tiny_guard.tokenizer.encode(text, add_special_tokens=False)
+    expected = reference(tiny_guard, [([11, 12], "user"), (whole, "assistant")])[1]
+
+    async def main() -> None:
+        async with websockets.connect(live.ws, additional_headers=AUTH, open_timeout=60) as ws:
+            await ask(ws, {"type": "open", "token_ids": [11, 12]})
+            replies = [await ask(ws, {"type": "feed", "text": delta}) for delta in deltas[:-1]]
+            assert replies[0]["token_ids"] == [] and replies[0]["pending_text"] == "Mi"
+            refused = await ask(ws, {"type": "feed", "token_ids": [5]})
+            assert refused["type"] == "error" and "held back" in refused["error"]
+            replies.append(await ask(ws, {"type": "feed", "text": deltas[-1], "final": True}))
+            assert replies[-1]["pending_text"] == ""
+            scored = [token for reply in replies for token in reply["token_ids"]]
+            assert scored == whole
+            levels = [level for reply in replies for level in reply["risk_level"]]
+            assert levels == expected.risk_level
 
     asyncio.run(main())
     wait_until_no_sessions(live)

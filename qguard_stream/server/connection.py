@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qguard_stream.engine import AsyncEngine, PoolExhaustedError, Session, SessionBusyError
+from qguard_stream.integrations.retokenize import IncrementalTokenizer
 from qguard_stream.server.decision import ConsecutiveUnsafeTracker
 from qguard_stream.server.protocol import (
     Command,
     ProtocolError,
+    empty_verdicts_json,
     last_verdict_json,
     parse_command,
     verdicts_json,
 )
-from qguard_stream.server.text import prompt_and_header_ids, text_to_ids
+from qguard_stream.server.text import prompt_and_header_ids, text_stream
 from qguard_stream.stream import StreamClosedError, Verdicts
 
 
@@ -30,6 +32,7 @@ class LiveSession:
     session: Session
     tracker: ConsecutiveUnsafeTracker = field(default_factory=ConsecutiveUnsafeTracker)
     levels: list[tuple[str, str]] = field(default_factory=list)  # (role, risk level) per position
+    text: IncrementalTokenizer | None = None  # the running text of "text" feeds, once there is one
 
     def record(self, verdicts: Verdicts) -> list[dict[str, Any]]:
         """Store the new risk levels; return the transitions (level changes within one role)."""
@@ -42,8 +45,13 @@ class LiveSession:
         return transitions
 
     def rollback(self, length: int) -> None:
+        """Forget positions >= length; text still held back (not yet scored) is dropped too."""
         del self.levels[length:]
         self.tracker.rollback(length)
+        self.text = None
+
+    def pending_text(self) -> str:
+        return self.text.pending_text if self.text is not None else ""
 
 
 def error_frame(message: str, code: str, command: Command | None) -> dict[str, Any]:
@@ -105,13 +113,35 @@ class Connection:
 
     async def feed(self, command: Command) -> dict[str, Any]:
         session_id, live = self._find(command)
-        ids = command.token_ids if command.text is None else text_to_ids(self.tokenizer,
-                                                                           command.text)
-        verdicts = await self.engine.moderate(live.session, ids, command.role)
+        if command.text is None:
+            if live.pending_text():
+                raise ProtocolError(
+                    f"{len(live.pending_text())} characters of text are held back; end the text "
+                    "with a text feed carrying \"final\": true before feeding token_ids")
+            assert command.token_ids is not None
+            return await self._score(session_id, live, command.token_ids, command.role)
+        if live.text is None:
+            live.text = text_stream(self.tokenizer)
+        saved = live.text.snapshot()
+        try:  # a refused step (pool full, bad length) must not lose the delta
+            ids = live.text.push(command.text) + (live.text.flush() if command.final else [])
+            if ids:
+                reply = await self._score(session_id, live, ids, command.role)
+            else:
+                reply = {"type": "verdicts", "session": session_id,
+                         **empty_verdicts_json(command.role, live.session.length),
+                         "transitions": [], "flags": [], "decision": live.tracker.decision(),
+                         "length": live.session.length}
+        except BaseException:
+            live.text.restore(saved)
+            raise
+        return {**reply, "pending_text": live.pending_text()}
+
+    async def _score(self, session_id: int, live: LiveSession, ids: list[int],
+                     role: str) -> dict[str, Any]:
+        verdicts = await self.engine.moderate(live.session, ids, role)
         transitions = live.record(verdicts)
-        flags = []
-        if command.role == "assistant":
-            flags = live.tracker.update(verdicts)
+        flags = live.tracker.update(verdicts) if role == "assistant" else []
         return {"type": "verdicts", "session": session_id, **verdicts_json(verdicts),
                 "transitions": transitions, "flags": flags,
                 "decision": live.tracker.decision(), "length": live.session.length}

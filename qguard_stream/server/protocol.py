@@ -5,6 +5,9 @@ Client frames (JSON objects; "id" is optional and echoed back):
                                                       assistant header fed; or
   {"type": "open", "token_ids": [...], "role": "user"}  raw ids; or {"type": "open"} (empty)
   {"type": "feed", "session": 1, "token_ids": [...] | "text": "...", "role": "assistant"}
+                                                      text: a delta of the session's running text,
+                                                      re-tokenized incrementally; the unstable tail
+                                                      waits for more text or "final": true
   {"type": "rollback", "session": 1, "length": 42}
   {"type": "close", "session": 1}
 "session" may be left out while the connection holds exactly one session.
@@ -36,6 +39,7 @@ class Command:
     text: str | None = None
     role: str = "assistant"
     length: int | None = None
+    final: bool = False  # text feeds: flush the held-back tail after this delta
 
 
 def parse_command(frame: str | bytes) -> Command:
@@ -54,6 +58,7 @@ def parse_command(frame: str | bytes) -> Command:
         type=kind, request_id=raw.get("id"), session=_optional_int(raw, "session"),
         messages=raw.get("messages"), token_ids=_optional_ids(raw), text=raw.get("text"),
         role=raw.get("role", default_role), length=_optional_int(raw, "length"),
+        final=raw.get("final", False),
     )
     _check(command)
     return command
@@ -64,6 +69,8 @@ def _check(command: Command) -> None:
         raise ProtocolError(f"'role' must be one of {ROLES}, got {command.role!r}")
     if command.text is not None and not isinstance(command.text, str):
         raise ProtocolError(f"'text' must be a string, got {command.text!r}")
+    if not isinstance(command.final, bool):
+        raise ProtocolError(f"'final' must be true or false, got {command.final!r}")
     if command.type == "feed" and (command.token_ids is None) == (command.text is None):
         raise ProtocolError("'feed' needs exactly one of 'token_ids' and 'text'")
     if command.type == "open" and command.messages is not None and command.token_ids is not None:
@@ -100,6 +107,12 @@ def verdicts_json(verdicts: Verdicts) -> dict[str, Any]:
         "category": verdicts.category,
         "category_prob": verdicts.category_prob,
     }
+
+
+def empty_verdicts_json(role: str, start: int) -> dict[str, Any]:
+    """A text feed whose delta completed no token yet: nothing scored."""
+    return {"role": role, "start": start, "token_ids": [], "risk_level": [], "risk_prob": [],
+            "category": [], "category_prob": []}
 
 
 def last_verdict_json(verdicts: Verdicts) -> dict[str, Any]:

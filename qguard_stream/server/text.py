@@ -1,23 +1,23 @@
-"""Text to token ids for the server, kept apart so an incremental re-tokenizer can replace it.
+"""Text to token ids for the server.
 
-Limitation: each text feed is tokenized on its own, so a word split across two feeds becomes
-different tokens than the whole text would; send whole words (or token ids) per feed.
+Text feeds of a session are deltas of one running text: they go through an IncrementalTokenizer,
+so the ids scored equal the tokenization of the whole text however it was split (inside words,
+inside UTF-8 characters); the unstable tail waits for more text or a final feed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from qguard_stream.integrations.retokenize import IncrementalTokenizer
 from qguard_stream.template import conversation_spans
 
 
-def text_to_ids(tokenizer: Any, text: str) -> list[int]:
+def text_stream(tokenizer: Any) -> IncrementalTokenizer:
+    """A session's incremental re-tokenizer (raises if the model ships no tokenizer)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: feed token_ids instead of text")
-    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
-    if not ids:
-        raise ValueError("text is empty: nothing to moderate")
-    return ids
+    return IncrementalTokenizer(tokenizer)
 
 
 def prompt_and_header_ids(tokenizer: Any, messages: Any) -> tuple[list[int], list[int]]:
