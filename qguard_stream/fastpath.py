@@ -24,9 +24,9 @@ from qguard_stream.attention import attend
 from qguard_stream.config import GuardConfig
 from qguard_stream.model import Backbone, GuardHead
 
-# (one layer's K/V handle, opaque to the layer; q [new, heads, dim], k and v [new, kv_heads, dim])
-# -> [new, heads*dim]
-KVAttend = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (one layer's K/V handle, opaque to the layer; q [new, heads, dim], the new k and v
+# [new, 2, kv_heads, dim]) -> [new, heads*dim]
+KVAttend = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,9 @@ class FastBackbone:
         views = zip(buffer.narrow(3, 0, start + new), buffer.narrow(3, start, new))
 
         def write_and_attend(kv: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
-                             k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            (keys, values), (key_slots, value_slots) = kv
-            key_slots.copy_(k.transpose(0, 1))
-            value_slots.copy_(v.transpose(0, 1))
+                             new_kv: torch.Tensor) -> torch.Tensor:
+            (keys, values), slots = kv
+            slots.copy_(new_kv.permute(1, 2, 0, 3))
             return attend(q, keys, values, start, self.key_positions)
 
         for layer, kv in zip(self.layers, views):
@@ -160,15 +159,16 @@ class FastBackbone:
 
     def layer(self, x: torch.Tensor, w: FusedLayer, kv: Any, cos: torch.Tensor,
               sin: torch.Tensor, write_and_attend: KVAttend) -> torch.Tensor:
-        """One decoder layer; `write_and_attend(kv, q, k, v)` stores k/v and returns attention."""
+        """One decoder layer; `write_and_attend(kv, q, new_kv)` stores k/v, returns attention."""
         new, dim = x.shape[0], self.head_dim
         qkv_t, o_t, gate_up_t, down_t = w.transposed
         qkv = torch.mm(rms_norm(x, w.input_norm, self.eps), qkv_t)
         qk = qkv[:, :self.qk_width].view(new, self.heads + self.kv_heads, dim)
-        qk = rms_norm(qk, w.qk_norm, self.eps)
-        qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), sin)
-        v = qkv[:, self.qk_width:].view(new, self.kv_heads, dim)
-        out = write_and_attend(kv, qk[:, :self.heads], qk[:, self.heads:], v)
+        normed = rms_norm(qk, w.qk_norm, self.eps)
+        # RoPE written back into qkv, so the new k and v lie side by side: one cache write.
+        torch.addcmul(normed * cos, normed.roll(dim // 2, -1), sin, out=qk)
+        new_kv = qkv[:, self.heads * dim:].view(new, 2, self.kv_heads, dim)
+        out = write_and_attend(kv, qk[:, :self.heads], new_kv)
         x = torch.addmm(x, out, o_t)  # the residual add fused into the GEMM
         gate, up = torch.mm(rms_norm(x, w.post_norm, self.eps), gate_up_t).chunk(2, dim=-1)
         return torch.addmm(x, F.silu(gate).mul_(up), down_t)
