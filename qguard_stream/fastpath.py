@@ -128,7 +128,9 @@ class FastBackbone:
         self.embed = backbone.embed_tokens.weight
         self.final_norm = backbone.norm.weight
         self.layers = fuse_layers(backbone, config)
-        self.cos, self.sin = rope_tables(config, backbone.rotary.inv_freq, self.embed.dtype)
+        cos, sin = rope_tables(config, backbone.rotary.inv_freq, self.embed.dtype)
+        # [positions, 1, head_dim]: a step's rows broadcast over the heads with one slice.
+        self.cos, self.sin = cos[:, None, :], sin[:, None, :]
         self.key_positions = torch.arange(config.max_position_embeddings,
                                           device=self.embed.device)
         self.eps = torch.tensor(config.rms_norm_eps, dtype=torch.float32,
@@ -142,7 +144,7 @@ class FastBackbone:
         [layers, 2, kv_heads, capacity, head_dim] KV buffer. Returns final hidden [new, hidden]."""
         new = token_ids.shape[0]
         x = F.embedding(token_ids, self.embed)
-        cos, sin = self.cos[start:start + new, None, :], self.sin[start:start + new, None, :]
+        cos, sin = self.cos[start:start + new], self.sin[start:start + new]
         # Per layer (prefix, slots): the K/V read (0..end) and the K/V written (start..end),
         # sliced once for every layer rather than indexed per layer.
         views = zip(buffer.narrow(3, 0, start + new), buffer.narrow(3, start, new))

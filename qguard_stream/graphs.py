@@ -88,8 +88,8 @@ class DecodeRunner:
         fast = self.backbone
         positions = self.start + self.offsets[:bucket]
         x = F.embedding(self.token_ids[:bucket], fast.embed)
-        cos = fast.cos.index_select(0, positions)[:, None, :]
-        sin = fast.sin.index_select(0, positions)[:, None, :]
+        cos = fast.cos.index_select(0, positions)
+        sin = fast.sin.index_select(0, positions)
 
         def write_and_attend(kv: torch.Tensor, q: torch.Tensor,
                              new_kv: torch.Tensor) -> torch.Tensor:
