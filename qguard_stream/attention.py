@@ -67,14 +67,27 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     new, heads, dim = q.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
-    rows = q.view(new, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * new, dim)
+    if new == 1:  # the rows are already in [kv_heads, group] order: views, not permute + copy
+        rows = q.view(kv_heads, group, dim)
+    else:
+        rows = q.view(new, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * new,
+                                                                             dim)
     scores = torch.bmm(rows, keys.transpose(1, 2))  # [kv_heads, group*new, length]
     if future is not None:
         scores.view(kv_heads, group, new, length).masked_fill_(future, float("-inf"))
-    accumulate = torch.promote_types(scores.dtype, torch.float32)  # softmax in >= fp32
-    probs = torch.softmax(scores, dim=-1, dtype=accumulate).to(values.dtype)
+    probs = _softmax(scores, values.dtype)
     out = torch.bmm(probs, values)  # [kv_heads, group*new, dim]
+    if new == 1:
+        return out.view(1, heads * dim)
     return out.view(kv_heads, group, new, dim).permute(2, 0, 1, 3).reshape(new, heads * dim)
+
+
+def _softmax(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last dim in at least fp32, cast to `dtype` (no cast dispatch in fp32)."""
+    if scores.dtype == torch.float32 and dtype == torch.float32:
+        return torch.softmax(scores, dim=-1)
+    accumulate = torch.promote_types(scores.dtype, torch.float32)
+    return torch.softmax(scores, dim=-1, dtype=accumulate).to(dtype)
 
 
 def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,

@@ -88,13 +88,12 @@ class DecodeRunner:
         fast = self.backbone
         positions = self.start + self.offsets[:bucket]
         x = F.embedding(self.token_ids[:bucket], fast.embed)
-        cos = fast.cos.index_select(0, positions)[:, None, :]
-        sin = fast.sin.index_select(0, positions)[:, None, :]
+        cos = fast.cos.index_select(0, positions)
+        sin = fast.sin.index_select(0, positions)
 
-        def write_and_attend(kv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor) -> torch.Tensor:
-            kv[0].index_copy_(1, positions, k.transpose(0, 1))
-            kv[1].index_copy_(1, positions, v.transpose(0, 1))
+        def write_and_attend(kv: torch.Tensor, q: torch.Tensor,
+                             new_kv: torch.Tensor) -> torch.Tensor:
+            kv.index_copy_(2, positions, new_kv.permute(1, 2, 0, 3))
             return self._attend(q, kv[0], kv[1], positions)
 
         for layer, kv in zip(fast.layers, buffer):

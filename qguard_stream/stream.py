@@ -19,7 +19,7 @@ import torch
 
 from qguard_stream.cache import SessionCache
 from qguard_stream.config import GuardConfig
-from qguard_stream.fastpath import FastBackbone
+from qguard_stream.fastpath import FastBackbone, FastHead
 from qguard_stream.graphs import DecodeRunner
 from qguard_stream.hooks import Hooks, Monitor, dispatch
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
@@ -140,6 +140,10 @@ class StreamGuard:
         if use_cuda_graphs and not fast_path:
             raise ValueError("use_cuda_graphs=True needs fast_path=True")
         self.fast = FastBackbone(model.model, self.config) if fast_path else None
+        # The eager step's heads; on CUDA GuardHead itself runs the fused Triton kernel.
+        self.fast_heads = None
+        if fast_path and self.device.type == "cpu":
+            self.fast_heads = {"user": FastHead(model.query), "assistant": FastHead(model.response)}
         self.runner = None
         if use_cuda_graphs:
             heads = {"user": model.query, "assistant": model.response}
@@ -207,7 +211,7 @@ class StreamGuard:
         probs = self.runner.step(ids, state.cache, start, role) if self.runner else None
         if probs is None:
             hidden = self._backbone(ids.to(self.device, non_blocking=True), state.cache, start)
-            probs = self.model.head(role)(hidden)
+            probs = (self.fast_heads[role] if self.fast_heads else self.model.head(role))(hidden)
         risk_probs, category_probs = probs
         verdicts = self._verdicts(role, range(start, start + new), ids, risk_probs, category_probs)
         state.token_ids.extend(verdicts.token_ids)
@@ -253,7 +257,10 @@ class StreamGuard:
             ids = self._ids_from_sequence(token_ids)
         if ids.numel() == 0:
             raise ValueError("token ids are empty: nothing to moderate")
-        low, high = int(ids.min()), int(ids.max())
+        if ids.numel() == 1:  # the per-token case: one host read instead of two reductions
+            low = high = ids.item()
+        else:
+            low, high = (int(bound) for bound in ids.aminmax())
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(
