@@ -137,16 +137,7 @@ class GuardConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> GuardConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json form (Hugging Face field names, label maps with string keys)."""
@@ -163,6 +154,21 @@ class GuardConfig:
             query_category_map=_as_map(self.query_categories),
         )
         return out
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The parsed config.json object; ConfigError when it is missing, not JSON, or not an object.
+    Every model kind reads its config.json through here."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:

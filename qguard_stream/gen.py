@@ -8,17 +8,15 @@ conversation -> ids -> text path; it must not interpret verdicts beyond the pars
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from qguard_stream.batch_decode import batch_greedy_generate
 from qguard_stream.causal_lm import CausalLM, greedy_generate
-from qguard_stream.config import GuardConfig
+from qguard_stream.config import GuardConfig, read_config_json
 from qguard_stream.gen_parse import GenVerdict, parse_gen_output
 from qguard_stream.loader import (
     CheckpointError,
@@ -56,7 +54,7 @@ class GenGuard:
                         dtype: torch.dtype | None = None) -> GenGuard:
         """Load a Qwen3ForCausalLM checkpoint directory or hub id (bf16 on CUDA, fp32 on CPU)."""
         directory = resolve_checkpoint(path_or_id)
-        raw = _read_config(directory / "config.json")
+        raw = read_config_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with torch.device("meta"):
             lm = CausalLM(backbone_config(raw))
@@ -147,18 +145,6 @@ def backbone_config(raw: dict[str, Any]) -> GuardConfig:
         raise CheckpointError("this is a Qwen3Guard-Stream checkpoint (Qwen3ForGuardModel); "
                               "load it with StreamGuard, not GenGuard")
     return GuardConfig.from_dict({**raw, "guard_inner_size": raw.get("guard_inner_size", 1)})
-
-
-def _read_config(path: os.PathLike[str]) -> dict[str, Any]:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return raw
 
 
 def _eos_list(value: EosIds) -> list[int]:

@@ -6,12 +6,12 @@ checkpoint is a plain `Qwen3ForCausalLM`. Nothing here runs a model.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 
+from qguard_stream.config import read_config_json
 from qguard_stream.loader import CheckpointError, resolve_checkpoint
 
 KINDS = ("auto", "stream", "gen")
@@ -21,10 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def detect_kind(path_or_id: str | os.PathLike[str]) -> str:
     """"stream" or "gen", from the checkpoint's config.json."""
     directory = resolve_checkpoint(path_or_id)
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {directory / 'config.json'}: {err}") from None
+    raw = read_config_json(directory / "config.json")
     architectures = raw.get("architectures") or []
     if "Qwen3ForGuardModel" in architectures or "guard_inner_size" in raw:
         return "stream"
