@@ -154,6 +154,16 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], shards:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def score_in_one_session(guard, chunks: Sequence[tuple[Sequence[int], str]]) -> list:
+    """Feed (token_ids, role) chunks in order to one fresh StreamGuard session; their Verdicts.
+    The single-session reference that batched and served paths are checked against."""
+    state = guard.open_stream()
+    try:
+        return [guard.moderate(state, ids, role) for ids, role in chunks]
+    finally:
+        guard.close_stream(state)
+
+
 def tokenizer_dir() -> Path:
     """The vendored real Qwen3 tokenizer files shipped inside the package."""
     return Path(str(resources.files("qguard_stream") / "assets" / "qwen3_tokenizer"))

@@ -22,6 +22,7 @@ from qguard_stream.engine import (
     SessionBusyError,
 )
 from qguard_stream.engine.block_pool import BlockTable, blocks_for_budget, bytes_per_token
+from qguard_stream.testing import score_in_one_session as reference
 
 VOCAB = 151936
 TOLERANCE = 1e-4
@@ -29,14 +30,6 @@ TOLERANCE = 1e-4
 
 def random_ids(rng: random.Random, count: int) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(count)]
-
-
-def reference(guard: StreamGuard, chunks: list[tuple[list[int], str]]) -> list:
-    state = guard.open_stream()
-    try:
-        return [guard.moderate(state, ids, role) for ids, role in chunks]
-    finally:
-        guard.close_stream(state)
 
 
 def assert_same_verdicts(actual, expected) -> None:

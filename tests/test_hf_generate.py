@@ -85,18 +85,21 @@ def test_batched_generate_stops_the_flagged_row_and_finishes_the_clean_one(setup
     assert all(state.closed for state in criteria.sessions)
 
 
+class Collect(BaseStreamer):
+    """A streamer that records what generate() hands it."""
+
+    def __init__(self) -> None:
+        self.puts: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
 def test_streamer_sees_the_tokens_up_to_the_flag(setup):
-    class Collect(BaseStreamer):
-        def __init__(self) -> None:
-            self.puts: list[list[int]] = []
-            self.ended = False
-
-        def put(self, value: torch.Tensor) -> None:
-            self.puts.append(value.reshape(-1).tolist())
-
-        def end(self) -> None:
-            self.ended = True
-
     streamer = Collect()
     criteria = GuardStoppingCriteria(setup.guard, eos_token_id=EOS)
     out = generate(setup.lm, PROMPTS[:1], stopping_criteria=[criteria], streamer=streamer)
@@ -143,18 +146,6 @@ def test_bad_options_are_rejected(setup):
         GuardStoppingCriteria(setup.guard, policy="loose")
     with pytest.raises(ValueError, match="prompt_length"):
         GuardStoppingCriteria(setup.guard, prompt_length=-1)
-
-
-class Collect(BaseStreamer):
-    def __init__(self) -> None:
-        self.puts: list[list[int]] = []
-        self.ended = False
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts.append(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.ended = True
 
 
 @pytest.mark.parametrize("holdback", [0, 2])

@@ -21,6 +21,7 @@ from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.policy import consecutive_unsafe
 from qguard_stream.server import create_app
 from qguard_stream.server.decision import ConsecutiveUnsafeTracker
+from qguard_stream.testing import score_in_one_session as reference
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -89,14 +90,6 @@ def wait_until_no_sessions(live: LiveServer) -> None:
 async def ask(ws, frame: dict) -> dict:
     await ws.send(json.dumps(frame))
     return json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
-
-
-def reference(guard: StreamGuard, chunks: list[tuple[list[int], str]]) -> list:
-    state = guard.open_stream()
-    try:
-        return [guard.moderate(state, ids, role) for ids, role in chunks]
-    finally:
-        guard.close_stream(state)
 
 
 def assert_reply_matches(reply: dict, expected) -> None:
