@@ -20,7 +20,7 @@ see which position was flagged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -85,7 +85,7 @@ class GuardStoppingCriteria(StoppingCriteria):
             if not state.closed:
                 self.guard.close_stream(state)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> GuardStoppingCriteria:
         return self
 
     def __exit__(self, *exc: object) -> None:
