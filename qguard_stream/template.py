@@ -57,6 +57,25 @@ def conversation_spans(tokenizer: Any, messages: list[dict[str, str]],
     return ConversationSpans(ids, user_end, response_start)
 
 
+def prompt_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """A prompt about to be answered: (ids through the last user turn's <|im_end|>, scored with
+    the query heads; the assistant header the generation prompt adds, after which response
+    scoring starts). Rendered as at generation time (add_generation_prompt=True,
+    enable_thinking=False); the messages must end with the user turn."""
+    validate_messages(messages)
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the last prompt message must be the user turn, got role "
+                         f"{messages[-1]['role']!r}")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end not in ids:
+        raise ValueError(f"the chat template rendered no <|im_end|>: {text!r}")
+    user_end = len(ids) - 1 - ids[::-1].index(im_end)  # the generation prompt holds none
+    return ids[:user_end + 1], ids[user_end + 1:]
+
+
 def _single_id(tokenizer: Any, text: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:

@@ -10,11 +10,11 @@ decide (policies) or notify (hooks); it only turns text into verdicts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any
 
 from qguard_stream.integrations.retokenize import Delta, IncrementalTokenizer
 from qguard_stream.stream import StreamClosedError, StreamGuard, StreamState, Verdicts
-from qguard_stream.template import validate_messages
+from qguard_stream.template import prompt_spans
 
 Prompt = str | list[dict[str, str]] | Sequence[int]
 
@@ -77,7 +77,7 @@ class TextStreamGuard:
         finally:
             self.guard.close_stream(self.state)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> TextStreamGuard:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -106,24 +106,9 @@ def prompt_token_ids(tokenizer: Any, prompt: Prompt | None) -> tuple[list[int], 
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-        return _messages_ids(tokenizer, prompt)
+        return prompt_spans(tokenizer, prompt)
     ids = list(prompt)
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"prompt must be a str, chat messages or a non-empty list of token ids, "
                          f"got {prompt!r}")
     return ids, []
-
-
-def _messages_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    validate_messages(messages)
-    if messages[-1]["role"] != "user":
-        raise ValueError(f"the last prompt message must be the user turn, got role "
-                         f"{messages[-1]['role']!r}")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False)
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end not in ids:
-        raise ValueError(f"the chat template rendered no <|im_end|>: {text!r}")
-    user_end = len(ids) - 1 - ids[::-1].index(im_end)  # the generation prompt holds none
-    return ids[:user_end + 1], ids[user_end + 1:]

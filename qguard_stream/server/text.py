@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from qguard_stream.integrations.retokenize import IncrementalTokenizer
-from qguard_stream.template import conversation_spans
+from qguard_stream.template import prompt_spans
 
 
 def text_stream(tokenizer: Any) -> IncrementalTokenizer:
@@ -22,14 +22,7 @@ def text_stream(tokenizer: Any) -> IncrementalTokenizer:
 
 def prompt_and_header_ids(tokenizer: Any, messages: Any) -> tuple[list[int], list[int]]:
     """The templated prompt through the last user turn's <|im_end|>, and the assistant header
-    (`\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`) after which response scoring
-    starts."""
+    after which response scoring starts (template.prompt_spans)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: open with token_ids instead of messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
-            or messages[-1].get("role") == "assistant":
-        raise ValueError("'messages' must be a non-empty list ending with a user (or system) turn")
-    spans = conversation_spans(tokenizer, [*messages, {"role": "assistant", "content": ""}])
-    assert spans.response_start is not None
-    ids = spans.token_ids
-    return ids[: spans.user_end + 1], ids[spans.user_end + 1: spans.response_start]
+    return prompt_spans(tokenizer, messages)
