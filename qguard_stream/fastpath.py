@@ -22,6 +22,9 @@ from torch import nn
 
 from qguard_stream.attention import attend
 from qguard_stream.config import GuardConfig
+from qguard_stream.cpu_decode import MAX_TOKENS as CPU_STEP_TOKENS
+from qguard_stream.cpu_decode import CpuDecodeStep
+from qguard_stream.kernels.cpu_step import load as cpu_step_library
 from qguard_stream.model import Backbone, GuardHead
 
 # (one layer's K/V handle, opaque to the layer; q [new, heads, dim], the new k and v
@@ -120,6 +123,14 @@ class FastHead:
                 torch.softmax(category, -1, dtype=torch.float32))
 
 
+def _cpu_step(fast: FastBackbone) -> CpuDecodeStep | None:
+    """The C decode step for fp32 CPU weights, if kernels/cpu_step.c builds here."""
+    if fast.embed.device.type != "cpu" or fast.embed.dtype != torch.float32:
+        return None
+    library = cpu_step_library()
+    return CpuDecodeStep(fast, library) if library is not None else None
+
+
 class FastBackbone:
     """The backbone's forward over fused weights, writing K/V into a session buffer in place."""
 
@@ -138,10 +149,17 @@ class FastBackbone:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.hidden = config.head_dim, config.hidden_size
         self.qk_width = (self.heads + self.kv_heads) * self.head_dim
+        self.cpu_step = _cpu_step(self)
 
     def __call__(self, token_ids: torch.Tensor, buffer: torch.Tensor, start: int) -> torch.Tensor:
         """token_ids: [new] on the device, at positions start..; buffer: the session's
         [layers, 2, kv_heads, capacity, head_dim] KV buffer. Returns final hidden [new, hidden]."""
+        if self.cpu_step is not None and token_ids.shape[0] <= CPU_STEP_TOKENS:
+            return self.cpu_step(token_ids, buffer, start)
+        return self.forward(token_ids, buffer, start)
+
+    def forward(self, token_ids: torch.Tensor, buffer: torch.Tensor, start: int) -> torch.Tensor:
+        """The eager step (any device, dtype and step size); same contract as __call__."""
         new = token_ids.shape[0]
         x = F.embedding(token_ids, self.embed)
         cos, sin = self.cos[start:start + new], self.sin[start:start + new]

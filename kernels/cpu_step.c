@@ -1,0 +1,248 @@
+/* The CPU decode step's non-GEMM work for fp32 sessions, called through ctypes by
+ * qguard_stream/cpu_decode.py (the projections stay in torch.mm, i.e. MKL/oneDNN).
+ *
+ * Why C: at decode sizes (a handful of rows) every eager PyTorch op costs more in dispatch than in
+ * arithmetic, and a Qwen3 layer has ~45 of them besides its four GEMMs. Here each layer's norms,
+ * q/k norm + RoPE + KV write, attention and SiLU are four calls. The math is the formula of
+ * model.py / fastpath.py, in fp32 with double-accumulated sums of squares; the tests compare every
+ * function with its PyTorch reference.
+ *
+ * Layouts (all row-major, contiguous):
+ *   qkv          [n_new, (heads + 2 * kv_heads) * head_dim]   q heads, then k heads, then v heads
+ *   qk_weight    [heads + kv_heads, head_dim]   q_norm rows (attention scale folded in), k_norm rows
+ *   cos, sin     [n_new, head_dim] for positions start..; sin sign-folded:
+ *                rope(x) = x * cos + roll(x, head_dim / 2) * sin
+ *   k/v caches   one layer's [kv_heads, capacity, head_dim]; head_stride = capacity * head_dim
+ *
+ * Threads: attention splits the KV heads over OpenMP threads (the process's one libgomp, the one
+ * torch loaded, so torch's thread count applies); everything else runs on the calling thread.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 1024
+
+/* Eight-lane vectors (GCC/Clang vector extensions; lowered to whatever SIMD the target has).
+ * Reductions are written with them explicitly: `#pragma omp simd reduction` made GCC 12 spill
+ * the lanes to the stack and add them one by one in the inner loop. */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float* p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float sum8(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+    v8 even = {0}, odd = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        even += load8(a + j) * load8(b + j);
+        odd += load8(a + j + 8) * load8(b + j + 8);
+    }
+    for (; j + 8 <= n; j += 8) even += load8(a + j) * load8(b + j);
+    float total = sum8(even + odd);
+    for (; j < n; ++j) total += a[j] * b[j];
+    return total;
+}
+
+/* Sum of squares in float blocks of 64 accumulated in double. */
+static float sum_of_squares(const float* x, int64_t n) {
+    double total = 0.0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) total += dot(x + i, x + i, 64);
+    return (float)(total + dot(x + i, x + i, n - i));
+}
+
+static float max_of(const float* x, int64_t n) {
+    float lanes[8];
+    int64_t i = 0;
+    for (int k = 0; k < 8; ++k) lanes[k] = -INFINITY;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) lanes[k] = x[i + k] > lanes[k] ? x[i + k] : lanes[k];
+    for (; i < n; ++i) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
+    float peak = lanes[0];
+    for (int k = 1; k < 8; ++k) peak = lanes[k] > peak ? lanes[k] : peak;
+    return peak;
+}
+
+static float sum_of(const float* x, int64_t n) {
+    v8 lanes = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) lanes += load8(x + i);
+    float total = sum8(lanes);
+    for (; i < n; ++i) total += x[i];
+    return total;
+}
+
+/* exp(x), vectorizable (libm's expf is a scalar call): exp(x) = 2^n * e^r with n = round(x / ln2),
+ * |r| <= ln2 / 2, e^r by Cephes' degree-6 expf polynomial; relative error a few ulp on
+ * [-87, 88]. x is clamped to that range, so exp(-inf) is ~1.6e-38 (not 0) and nothing overflows:
+ * softmax and SiLU are unaffected at fp32 precision. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* round to nearest by the 1.5 * 2^23 trick (vectorizes, unlike roundevenf) */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* For the accuracy test only. */
+void qg_exp(const float* x, float* out, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(x[i]);
+}
+
+/* Qwen3 RMSNorm over each row: x * rsqrt(mean(x^2) + eps) * weight. */
+void qg_rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t dim,
+                 float eps) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* row = x + r * dim;
+        float* dst = out + r * dim;
+        float inv_rms = 1.0f / sqrtf(sum_of_squares(row, dim) / (float)dim + eps);
+#pragma omp simd
+        for (int64_t j = 0; j < dim; ++j) dst[j] = row[j] * inv_rms * weight[j];
+    }
+}
+
+/* Per new row: q_norm / k_norm per head, RoPE, q to q_out [n_new, heads, head_dim]; k and v
+ * written into the caches at positions start... */
+void qg_qk_rope_store(const float* qkv, const float* qk_weight, const float* cos,
+                      const float* sin, float* q_out, float* k_cache, float* v_cache,
+                      int64_t head_stride, int64_t start, int64_t n_new, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, float eps) {
+    const int64_t width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
+    float normed[MAX_HEAD_DIM];
+    for (int64_t t = 0; t < n_new; ++t) {
+        const float* row = qkv + t * width;
+        const float* c = cos + t * head_dim;
+        const float* s = sin + t * head_dim;
+        for (int64_t h = 0; h < heads + kv_heads; ++h) {
+            const float* x = row + h * head_dim;
+            const float* w = qk_weight + h * head_dim;
+            float inv_rms = 1.0f / sqrtf(sum_of_squares(x, head_dim) / (float)head_dim + eps);
+            for (int64_t j = 0; j < head_dim; ++j) normed[j] = x[j] * inv_rms * w[j];
+            float* dst = h < heads ? q_out + (t * heads + h) * head_dim
+                                   : k_cache + (h - heads) * head_stride + (start + t) * head_dim;
+            for (int64_t j = 0; j < half; ++j) dst[j] = normed[j] * c[j] + normed[j + half] * s[j];
+            for (int64_t j = half; j < head_dim; ++j)
+                dst[j] = normed[j] * c[j] + normed[j - half] * s[j];
+        }
+        for (int64_t h = 0; h < kv_heads; ++h)
+            memcpy(v_cache + h * head_stride + (start + t) * head_dim,
+                   row + (heads + kv_heads + h) * head_dim, head_dim * sizeof(float));
+    }
+}
+
+/* dst[dim] = sum over p < rows of weights[p] * matrix[p][dim] (matrix rows contiguous). */
+static void accumulate_rows(const float* weights, const float* matrix, int64_t rows, int64_t dim,
+                            float* dst) {
+    int64_t j0 = 0;
+    for (; j0 + 64 <= dim; j0 += 64) {
+        v8 acc[8] = {{0}};
+        for (int64_t p = 0; p < rows; ++p) {
+            const float* row = matrix + p * dim + j0;
+            for (int k = 0; k < 8; ++k) acc[k] += weights[p] * load8(row + 8 * k);
+        }
+        memcpy(dst + j0, acc, sizeof acc);
+    }
+    for (; j0 + 8 <= dim; j0 += 8) {
+        v8 acc = {0};
+        for (int64_t p = 0; p < rows; ++p) acc += weights[p] * load8(matrix + p * dim + j0);
+        memcpy(dst + j0, &acc, sizeof acc);
+    }
+    for (int64_t j = j0; j < dim; ++j) {
+        float total = 0.0f;
+        for (int64_t p = 0; p < rows; ++p) total += weights[p] * matrix[p * dim + j];
+        dst[j] = total;
+    }
+}
+
+/* One KV head's attention for all its query rows (the `group` q heads sharing it, times n_new),
+ * reading each key and value row once. scores: [n_new * group, start + n_new]. */
+static void attend_kv_head(const float* q, const float* keys, const float* values, float* scores,
+                           float* out, int64_t kv_head, int64_t start, int64_t n_new,
+                           int64_t heads, int64_t group, int64_t head_dim) {
+    const int64_t total = start + n_new;
+    for (int64_t p = 0; p < total; ++p) {
+        const float* key = keys + p * head_dim;
+        for (int64_t t = (p > start ? p - start : 0); t < n_new; ++t) {  /* causal: p <= start+t */
+            for (int64_t g = 0; g < group; ++g) {
+                const float* query = q + (t * heads + kv_head * group + g) * head_dim;
+                scores[(t * group + g) * total + p] = dot(query, key, head_dim);
+            }
+        }
+    }
+    for (int64_t t = 0; t < n_new; ++t) {
+        const int64_t length = start + t + 1;
+        for (int64_t g = 0; g < group; ++g) {
+            float* row = scores + (t * group + g) * total;
+            const float peak = max_of(row, length);
+#pragma omp simd
+            for (int64_t p = 0; p < length; ++p) row[p] = exp_approx(row[p] - peak);
+            const float inv_sum = 1.0f / sum_of(row, length);
+#pragma omp simd
+            for (int64_t p = 0; p < length; ++p) row[p] *= inv_sum;
+        }
+    }
+    /* out += weight * value, 64 output floats at a time held in eight vector accumulators */
+    for (int64_t t = 0; t < n_new; ++t) {
+        const int64_t length = start + t + 1;
+        for (int64_t g = 0; g < group; ++g) {
+            const float* weights = scores + (t * group + g) * total;
+            float* dst = out + (t * heads + kv_head * group + g) * head_dim;
+            accumulate_rows(weights, values, length, head_dim, dst);
+        }
+    }
+}
+
+/* Causal grouped-query attention of n_new pre-scaled queries q [n_new, heads, head_dim] at
+ * positions start.. against the cache prefix 0..start+n_new; out: [n_new, heads * head_dim].
+ * Returns 0, or -1 if the scores' scratch could not be allocated (out is then unspecified). */
+int qg_attend(const float* q, const float* k_cache, const float* v_cache, int64_t head_stride,
+              int64_t start, int64_t n_new, int64_t heads, int64_t kv_heads, int64_t head_dim,
+              float* out) {
+    const int64_t group = heads / kv_heads, total = start + n_new;
+    int failed = 0;
+#pragma omp parallel for schedule(static) if (kv_heads > 1 && total * group >= 1024)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+        float* scores = malloc((size_t)(n_new * group * total) * sizeof(float));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        attend_kv_head(q, k_cache + h * head_stride, v_cache + h * head_stride, scores, out, h,
+                       start, n_new, heads, group, head_dim);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* SwiGLU's activation: out = silu(gate) * up for gate_up = [gate | up] per row. */
+void qg_silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* gate = gate_up + r * 2 * inter;
+        const float* up = gate + inter;
+        float* dst = out + r * inter;
+#pragma omp simd
+        for (int64_t j = 0; j < inter; ++j)
+            dst[j] = gate[j] / (1.0f + exp_approx(-gate[j])) * up[j];
+    }
+}
