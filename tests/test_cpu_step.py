@@ -17,7 +17,7 @@ from qguard_stream.kernels.cpu_step import BuildError, pointer
 
 from benchmarks.baselines import load_hf_backbone
 from qguard_stream import StreamGuard
-from qguard_stream.cpu_decode import MAX_TOKENS
+from qguard_stream.cpu_decode import C_ATTENTION_TOKENS, MAX_TOKENS
 from qguard_stream.fastpath import rms_norm, rope_tables
 from qguard_stream.model import Rotary
 from qguard_stream.testing import config_for
@@ -131,7 +131,7 @@ def test_the_guard_takes_the_c_step_for_short_fp32_cpu_steps(
     assert eager_steps == [40, MAX_TOKENS + 1]
 
 
-@pytest.mark.parametrize("chunk", [1, 3, MAX_TOKENS])
+@pytest.mark.parametrize("chunk", [1, 3, C_ATTENTION_TOKENS, C_ATTENTION_TOKENS + 1, MAX_TOKENS])
 def test_c_step_equals_eager_step_over_a_stream(tiny_guard: StreamGuard, chunk: int) -> None:
     fast = tiny_guard.fast
     ids = torch.randint(0, 151936, (64,), generator=torch.Generator().manual_seed(chunk))
