@@ -246,3 +246,48 @@ void qg_silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) 
             dst[j] = gate[j] / (1.0f + exp_approx(-gate[j])) * up[j];
     }
 }
+
+/* y[rows] = W[rows, cols] x (+ residual[rows] when not NULL), W row-major: one dot product per
+ * output row, the rows split over the OpenMP threads. For one token this reads each weight once,
+ * like the BLAS GEMM it replaces, without a Python round trip per projection. */
+static void gemv(const float* w, const float* x, const float* residual, float* y, int64_t rows,
+                 int64_t cols) {
+#pragma omp parallel for schedule(static) if (rows * cols >= 32768)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float value = dot(w + r * cols, x, cols);
+        y[r] = residual != NULL ? residual[r] + value : value;
+    }
+}
+
+/* One whole decoder layer for a single new token at position `start`, x [hidden] updated in
+ * place: the composition of the functions above with the projections as gemv. scratch holds
+ * 2 * hidden + (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + 3 * inter floats.
+ * Returns 0, or -1 if the attention's scratch could not be allocated (x is then unchanged). */
+int qg_decode_layer(float* x, const float* input_norm, const float* qkv_weight,
+                    const float* qk_weight, const float* cos, const float* sin, float* k_cache,
+                    float* v_cache, int64_t head_stride, int64_t start, const float* o_weight,
+                    const float* post_norm, const float* gate_up_weight,
+                    const float* down_weight, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                    int64_t hidden, int64_t inter, float eps, float* scratch) {
+    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, q_width = heads * head_dim;
+    float* normed = scratch;
+    float* qkv = normed + hidden;
+    float* q = qkv + qkv_width;
+    float* attended = q + q_width;
+    float* gate_up = attended + q_width;
+    float* act = gate_up + 2 * inter;
+    float* residual = act + inter;  /* x after attention */
+    qg_rms_norm(x, input_norm, normed, 1, hidden, eps);
+    gemv(qkv_weight, normed, NULL, qkv, qkv_width, hidden);
+    qg_qk_rope_store(qkv, qk_weight, cos, sin, q, k_cache, v_cache, head_stride, start, 1, heads,
+                     kv_heads, head_dim, eps);
+    if (qg_attend(q, k_cache, v_cache, head_stride, start, 1, heads, kv_heads, head_dim,
+                  attended) != 0)
+        return -1;
+    gemv(o_weight, attended, x, residual, hidden, q_width);
+    qg_rms_norm(residual, post_norm, normed, 1, hidden, eps);
+    gemv(gate_up_weight, normed, NULL, gate_up, 2 * inter, hidden);
+    qg_silu_mul(gate_up, act, 1, inter);
+    gemv(down_weight, act, residual, x, hidden, inter);
+    return 0;
+}

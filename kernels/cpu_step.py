@@ -38,6 +38,8 @@ SIGNATURES = {
     "qg_qk_rope_store": ([_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F], None),
     "qg_attend": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _P], ctypes.c_int),
     "qg_silu_mul": ([_P, _P, _I, _I], None),
+    "qg_decode_layer": ([_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I,
+                         _I, _F, _P], ctypes.c_int),
 }
 
 

@@ -53,6 +53,10 @@ class CpuDecodeStep:
         self.final_norm = pointer(fast.final_norm)
         self.layers = [(pointer(w.input_norm), pointer(w.qk_norm), pointer(w.post_norm),
                         *w.transposed) for w in fast.layers]
+        # One token: each layer is one C call (projections as C GEMVs over the [out, in] weights).
+        self.single = [(pointer(w.input_norm), pointer(w.qkv), pointer(w.qk_norm), pointer(w.o),
+                        pointer(w.post_norm), pointer(w.gate_up), pointer(w.down))
+                       for w in fast.layers]
         self.scratch = threading.local()
 
     @torch.inference_mode()  # the scratch tensors are inference tensors, written in place
@@ -69,6 +73,8 @@ class CpuDecodeStep:
             raise ValueError(f"positions {start}..{start + new} exceed the KV buffer's capacity "
                              f"{capacity}")
         torch.index_select(self.embed, 0, token_ids, out=x)
+        if new == 1:
+            return self._single(x, base, capacity, start)
         head_stride = capacity * dim
         kv_bytes = self.kv_heads * head_stride * 4
         rope_offset = start * dim * 4
@@ -97,6 +103,35 @@ class CpuDecodeStep:
         lib.qg_rms_norm(x_p, self.final_norm, hidden.data_ptr(), new, self.hidden,
                         self.eps)
         return hidden
+
+    def _single(self, x: torch.Tensor, base: int, capacity: int, start: int) -> torch.Tensor:
+        """The one-token step: a C call per layer, x updated in place."""
+        lib, dim = self.library, self.head_dim
+        head_stride = capacity * dim
+        kv_bytes = self.kv_heads * head_stride * 4
+        cos, sin = self.cos + start * dim * 4, self.sin + start * dim * 4
+        x_p, scratch = x.data_ptr(), self._layer_scratch()
+        for index, (input_norm, qkv, qk_norm, o, post_norm, gate_up, down) in \
+                enumerate(self.single):
+            k_cache = base + 2 * index * kv_bytes
+            if lib.qg_decode_layer(x_p, input_norm, qkv, qk_norm, cos, sin, k_cache,
+                                   k_cache + kv_bytes, head_stride, start, o, post_norm, gate_up,
+                                   down, self.heads, self.kv_heads, dim, self.hidden,
+                                   self.intermediate, self.eps, scratch):
+                raise MemoryError(f"the C attention could not allocate scores for {start + 1} "
+                                  "positions")
+        hidden = torch.empty_like(x)
+        lib.qg_rms_norm(x_p, self.final_norm, hidden.data_ptr(), 1, self.hidden, self.eps)
+        return hidden
+
+    def _layer_scratch(self) -> int:
+        """The address of this thread's scratch for qg_decode_layer."""
+        scratch = getattr(self.scratch, "layer", None)
+        if scratch is None:
+            floats = (2 * self.hidden + (self.heads + 2 * self.kv_heads) * self.head_dim
+                      + 2 * self.heads * self.head_dim + 3 * self.intermediate)
+            scratch = self.scratch.layer = torch.empty(floats, dtype=torch.float32)
+        return scratch.data_ptr()
 
     def _buffers(self, new: int) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
         """This thread's scratch for a step of `new` tokens (allocated once per size) and the
