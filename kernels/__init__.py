@@ -1,7 +1,8 @@
 """Triton kernels and their plain-PyTorch references, installed as `qguard_stream.kernels`.
 
 `reference` is importable everywhere (torch only); `guard_head` needs triton and is imported only
-when the fused path is taken, so CPU-only installs never import triton.
+when the fused path is taken, so CPU-only installs never import triton. `cpu_step` builds and
+loads cpu_step.c, the C side of the fp32 CPU decode step (qguard_stream/cpu_decode.py).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from qguard_stream.kernels.cpu_step import pointer
 if TYPE_CHECKING:
     from qguard_stream.fastpath import FastBackbone
 
-# Up to this many new tokens per step (the C attention re-reads no K/V per query, but the eager
-# path's batched GEMM attention wins on longer steps, and prefill takes SDPA anyway).
+# Up to this many new tokens per step: the steps a stream makes. Longer ones (prompts) take the
+# eager step, whose GEMMs and SDPA prefill are already compute-bound there.
 MAX_TOKENS = 16
 # Up to this many, the C attention; beyond, attention.attend (batched GEMMs), which wins once the
 # queries are many enough to make the per-key dot products compute-bound (measured: at context
