@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     cells = measure(runners, args, guard.config.vocab_size, device)
     floor_ms = roofline_ms(guard, device, args.hbm_gbps) if device.type == "cuda" else None
     report = _report(args, device, dtype, cells, floor_ms)
+    report["ours_step"] = ours_step(guard)
+    print(f"ours: {report['ours_step']}")
     print(format_table(cells, floor_ms))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"latency_{args.shape}_{device.type}"
@@ -153,6 +155,18 @@ def run(args: argparse.Namespace) -> int:
         plot(cells, stem.with_suffix(".png"), f"{args.shape} on {device.type}, {dtype}")
         print(f"wrote {stem.with_suffix('.png')}")
     return 0
+
+
+def ours_step(guard: StreamGuard) -> str:
+    """Which step (a) took for small steps: the reader of a CPU table needs to know whether the C
+    step was built on that machine."""
+    if guard.runner is not None:
+        return "CUDA graphs (graphs.DecodeRunner) for <= 16 tokens, eager fast path beyond"
+    if guard.fast is None:
+        return "core module path"
+    if guard.fast.cpu_step is not None:
+        return "C step (kernels/cpu_step.c) for <= 16 tokens, eager fast path beyond"
+    return "eager fast path"
 
 
 def _runners(variants: tuple[str, ...], guard: StreamGuard, directory: Path,

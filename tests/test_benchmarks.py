@@ -1,5 +1,5 @@
-"""The latency benchmark's --smoke mode runs end to end (no timing assertions: speed is measured,
-not tested)."""
+"""The latency benchmark's --quick mode (the issue's CI smoke test) and --smoke mode run end to end
+(no timing assertions: speed is measured, not tested)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,25 @@ import pytest
 from benchmarks import latency
 
 
-def test_smoke_run_writes_every_cell_table_json_and_plot(tmp_path: Path,
+def test_quick_run_writes_every_cell_table_json_and_plot(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    assert latency.main(["--smoke", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "latency_tiny_cpu.json").read_text())
+    assert latency.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "latency_small_cpu.json").read_text())
     cells = {(c["variant"], c["context"], c["k"]) for c in report["cells"]}
-    assert cells == {(v, ctx, k) for v in latency.VARIANTS for ctx in (16, 64) for k in (1, 4)}
+    assert cells == {(v, ctx, k) for v in latency.VARIANTS for ctx in (128, 1024) for k in (1, 16)}
     assert all(c["p50_ms"] > 0 and c["p99_ms"] >= c["p50_ms"] for c in report["cells"])
-    assert (tmp_path / "latency_tiny_cpu.png").stat().st_size > 1000
+    assert (tmp_path / "latency_small_cpu.png").stat().st_size > 1000
     table = capsys.readouterr().out
     assert "card/ours" in table and "hf/ours" in table
     assert report["roofline_ms"] is None  # CPU: no roofline column
+    assert report["ours_step"].startswith(("C step", "eager fast path"))
+
+
+def test_smoke_run_covers_the_tiny_grid(tmp_path: Path) -> None:
+    assert latency.main(["--smoke", "--no-plot", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "latency_tiny_cpu.json").read_text())
+    cells = {(c["variant"], c["context"], c["k"]) for c in report["cells"]}
+    assert cells == {(v, ctx, k) for v in latency.VARIANTS for ctx in (16, 64) for k in (1, 4)}
 
 
 def test_bad_grid_values_are_rejected_naming_them() -> None:
