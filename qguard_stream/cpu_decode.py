@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -65,64 +65,65 @@ class CpuDecodeStep:
         """Same contract as FastBackbone.__call__: token_ids [new] (new <= MAX_TOKENS) at
         positions start..; buffer [layers, 2, kv_heads, capacity, head_dim], contiguous fp32.
         Returns the final hidden states [new, hidden]."""
-        lib, new, dim = self.library, token_ids.shape[0], self.head_dim
-        (x, x_next, normed, qkv, q, attended, gate_up, act), addresses = self._buffers(new)
-        x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = addresses
+        new, dim = token_ids.shape[0], self.head_dim
         capacity, base = buffer.shape[3], pointer(buffer)
         if start + new > capacity:  # C writes where it is told: never past the buffer
             raise ValueError(f"positions {start}..{start + new} exceed the KV buffer's capacity "
                              f"{capacity}")
+        tensors, addresses = self._buffers(new)
+        x = tensors[0]
         torch.index_select(self.embed, 0, token_ids, out=x)
+        kv_bytes = self.kv_heads * capacity * dim * 4  # one layer's K (or V) block
+        where = _Where(start, capacity * dim, kv_bytes, self.cos + start * dim * 4,
+                       self.sin + start * dim * 4,
+                       [base + 2 * index * kv_bytes for index in range(len(self.layers))])
         if new == 1:
-            return self._single(x, base, capacity, start)
-        head_stride = capacity * dim
-        kv_bytes = self.kv_heads * head_stride * 4
-        rope_offset = start * dim * 4
-        cos, sin = self.cos + rope_offset, self.sin + rope_offset
-        for index, (input_norm, qk_norm, post_norm, qkv_t, o_t, gate_up_t, down_t) in \
-                enumerate(self.layers):
-            k_cache = base + 2 * index * kv_bytes
+            self._one_token(addresses[0], where)
+        else:
+            self._few_tokens(new, buffer, tensors, addresses, where)
+        hidden = torch.empty_like(x)
+        self.library.qg_rms_norm(addresses[0], self.final_norm, hidden.data_ptr(), new,
+                                 self.hidden, self.eps)
+        return hidden
+
+    def _one_token(self, x: int, where: _Where) -> None:
+        """One C call per layer; x (the residual stream's address) updated in place."""
+        scratch = self._layer_scratch()
+        for (input_norm, qkv, qk_norm, o, post_norm, gate_up, down), k_cache in \
+                zip(self.single, where.k_caches):
+            if self.library.qg_decode_layer(
+                    x, input_norm, qkv, qk_norm, where.cos, where.sin, k_cache,
+                    k_cache + where.kv_bytes, where.head_stride, where.start, o, post_norm,
+                    gate_up, down, self.heads, self.kv_heads, self.head_dim, self.hidden,
+                    self.intermediate, self.eps, scratch):
+                raise _out_of_memory(where.start + 1)
+
+    def _few_tokens(self, new: int, buffer: torch.Tensor, tensors: tuple[torch.Tensor, ...],
+                    addresses: tuple[int, ...], where: _Where) -> None:
+        """GEMMs in torch.mm, the rest in C; the result is left in tensors[0]."""
+        lib, dim = self.library, self.head_dim
+        x, x_next, normed, qkv, q, attended, gate_up, act = tensors
+        x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = addresses
+        for index, ((input_norm, qk_norm, post_norm, qkv_t, o_t, gate_up_t, down_t), k_cache) in \
+                enumerate(zip(self.layers, where.k_caches)):
+            v_cache = k_cache + where.kv_bytes
             lib.qg_rms_norm(x_p, input_norm, normed_p, new, self.hidden, self.eps)
             torch.mm(normed, qkv_t, out=qkv)
-            lib.qg_qk_rope_store(qkv_p, qk_norm, cos, sin, q_p, k_cache, k_cache + kv_bytes,
-                                 head_stride, start, new, self.heads, self.kv_heads, dim, self.eps)
+            lib.qg_qk_rope_store(qkv_p, qk_norm, where.cos, where.sin, q_p, k_cache, v_cache,
+                                 where.head_stride, where.start, new, self.heads, self.kv_heads,
+                                 dim, self.eps)
             if new > C_ATTENTION_TOKENS:
-                prefix = buffer[index].narrow(2, 0, start + new)
-                attended = attend(q.view(new, self.heads, dim), prefix[0], prefix[1], start,
-                                  self.key_positions)
-            elif lib.qg_attend(q_p, k_cache, k_cache + kv_bytes, head_stride, start, new,
+                prefix = buffer[index].narrow(2, 0, where.start + new)
+                attended = attend(q.view(new, self.heads, dim), prefix[0], prefix[1],
+                                  where.start, self.key_positions)
+            elif lib.qg_attend(q_p, k_cache, v_cache, where.head_stride, where.start, new,
                                self.heads, self.kv_heads, dim, attended_p):
-                raise MemoryError(f"the C attention could not allocate scores for {start + new} "
-                                  "positions")
+                raise _out_of_memory(where.start + new)
             torch.addmm(x, attended, o_t, out=x_next)  # the residual add fused into the GEMM
             lib.qg_rms_norm(x_next_p, post_norm, normed_p, new, self.hidden, self.eps)
             torch.mm(normed, gate_up_t, out=gate_up)
             lib.qg_silu_mul(gate_up_p, act_p, new, self.intermediate)
             torch.addmm(x_next, act, down_t, out=x)
-        hidden = torch.empty_like(x)
-        lib.qg_rms_norm(x_p, self.final_norm, hidden.data_ptr(), new, self.hidden,
-                        self.eps)
-        return hidden
-
-    def _single(self, x: torch.Tensor, base: int, capacity: int, start: int) -> torch.Tensor:
-        """The one-token step: a C call per layer, x updated in place."""
-        lib, dim = self.library, self.head_dim
-        head_stride = capacity * dim
-        kv_bytes = self.kv_heads * head_stride * 4
-        cos, sin = self.cos + start * dim * 4, self.sin + start * dim * 4
-        x_p, scratch = x.data_ptr(), self._layer_scratch()
-        for index, (input_norm, qkv, qk_norm, o, post_norm, gate_up, down) in \
-                enumerate(self.single):
-            k_cache = base + 2 * index * kv_bytes
-            if lib.qg_decode_layer(x_p, input_norm, qkv, qk_norm, cos, sin, k_cache,
-                                   k_cache + kv_bytes, head_stride, start, o, post_norm, gate_up,
-                                   down, self.heads, self.kv_heads, dim, self.hidden,
-                                   self.intermediate, self.eps, scratch):
-                raise MemoryError(f"the C attention could not allocate scores for {start + 1} "
-                                  "positions")
-        hidden = torch.empty_like(x)
-        lib.qg_rms_norm(x_p, self.final_norm, hidden.data_ptr(), 1, self.hidden, self.eps)
-        return hidden
 
     def _layer_scratch(self) -> int:
         """The address of this thread's scratch for qg_decode_layer."""
@@ -149,3 +150,17 @@ class CpuDecodeStep:
             buffers = cached[new] = (tensors, tuple(t.data_ptr() for t in tensors))
         return buffers
 
+
+class _Where(NamedTuple):
+    """Where a step reads and writes: positions, the KV buffer's layout, the RoPE rows."""
+
+    start: int
+    head_stride: int  # floats between two KV heads' rows (capacity * head_dim)
+    kv_bytes: int  # bytes of one layer's K block (V follows it)
+    cos: int  # address of the RoPE rows at `start`
+    sin: int
+    k_caches: list[int]  # each layer's K block address
+
+
+def _out_of_memory(positions: int) -> MemoryError:
+    return MemoryError(f"the C attention could not allocate scores for {positions} positions")
