@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     max_positions = max(8192, max(args.contexts) + max(args.ks) + 16)
     with tempfile.TemporaryDirectory() as tmp:
         directory = make_random_checkpoint(Path(tmp) / args.shape, args.shape, seed=args.seed,
-                                           dtype=dtype, max_position_embeddings=max_positions)
+                                           dtype=dtype, max_position_embeddings=max_positions,
+                                           device=device)
         guard = StreamGuard.from_pretrained(directory, device=device, dtype=dtype)
         runners = _runners(args.variants, guard, directory, device, dtype)
     cells = measure(runners, args, guard.config.vocab_size, device)
@@ -148,12 +149,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"ours: {report['ours_step']}")
     print(format_table(cells, floor_ms))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"latency_{args.shape}_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {stem.with_suffix('.json')}")
+    # Not Path.with_suffix: a shape named "0.6b" would lose ".6b_cuda" to it.
+    stem = f"latency_{args.shape}_{device.type}"
+    json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
+    json_path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {json_path}")
     if not args.no_plot:
-        plot(cells, stem.with_suffix(".png"), f"{args.shape} on {device.type}, {dtype}")
-        print(f"wrote {stem.with_suffix('.png')}")
+        plot(cells, png_path, f"{args.shape} on {device.type}, {dtype}")
+        print(f"wrote {png_path}")
     return 0
 
 

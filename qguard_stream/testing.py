@@ -90,13 +90,16 @@ def hf_config_dict(config: GuardConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def random_tensors(config: GuardConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, under its Hugging Face name."""
+def random_tensors(config: GuardConfig, seed: int, dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, under its Hugging Face name, drawn on `device` (a GPU
+    draws an 8B checkpoint in seconds; the CPU's generator is serial). The values depend on the
+    device's generator: the same seed gives other weights on CUDA than on the CPU."""
     from qguard_stream.model import GuardModel
 
     with torch.device("meta"):
         shapes = GuardModel(config).expected_shapes()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
         tensors[name] = _init(name, shape, generator).to(dtype)
@@ -107,9 +110,12 @@ def random_tensors(config: GuardConfig, seed: int, dtype: torch.dtype) -> dict[s
 
 
 def _init(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    def randn() -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=generator.device)
+
     if name.endswith("norm.weight"):
         # Not all ones, so a norm that is skipped or misapplied shows in parity tests.
-        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        return 1.0 + 0.1 * randn()
     fan_in = shape[-1]
     if "embed_tokens" in name:
         std = 1.0
@@ -117,13 +123,15 @@ def _init(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torc
         std = 3.0 / fan_in**0.5  # sharp head logits: verdicts vary from token to token
     else:
         std = 1.0 / fan_in**0.5
-    return std * torch.randn(shape, generator=generator)
+    return std * randn()
 
 
 def make_random_checkpoint(directory: str | Path, shape: Shape | str = "tiny", seed: int = 0,
                            shards: int = 1, dtype: torch.dtype = torch.float32,
-                           max_position_embeddings: int | None = None) -> Path:
-    """Write a random checkpoint (config.json, safetensors, tokenizer) to `directory`."""
+                           max_position_embeddings: int | None = None,
+                           device: str | torch.device = "cpu") -> Path:
+    """Write a random checkpoint (config.json, safetensors, tokenizer) to `directory`; the
+    weights are drawn on `device` (see random_tensors)."""
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     config = config_for(shape)
@@ -132,7 +140,8 @@ def make_random_checkpoint(directory: str | Path, shape: Shape | str = "tiny", s
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
-    write_safetensors(directory, random_tensors(config, seed, dtype), shards)
+    tensors = {name: t.cpu() for name, t in random_tensors(config, seed, dtype, device).items()}
+    write_safetensors(directory, tensors, shards)
     copy_tokenizer(directory)
     return directory
 

@@ -118,9 +118,26 @@ def interpreter_tile(case: tuple) -> int | None:
     return 128 if case[0] >= 1024 else None
 
 
+def interpreter_breaks_on_numpy() -> bool:
+    """Triton's interpreter up to 3.6 turns a runtime scalar into a loop bound with
+    int(ndarray of shape [1]), which numpy >= 2.4 refuses (triton-lang/triton#9171): the kernel's
+    H loop then fails under the interpreter though the compiled kernel is fine."""
+    import inspect
+
+    import numpy
+    from triton.runtime import interpreter
+
+    numpy_major_minor = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    return numpy_major_minor >= (2, 4) and \
+        "int(self.handle.data))" in inspect.getsource(interpreter)
+
+
 @pytest.fixture(scope="module")
 def interpreted_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every CASES input through the kernel under TRITON_INTERPRET=1, in one subprocess."""
+    if interpreter_breaks_on_numpy():
+        pytest.skip(f"triton {triton.__version__}'s interpreter fails with numpy >= 2.4 "
+                    f"(triton-lang/triton#9171)")
     folder = tmp_path_factory.mktemp("interpreted")
     torch.save([(case_inputs(case), EPS, interpreter_tile(case)) for case in CASES],
                folder / "inputs.pt")
