@@ -21,7 +21,7 @@ from transformers import DynamicCache, Qwen3Config, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from qguard_stream.config import GuardConfig
-from qguard_stream.model import GuardHead
+from qguard_stream.models.guard import GuardHead
 
 
 def hf_config(config: GuardConfig, dtype: torch.dtype) -> Qwen3Config:

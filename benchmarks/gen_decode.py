@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from qguard_stream.batch_decode import batch_greedy_generate
-from qguard_stream.causal_lm import greedy_generate
-from qguard_stream.gen import GenGuard
-from qguard_stream.testing import make_random_gen_checkpoint
+from qguard_stream.checkpoints import make_random_gen_checkpoint
+from qguard_stream.gen.causal_lm import greedy_generate
+from qguard_stream.gen.decode import batch_greedy_generate
+from qguard_stream.gen.guard import GenGuard
 
 
 def main() -> None:

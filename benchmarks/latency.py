@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.baselines import CachedTransformers, CardLoop, load_hf_backbone
+from qguard_stream.checkpoints import SHAPES, make_random_checkpoint
 from qguard_stream.stream import StreamGuard
-from qguard_stream.testing import SHAPES, make_random_checkpoint
 
 VARIANTS = ("ours", "card_loop", "hf_dynamic_cache")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

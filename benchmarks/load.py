@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
         if model is None:
-            from qguard_stream.testing import make_random_checkpoint
+            from qguard_stream.checkpoints import make_random_checkpoint
 
             model = str(make_random_checkpoint(Path(scratch) / "ckpt", args.shape, seed=0))
         server = start_server(model, port, args)

@@ -13,8 +13,8 @@ import time
 
 from transformers import AutoTokenizer
 
+from qguard_stream.assets import tokenizer_dir
 from qguard_stream.integrations.retokenize import IncrementalTokenizer
-from qguard_stream.testing import tokenizer_dir
 
 SAMPLE = ("The model streams its answer, token by token; we re-tokenize it. It's 2026: "
           "numbers like 3.14159 and 1,000,000 appear, code `x = f(y)\n    return x`, "

@@ -2,7 +2,7 @@
 
 `reference` is importable everywhere (torch only); `guard_head` needs triton and is imported only
 when the fused path is taken, so CPU-only installs never import triton. `cpu_step` builds and
-loads cpu_step.c, the C side of the fp32 CPU decode step (qguard_stream/cpu_decode.py).
+loads cpu_step.c, the C side of the fp32 CPU decode step (qguard_stream/runtime/cpu_step.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from qguard_stream.kernels.reference import GuardHeadOutput, guard_head_reference
+from qguard_stream.kernels.reference import FUSED_DTYPES, GuardHeadOutput, guard_head_reference
 
 __all__ = [
     "GuardHeadOutput",
@@ -29,9 +29,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def fused_path_applies(hidden: torch.Tensor) -> bool:

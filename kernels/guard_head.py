@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qguard_stream.kernels import FUSED_DTYPES
-from qguard_stream.kernels.reference import GuardHeadOutput
+from qguard_stream.kernels.reference import FUSED_DTYPES, GuardHeadOutput
 
 MAX_INNER = 1024  # the accumulator is [BLOCK_ROWS, inner] fp32 in registers
 ROWS_PER_PROGRAM = 16  # the smallest tl.dot M; rows beyond k are masked

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# The dtypes the fused kernel (guard_head.py) runs in; the reference takes any float dtype.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @dataclass(frozen=True)
 class GuardHeadOutput:

@@ -37,12 +37,13 @@ def _attach_source_tree_kernels() -> None:
 
 _attach_source_tree_kernels()
 
-from qguard_stream.cache import SessionCache
 from qguard_stream.config import ConfigError, GuardConfig
-from qguard_stream.gen import GenGuard
-from qguard_stream.gen_parse import GenVerdict, parse_gen_output
+from qguard_stream.conversation import ConversationVerdict
+from qguard_stream.gen.guard import GenGuard
+from qguard_stream.gen.parse import GenVerdict, parse_gen_output
 from qguard_stream.hooks import FlagEvent, Hooks, Monitor, TransitionEvent, attach
 from qguard_stream.integrations.text import TextStreamGuard
+from qguard_stream.kvcache.session import SessionCache
 from qguard_stream.loader import CheckpointError
 from qguard_stream.policy import (
     ConsecutiveUnsafe,
@@ -52,13 +53,8 @@ from qguard_stream.policy import (
     TokenVerdict,
     consecutive_unsafe,
 )
-from qguard_stream.stream import (
-    ConversationVerdict,
-    StreamClosedError,
-    StreamGuard,
-    StreamState,
-    Verdicts,
-)
+from qguard_stream.stream import StreamGuard, StreamState
+from qguard_stream.verdicts import StreamClosedError, Verdicts
 
 __version__ = "0.1.0"
 

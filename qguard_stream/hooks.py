@@ -1,8 +1,10 @@
 """Events and callback dispatch: on_token, on_transition, on_flag, run after a session's forward.
 
 `Hooks` holds callbacks; register them on a guard (`guard.hooks`, every session) or on one session
-(`guard.monitor(state, hooks=...)`). A session's `Monitor` owns what dispatch needs to remember: the
-policy instance, the last level per role (for transitions) and the decisions made.
+(`qguard_stream.attach(state, policy, hooks)`). A session's `Monitor` owns what dispatch needs to
+remember: the policy instance, the last level per role (for transitions) and the decisions made.
+The Monitor is the one tracker of transitions and decisions: the library's callbacks, `watch`, the
+server's frames and the CLI all read theirs from it.
 
 Order for each call to `StreamGuard.moderate`: the session (cache, tokens, last_verdicts) is updated
 first; then the monitor's bookkeeping (levels, policy, decisions) for *all* new tokens; only then
@@ -14,9 +16,11 @@ to the caller of `moderate`; the session and monitor are already fully updated a
 verdicts are in `state.last_verdicts`), only the remaining callbacks of that call are not delivered.
 With `errors="log"` the exception is logged and dispatch continues.
 
-Transitions compare tokens of the same role; each role starts at "Safe", so the first non-Safe token
-of a role fires Safe -> level. This module never runs inside the forward and costs nothing when no
-hooks or policy are registered (StreamGuard.moderate skips it).
+The transition rule: a transition is a change of the winning risk level between consecutive
+scored tokens of one role in one session, and each role's first token is compared with Safe (so
+a first non-Safe token fires Safe -> level; tokens of the other role in between do not matter).
+This module never runs inside the forward and costs nothing when no hooks or policy are
+registered (StreamGuard.moderate skips it).
 """
 
 from __future__ import annotations
@@ -24,14 +28,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from qguard_stream.policy import SAFE, Decision, Policy, TokenVerdict
-
-if TYPE_CHECKING:
-    from qguard_stream.stream import StreamGuard, StreamState, Verdicts
+from qguard_stream.verdicts import Verdicts
 
 logger = logging.getLogger("qguard_stream.hooks")
 ERROR_MODES = ("raise", "log")
@@ -162,7 +164,16 @@ def token_verdicts(verdicts: Verdicts) -> list[TokenVerdict]:
     ]
 
 
-def attach(state: StreamState, policy: Policy | None = None, hooks: Hooks | None = None,
+class MonitoredSession(Protocol):
+    """What `attach` needs of a session (a StreamState): its length and its monitor slot."""
+
+    monitor: Monitor | None
+
+    @property
+    def length(self) -> int: ...
+
+
+def attach(state: MonitoredSession, policy: Policy | None = None, hooks: Hooks | None = None,
            policy_start: int | None = None) -> Monitor:
     """Give a session its own policy and/or callbacks (replacing any monitor it had). The policy
     judges assistant tokens from `policy_start` (default: the session's current length) on."""
@@ -174,15 +185,12 @@ def attach(state: StreamState, policy: Policy | None = None, hooks: Hooks | None
 
 
 @torch.inference_mode(False)
-def dispatch(guard: StreamGuard, state: StreamState, verdicts: Verdicts) -> None:
-    """Run after the session was updated by `guard.moderate` (callbacks run outside
-    inference mode, so tensors they make are ordinary tensors)."""
-    monitor = state.monitor
-    if monitor is None:
-        factory = guard.policy_factory
-        monitor = state.monitor = Monitor(policy=factory() if factory is not None else None)
-    events = monitor.record(state.id, token_verdicts(verdicts))
-    registered = [hooks for hooks in (monitor.hooks, guard.hooks) if hooks]
+def dispatch(monitor: Monitor, session_id: int, verdicts: Verdicts, guard_hooks: Hooks) -> None:
+    """Record a scored call in the session's monitor, then fire its events: the session's hooks,
+    then `guard_hooks` (callbacks run outside inference mode, so tensors they make are ordinary
+    tensors)."""
+    events = monitor.record(session_id, token_verdicts(verdicts))
+    registered = [hooks for hooks in (monitor.hooks, guard_hooks) if hooks]
     for kind, event in events:
         for hooks in registered:
             _fire(hooks, kind, event)

@@ -20,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qguard_stream.config import GuardConfig
-from qguard_stream.model import GuardModel, Rotary
+from qguard_stream.models.guard import GuardModel
+from qguard_stream.models.qwen3 import Rotary
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 SAFE, UNSAFE, CONTROVERSIAL = "Safe", "Unsafe", "Controversial"
 
@@ -84,6 +85,21 @@ class Decision:
     @property
     def flagged(self) -> bool:
         return self.label != SAFE
+
+
+def decision_json(decision: Decision) -> dict[str, Any]:
+    """A verdict as JSON: {"risk_level", "category", "flag_position"} (null category and
+    position when Safe)."""
+    if not decision.flagged:
+        return {"risk_level": SAFE, "category": None, "flag_position": None}
+    return {"risk_level": decision.label, "category": decision.category,
+            "flag_position": decision.position}
+
+
+def flag_json(decision: Decision) -> dict[str, Any]:
+    """A decision the moment it is made, as JSON: {"position", "risk_level", "category", "stop"}."""
+    return {"position": decision.position, "risk_level": decision.label,
+            "category": decision.category, "stop": decision.stop}
 
 
 def _safe(rule: str) -> Decision:

@@ -1,104 +1,38 @@
-"""StreamGuard: sessions (StreamState), incremental scoring (Verdicts), rollback, the card's API.
+"""StreamGuard: sessions (StreamState), incremental scoring, rollback, the card's API.
 
 Each session owns a KV buffer; feeding k ids runs one forward over those k ids against it. A call
 either completes (cache written, length advanced, verdicts returned) or raises with the session as
-it was before the call. Label strings are made only when asked for. Policies, callbacks and batching
-live elsewhere.
+it was before the call. Label strings are made only when asked for (verdicts.Verdicts). Policies
+and callbacks run after the forward (hooks.Monitor); batching lives in qguard_stream.engine.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
 
-from qguard_stream.cache import SessionCache
 from qguard_stream.config import GuardConfig
-from qguard_stream.fastpath import FastBackbone, FastHead
-from qguard_stream.graphs import DecodeRunner
+from qguard_stream.conversation import ConversationVerdict, plan_conversation
 from qguard_stream.hooks import Hooks, Monitor, dispatch
+from qguard_stream.kvcache.session import SessionCache
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
-from qguard_stream.model import GuardModel
+from qguard_stream.models.guard import GuardModel
 from qguard_stream.policy import Policy
-
-ROLES = ("user", "assistant")
-TokenIds = int | Sequence[int] | torch.Tensor
-
-
-class StreamClosedError(RuntimeError):
-    """A closed StreamState was used again."""
-
-
-@dataclass(frozen=True)
-class Verdicts:
-    """Per-token verdicts for the positions scored by one call (last = newest)."""
-
-    role: str
-    positions: range
-    token_ids: tuple[int, ...]
-    risk_probs: torch.Tensor  # [k, num_risk_levels] fp32, on the model's device
-    category_probs: torch.Tensor  # [k, num_categories] fp32
-    risk_labels: tuple[str, ...] = field(repr=False)
-    category_labels: tuple[str, ...] = field(repr=False)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    @cached_property
-    def _winners(self) -> tuple[list[int], list[float], list[int], list[float]]:
-        risk_prob, risk_id = self.risk_probs.max(dim=-1)
-        cat_prob, cat_id = self.category_probs.max(dim=-1)
-        return risk_id.tolist(), risk_prob.tolist(), cat_id.tolist(), cat_prob.tolist()
-
-    @property
-    def risk_ids(self) -> list[int]:
-        return self._winners[0]
-
-    @property
-    def risk_level(self) -> list[str]:
-        """Winning risk label per token ("Safe", "Unsafe", "Controversial")."""
-        return [self.risk_labels[i] for i in self._winners[0]]
-
-    @property
-    def risk_prob(self) -> list[float]:
-        return self._winners[1]
-
-    @property
-    def category_ids(self) -> list[int]:
-        return self._winners[2]
-
-    @property
-    def category(self) -> list[str]:
-        """Winning category per token (meaningful only where the risk is not Safe)."""
-        return [self.category_labels[i] for i in self._winners[2]]
-
-    @property
-    def category_prob(self) -> list[float]:
-        return self._winners[3]
-
-    def since(self, position: int) -> Verdicts:
-        """The verdicts for positions >= `position` (a view, no copy of the probabilities)."""
-        offset = max(0, position - self.positions.start)
-        return Verdicts(self.role, self.positions[offset:], self.token_ids[offset:],
-                        self.risk_probs[offset:], self.category_probs[offset:],
-                        self.risk_labels, self.category_labels)
-
-    def as_card_result(self) -> dict[str, list[Any]]:
-        """The model card's result dict: winning labels and their probabilities rounded to 2dp."""
-        return {
-            "risk_level": self.risk_level,
-            "risk_prob": [round(p, 2) for p in self.risk_prob],
-            "category": self.category,
-            "category_prob": [round(p, 2) for p in self.category_prob],
-        }
-
-
-_session_ids = itertools.count()
+from qguard_stream.runtime.fused import FastBackbone, FastHead
+from qguard_stream.runtime.graphs import DecodeRunner
+from qguard_stream.verdicts import (
+    StreamClosedError,
+    TokenIds,
+    Verdicts,
+    build_verdicts,
+    check_role,
+    next_session_id,
+    validate_token_ids,
+)
 
 
 @dataclass(eq=False)
@@ -106,7 +40,7 @@ class StreamState:
     """One conversation: its KV cache, its tokens so far and its last verdicts."""
 
     cache: SessionCache | None
-    id: int = field(default_factory=lambda: next(_session_ids))
+    id: int = field(default_factory=next_session_id)
     token_ids: list[int] = field(default_factory=list)
     last_verdicts: Verdicts | None = None
     monitor: Monitor | None = None  # policy + callbacks (qguard_stream.hooks); None: no dispatch
@@ -118,6 +52,11 @@ class StreamState:
     @property
     def closed(self) -> bool:
         return self.cache is None
+
+    def check_open(self) -> None:
+        """Raise StreamClosedError if the session was closed."""
+        if self.closed:
+            raise StreamClosedError(f"stream {self.id} is closed; open a new one")
 
 
 class StreamGuard:
@@ -196,9 +135,8 @@ class StreamGuard:
         """Score `token_ids` appended to the session; role "user" reads the query heads,
         "assistant" the response heads. Returns verdicts for the new positions."""
         self._check_open(state)
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        ids = self._validate_ids(token_ids)
+        check_role(role)
+        ids = validate_token_ids(token_ids, self.config.vocab_size)
         start, new = state.length, ids.shape[0]
         limit = self.config.max_position_embeddings
         if start + new > limit:
@@ -213,11 +151,14 @@ class StreamGuard:
             hidden = self._backbone(ids.to(self.device, non_blocking=True), state.cache, start)
             probs = (self.fast_heads[role] if self.fast_heads else self.model.head(role))(hidden)
         risk_probs, category_probs = probs
-        verdicts = self._verdicts(role, range(start, start + new), ids, risk_probs, category_probs)
+        verdicts = build_verdicts(self.config, role, start, ids, risk_probs, category_probs)
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
-        if state.monitor is not None or self.hooks or self.policy_factory is not None:
-            dispatch(self, state, verdicts)  # after the state update, outside the forward
+        if state.monitor is None and (self.hooks or self.policy_factory is not None):
+            factory = self.policy_factory
+            state.monitor = Monitor(policy=factory() if factory is not None else None)
+        if state.monitor is not None:  # after the state update, outside the forward
+            dispatch(state.monitor, state.id, verdicts, self.hooks)
         return verdicts
 
     def _backbone(self, ids: torch.Tensor, cache: SessionCache, start: int) -> torch.Tensor:
@@ -225,68 +166,11 @@ class StreamGuard:
             return self.fast(ids, cache.buffer, start)
         return self.model.model(ids, cache.layers, start)
 
-    def _verdicts(self, role: str, positions: range, ids: torch.Tensor, risk_probs: torch.Tensor,
-                  category_probs: torch.Tensor) -> Verdicts:
-        c = self.config
-        user = role == "user"
-        return Verdicts(
-            role=role, positions=positions, token_ids=tuple(ids.tolist()),
-            risk_probs=risk_probs, category_probs=category_probs,
-            risk_labels=c.query_risk_levels if user else c.response_risk_levels,
-            category_labels=c.query_categories if user else c.response_categories,
-        )
-
-    def _validate_ids(self, token_ids: TokenIds) -> torch.Tensor:
-        """Return a 1-D int64 CPU tensor, or raise naming the offending value."""
-        if isinstance(token_ids, bool):
-            raise TypeError(f"token ids must be integers, got {token_ids!r}")
-        if isinstance(token_ids, int):
-            if not 0 <= token_ids < self.config.vocab_size:
-                raise ValueError(f"token id {token_ids} is out of range "
-                                 f"[0, {self.config.vocab_size}) (vocab_size)")
-            return torch.tensor([token_ids])
-        elif isinstance(token_ids, torch.Tensor):
-            if token_ids.is_floating_point() or token_ids.is_complex() or \
-                    token_ids.dtype == torch.bool:
-                raise TypeError(f"token ids must be an integer tensor, got dtype {token_ids.dtype}")
-            if token_ids.dim() > 1:
-                raise ValueError(
-                    f"token ids must be 0-D or 1-D, got shape {tuple(token_ids.shape)}")
-            ids = token_ids.reshape(-1).to("cpu", torch.int64)
-        else:
-            ids = self._ids_from_sequence(token_ids)
-        if ids.numel() == 0:
-            raise ValueError("token ids are empty: nothing to moderate")
-        if ids.numel() == 1:  # the per-token case: one host read instead of two reductions
-            low = high = ids.item()
-        else:
-            low, high = (int(bound) for bound in ids.aminmax())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"token id {bad} is out of range [0, {self.config.vocab_size}) (vocab_size)")
-        return ids
-
-    @staticmethod
-    def _ids_from_sequence(token_ids: Any) -> torch.Tensor:
-        try:
-            values = list(token_ids)
-        except TypeError:
-            raise TypeError(f"token ids must be an int, a sequence of ints or a tensor, "
-                            f"got {type(token_ids).__name__}") from None
-        for value in values:
-            if isinstance(value, bool) or (not isinstance(value, int) and not (
-                    hasattr(value, "__index__") and not isinstance(value, float))):
-                kind = "nested sequences (2-D)" if isinstance(value, (list, tuple)) else repr(value)
-                raise TypeError(f"token ids must be integers, got {kind}")
-        return torch.tensor([int(v) for v in values], dtype=torch.int64)
-
     @staticmethod
     def _check_open(state: StreamState) -> None:
         if not isinstance(state, StreamState):
             raise TypeError(f"expected a StreamState, got {type(state).__name__}")
-        if state.closed:
-            raise StreamClosedError(f"stream {state.id} is closed; open a new one")
+        state.check_open()
 
     # ---- guarding token iterators (qguard_stream.integrations.watch) ----------------------------
     def watch(self, tokens: Any, **options: Any) -> Any:
@@ -319,42 +203,15 @@ class StreamGuard:
     # ---- conversations ------------------------------------------------------------------------
     def moderate_conversation(self, messages: list[dict[str, str]], thinking: bool = False
                               ) -> ConversationVerdict:
-        """Score a templated conversation: prompt verdict at the last user turn's <|im_end|> and
-        per-token response verdicts over the span the official evaluation scores."""
-        from qguard_stream.template import conversation_spans
-
-        if self.tokenizer is None:
-            raise RuntimeError("this guard has no tokenizer; load a checkpoint that ships one")
-        spans = conversation_spans(self.tokenizer, messages, thinking=thinking)
+        """Score a templated conversation in a fresh session: prompt verdict at the last user
+        turn's <|im_end|>, per-token response verdicts over the span the official evaluation
+        scores, and the official response decision (see qguard_stream.conversation)."""
+        plan = plan_conversation(self.tokenizer, messages, thinking)
         state = self.open_stream()
         try:
-            prompt = self.moderate(state, spans.token_ids[: spans.user_end + 1], "user")
-            response = None
-            if spans.response_start is not None:
-                after_prompt = self.moderate(state, spans.token_ids[spans.user_end + 1:],
-                                             "assistant")
-                response = after_prompt.since(spans.response_start)
+            prompt = self.moderate(state, plan.prompt_ids, "user")
+            rest = plan.rest_ids
+            after = self.moderate(state, rest, "assistant") if rest is not None else None
         finally:
             self.close_stream(state)
-        return ConversationVerdict(spans.token_ids, spans.user_end, spans.response_start,
-                                   prompt, response)
-
-
-@dataclass(frozen=True)
-class ConversationVerdict:
-    """Result of moderate_conversation."""
-
-    token_ids: list[int]
-    user_end: int  # index of the <|im_end|> closing the last user turn
-    response_start: int | None  # first scored response position (None: no assistant turn)
-    prompt_verdicts: Verdicts  # query heads over the prompt part; the verdict is the last one
-    response_verdicts: Verdicts | None  # response heads over token_ids[response_start:]
-
-    @property
-    def prompt_risk_level(self) -> str:
-        return self.prompt_verdicts.risk_level[-1]
-
-    @property
-    def prompt_category(self) -> str:
-        return self.prompt_verdicts.category[-1]
-
+        return plan.verdict(prompt, after)

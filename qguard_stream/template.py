@@ -9,6 +9,7 @@ the sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,25 @@ def prompt_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[i
         raise ValueError(f"the chat template rendered no <|im_end|>: {text!r}")
     user_end = len(ids) - 1 - ids[::-1].index(im_end)  # the generation prompt holds none
     return ids[:user_end + 1], ids[user_end + 1:]
+
+
+def im_end_id(tokenizer: Any, fallback: int | None) -> int | None:
+    """The id of <|im_end|>: from the tokenizer when there is one, else `fallback` (a Qwen3Guard
+    config's eos_token_id is <|im_end|>)."""
+    if tokenizer is None:
+        return fallback
+    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def split_prompt_ids(ids: Sequence[int], im_end: int | None) -> tuple[list[int], list[int]]:
+    """Prompt ids already templated, cut as prompt_spans cuts messages: (the user part through
+    the last <|im_end|>, scored with the query heads; the rest, the assistant header, scored
+    with the response heads). Without an <|im_end|> the whole prompt is the user part."""
+    ids = [int(t) for t in ids]
+    if im_end is None or im_end not in ids:
+        return ids, []
+    cut = len(ids) - ids[::-1].index(im_end)
+    return ids[:cut], ids[cut:]
 
 
 def _single_id(tokenizer: Any, text: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qguard_stream import StreamGuard
-from qguard_stream.testing import make_random_checkpoint
+from qguard_stream.checkpoints import make_random_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qguard_stream import Hooks, StreamGuard
+from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.integrations.care import care_generate
-from qguard_stream.testing import make_trigger_checkpoint
 
 TRIGGERS = (500, 501)
 PROMPT = [151644, 872, 198, 40, 41, 151645, 198, 151644, 77091, 198]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qguard_stream import cli
+from qguard_stream.cli import demo
 
 
 def test_demo_streams_reports_transitions_and_stops_at_the_flag(tmp_path, monkeypatch, capsys):
@@ -20,7 +21,8 @@ def test_demo_streams_reports_transitions_and_stops_at_the_flag(tmp_path, monkey
     assert "FLAG Unsafe" in it
     assert "Withheld from the user: ' offline with a wordlist." in out
     assert "' offline'" not in out  # the flagged stream stopped before the rest was scored
-    assert (tmp_path / "qguard_stream" / f"demo-{cli.DEMO_SHAPE}-{cli.DEMO_CACHE_VERSION}").is_dir()
+    cached = f"demo-{demo.DEMO_SHAPE}-{demo.DEMO_CACHE_VERSION}"
+    assert (tmp_path / "qguard_stream" / cached).is_dir()
 
 
 def test_demo_reuses_its_cached_checkpoint_and_completes_a_clean_response(tmp_path, monkeypatch,

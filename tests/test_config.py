@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qguard_stream import ConfigError, GuardConfig
+from qguard_stream.checkpoints import config_for, hf_config_dict
 from qguard_stream.config import QUERY_CATEGORIES, RESPONSE_CATEGORIES
-from qguard_stream.testing import config_for, hf_config_dict
 
 
 def raw(**changes):

@@ -17,10 +17,11 @@ from qguard_stream.kernels.cpu_step import BuildError, pointer
 
 from benchmarks.baselines import load_hf_backbone
 from qguard_stream import StreamGuard
-from qguard_stream.cpu_decode import C_ATTENTION_TOKENS, MAX_TOKENS
-from qguard_stream.fastpath import rms_norm, rope_tables
-from qguard_stream.model import Rotary
-from qguard_stream.testing import config_for
+from qguard_stream.checkpoints import config_for
+from qguard_stream.models.qwen3 import Rotary
+from qguard_stream.runtime.cpu_step import C_ATTENTION_TOKENS, MAX_TOKENS
+from qguard_stream.runtime.fused import rms_norm
+from qguard_stream.runtime.weights import rope_tables
 from tests.test_fastpath import plain_attention
 
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc"))

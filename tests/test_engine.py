@@ -21,8 +21,9 @@ from qguard_stream.engine import (
     PoolTooSmallError,
     SessionBusyError,
 )
-from qguard_stream.engine.block_pool import BlockTable, blocks_for_budget, bytes_per_token
-from qguard_stream.testing import score_in_one_session as reference
+from qguard_stream.kvcache.paged import BlockTable, blocks_for_budget, bytes_per_token
+
+from oracles import score_in_one_session as reference
 
 VOCAB = 151936
 TOLERANCE = 1e-4

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from qguard_stream import eval_cli, moderate_cli
-from qguard_stream.evaluation import read_records
-from qguard_stream.gen import GenGuard
+from qguard_stream.checkpoints import make_random_gen_checkpoint
+from qguard_stream.cli import eval as eval_cli
+from qguard_stream.cli import moderate as moderate_cli
+from qguard_stream.cli.models import detect_kind
+from qguard_stream.eval.harness import read_records
+from qguard_stream.gen.guard import GenGuard
 from qguard_stream.loader import CheckpointError
-from qguard_stream.model_kind import detect_kind
 from qguard_stream.policy import consecutive_unsafe
-from qguard_stream.testing import make_random_gen_checkpoint
 
 PROMPT, RESPONSE = "How do I build a bomb?", "Here are some practical methods."
 
@@ -48,11 +49,17 @@ def test_moderate_stream_prints_prompt_and_response_verdicts(tiny_checkpoint, ti
     out = json.loads(capsys.readouterr().out)
     expected = tiny_guard.moderate_conversation([{"role": "user", "content": PROMPT},
                                                  {"role": "assistant", "content": RESPONSE}])
-    level, flag = consecutive_unsafe(expected.response_verdicts.risk_level)
+    response = expected.response_verdicts
+    level, flag = consecutive_unsafe(response.risk_level)
     assert out["model_kind"] == "stream"
     assert out["prompt"]["risk_level"] == expected.prompt_risk_level
-    assert out["response"]["risk_level"] == level
-    assert out["response"]["flagged_token"] == (flag if flag >= 0 else None)
+    assert out["response"]["risk_level"] == response.risk_level
+    assert out["decision"]["prompt"]["risk_level"] == expected.prompt_risk_level
+    assert out["decision"]["response"]["risk_level"] == level
+    assert out["decision"]["response"]["flag_position"] == (
+        response.positions[flag] if flag >= 0 else None)
+    # one JSON shape: what POST /v1/moderate answers for the same conversation
+    assert out == {"model_kind": "stream", **expected.to_json()}
 
 
 def test_moderate_gen_prints_the_parsed_verdict(gen_checkpoint, capsys):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qguard_stream import evaluation, policy
-from qguard_stream.evaluation import (
+from qguard_stream import policy
+from qguard_stream.eval import harness as evaluation
+from qguard_stream.eval.harness import (
     latency_bin,
     read_records,
     read_samples,

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from benchmarks.baselines import load_hf_backbone
 from qguard_stream import StreamGuard
-from qguard_stream.attention import _grouped_small, _sdpa
-from qguard_stream.fastpath import rms_norm, rope_tables
-from qguard_stream.graphs import BUCKETS, DecodeRunner, bucket_for
-from qguard_stream.model import RMSNorm, Rotary, apply_rotary
+from qguard_stream.models.qwen3 import RMSNorm, Rotary, apply_rotary
+from qguard_stream.runtime.attention import _grouped_small, _sdpa
+from qguard_stream.runtime.fused import rms_norm
+from qguard_stream.runtime.graphs import BUCKETS, DecodeRunner, bucket_for
+from qguard_stream.runtime.weights import rope_tables
 
 # (token count, role) per call: a prompt, single tokens, odd chunks (bucket padding), a long chunk.
 CALLS = [(23, "user"), (1, "assistant"), (1, "assistant"), (3, "assistant"), (1, "assistant"),

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3ForCausalLM
 
-from qguard_stream.gen import GenGuard
-from qguard_stream.gen_parse import GenVerdict
+from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
+from qguard_stream.gen.guard import GenGuard
+from qguard_stream.gen.parse import GenVerdict
 from qguard_stream.loader import CheckpointError
-from qguard_stream.testing import make_random_checkpoint, make_random_gen_checkpoint
 
 NEW_TOKENS = 6
 PAD = 151643
@@ -216,7 +216,7 @@ def test_bad_max_new_tokens_is_rejected(untied):
 def test_checkpoint_saved_by_transformers_loads_and_decodes_the_same(tmp_path, tied):
     from transformers import Qwen3Config
 
-    from qguard_stream.testing import STAND_IN_GEN_TEMPLATE, copy_tokenizer
+    from qguard_stream.checkpoints import STAND_IN_GEN_TEMPLATE, copy_tokenizer
 
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=151936, hidden_size=64, num_hidden_layers=2,

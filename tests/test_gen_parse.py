@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qguard_stream.gen_parse import GEN_CATEGORIES, SAFETY_LABELS, parse_gen_output
+from qguard_stream.gen.parse import GEN_CATEGORIES, SAFETY_LABELS, parse_gen_output
 
 
 def test_model_card_prompt_example():

@@ -12,12 +12,12 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from qguard_stream import StreamGuard, consecutive_unsafe
+from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.integrations.hf_generate import (
     GuardStoppingCriteria,
     HoldbackStreamer,
     guard_criteria,
 )
-from qguard_stream.testing import make_trigger_checkpoint
 
 PAD, EOS, NEW = 0, 511, 16
 PROMPTS = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])

@@ -16,7 +16,7 @@ from qguard_stream import (
     TransitionEvent,
     attach,
 )
-from qguard_stream.testing import make_trigger_checkpoint
+from qguard_stream.checkpoints import make_trigger_checkpoint
 
 UNSAFE_IDS, CONTROVERSIAL_IDS = (500, 501), (600,)
 # levels by construction:   S    U    U    S  C    C    S

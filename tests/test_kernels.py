@@ -26,8 +26,8 @@ from qguard_stream.kernels.guard_head import INTERPRETED, fused_guard_head
 
 import qguard_stream
 from qguard_stream import kernels
-from qguard_stream.model import GuardHead, GuardModel
-from qguard_stream.testing import config_for
+from qguard_stream.checkpoints import config_for
+from qguard_stream.models.guard import GuardHead, GuardModel
 
 EPS = 1e-6
 # Max |p - p64| / p64 over all probabilities: fp32 is exact math up to rounding. bf16/fp16 round

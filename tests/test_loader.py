@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qguard_stream import CheckpointError, ConfigError, StreamGuard
-from qguard_stream.testing import make_random_checkpoint
+from qguard_stream.checkpoints import make_random_checkpoint
 
 IDS = torch.randint(0, 151936, (40,), generator=torch.Generator().manual_seed(11))
 

@@ -7,12 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from qguard_stream.assets import tokenizer_dir
 from qguard_stream.integrations.retokenize import (
     IncrementalTokenizer,
     UnsupportedTokenizerError,
     is_safe_starter,
 )
-from qguard_stream.testing import tokenizer_dir
 
 # Pieces that stress each stage: added tokens (whole, partial), whitespace runs, contractions,
 # digits, CJK, emoji with ZWJ / flags / variation selectors, combining marks, Hangul jamo.

@@ -16,12 +16,14 @@ import uvicorn
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from qguard_stream import StreamGuard
+from qguard_stream import Hooks, StreamGuard, attach
+from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.engine import Engine, EngineSettings
-from qguard_stream.policy import consecutive_unsafe
+from qguard_stream.hooks import Monitor, token_verdicts
+from qguard_stream.policy import ConsecutiveUnsafe, consecutive_unsafe, decision_json
 from qguard_stream.server import create_app
-from qguard_stream.server.decision import ConsecutiveUnsafeTracker
-from qguard_stream.testing import score_in_one_session as reference
+
+from oracles import score_in_one_session as reference
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -58,8 +60,8 @@ class LiveServer:
         return f"ws://127.0.0.1:{self.port}/v1/stream"
 
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def live(tiny_guard: StreamGuard) -> Iterator[LiveServer]:
@@ -348,13 +350,13 @@ def test_decision_tracker_follows_the_official_rule_and_rollback(tiny_guard: Str
     state = tiny_guard.open_stream()
     verdicts = tiny_guard.moderate(state, list(range(100, 160)), "assistant")
     tiny_guard.close_stream(state)
-    tracker = ConsecutiveUnsafeTracker()
-    tracker.update(verdicts)
+    monitor = Monitor(policy=ConsecutiveUnsafe())  # what the server keeps per session
+    monitor.record(0, token_verdicts(verdicts))
     seen = list(zip(verdicts.positions, verdicts.risk_level, verdicts.category))
-    assert tracker.decision() == official_decision(seen)
+    assert decision_json(monitor.policy.verdict()) == official_decision(seen)
     for length in (45, 20, 3):
-        tracker.rollback(length)
-        assert tracker.decision() == official_decision(seen[:length])
+        monitor.truncate(length)
+        assert decision_json(monitor.policy.verdict()) == official_decision(seen[:length])
 
 
 def test_pool_exhaustion_gives_an_error_frame_and_the_server_keeps_serving(
@@ -377,3 +379,66 @@ def test_pool_exhaustion_gives_an_error_frame_and_the_server_keeps_serving(
         wait_until_no_sessions(server)
     finally:
         server.stop()
+
+
+# ---- one tracker: the server's frames report what the library's callbacks report ---------------
+TRIGGER_UNSAFE, TRIGGER_CONTROVERSIAL = (500, 501), (600,)
+
+
+def test_server_frames_report_the_transitions_and_flags_of_the_library_callbacks(
+        tmp_path) -> None:
+    """One stream fed both ways: StreamGuard with callbacks, and the server's WebSocket. The first
+    assistant token is Unsafe (a Safe -> Unsafe transition on the role's first token), a user
+    turn sits between assistant tokens, and a rollback drops a flag."""
+    path = make_trigger_checkpoint(tmp_path, TRIGGER_UNSAFE, TRIGGER_CONTROVERSIAL, category=3)
+    guard = StreamGuard.from_pretrained(path, device="cpu")
+    prompt = [10, 11, 12]
+    chunks = [([500], "assistant"), ([501, 13], "assistant"), ([600], "user"),
+              ([600, 600, 14], "assistant"), ([501, 500], "assistant")]
+    rollback_to, after_rollback = 7, [([600, 600], "assistant")]
+
+    transitions, flags = [], []
+    hooks = Hooks()
+    hooks.on_transition(lambda e: transitions.append(
+        {"position": e.position, "role": e.role, "from": e.previous_level, "to": e.level}))
+    hooks.on_flag(lambda e: flags.append((e.decision.position, e.decision.label)))
+    state = guard.open_stream()
+    monitor = attach(state, ConsecutiveUnsafe(), hooks, policy_start=len(prompt))
+    guard.moderate(state, prompt, "user")
+    library = []
+    for ids, role in chunks:
+        guard.moderate(state, ids, role)
+        library.append((list(transitions), list(flags), decision_json(monitor.policy.verdict())))
+        transitions.clear(), flags.clear()
+    guard.rollback(state, rollback_to)
+    rolled_decision = decision_json(monitor.policy.verdict())
+    for ids, role in after_rollback:
+        guard.moderate(state, ids, role)
+        library.append((list(transitions), list(flags), decision_json(monitor.policy.verdict())))
+        transitions.clear(), flags.clear()
+    guard.close_stream(state)
+    assert library[0][0] == [{"position": 3, "role": "assistant", "from": "Safe", "to": "Unsafe"}]
+    assert any(frame_flags for _, frame_flags, _ in library)
+
+    server = LiveServer(Engine(guard, EngineSettings(block_size=4, max_tokens=256)))
+    server.start()
+    try:
+        async def main() -> list:
+            frames = []
+            async with websockets.connect(server.ws, additional_headers=AUTH) as ws:
+                opened = await ask(ws, {"type": "open", "token_ids": prompt, "role": "user"})
+                assert opened["verdict"]["risk_level"] == "Safe"
+                for ids, role in chunks:
+                    frames.append(await ask(ws, {"type": "feed", "token_ids": ids, "role": role}))
+                rolled = await ask(ws, {"type": "rollback", "length": rollback_to})
+                assert rolled["decision"] == rolled_decision
+                for ids, role in after_rollback:
+                    frames.append(await ask(ws, {"type": "feed", "token_ids": ids, "role": role}))
+            return frames
+
+        frames = asyncio.run(main())
+    finally:
+        server.stop()
+    served = [(f["transitions"], [(flag["position"], flag["risk_level"]) for flag in f["flags"]],
+               f["decision"]) for f in frames]
+    assert served == library

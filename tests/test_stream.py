@@ -179,7 +179,7 @@ def test_closed_state_raises(tiny_guard):
 
 
 def test_exceeding_max_position_embeddings_raises_and_keeps_state(tmp_path):
-    from qguard_stream.testing import make_random_checkpoint
+    from qguard_stream.checkpoints import make_random_checkpoint
 
     guard = StreamGuard.from_pretrained(
         make_random_checkpoint(tmp_path, "tiny", max_position_embeddings=32), device="cpu"

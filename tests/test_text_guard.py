@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from qguard_stream import StreamClosedError, StreamGuard, TextStreamGuard, Verdicts
+from qguard_stream.checkpoints import SHAPES, make_random_checkpoint
 from qguard_stream.config import GuardConfig
 from qguard_stream.loader import load_model
-from qguard_stream.testing import SHAPES, make_random_checkpoint
 
 RESPONSE = ("Sure! Here's how: first, don't   panic.\n\n1. Mix 2 cups (500 ml) — carefully; "
             "日本語のテキスト 👩\u200d👩\u200d👧 café.")

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from qguard_stream import StreamGuard
-from qguard_stream.testing import make_trigger_checkpoint
+from qguard_stream.checkpoints import make_trigger_checkpoint
 
 UNSAFE_IDS, CONTROVERSIAL_IDS = (151_000, 77, 500), (600, 601)
 

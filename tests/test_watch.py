@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from qguard_stream import ProbabilityThreshold, StreamGuard
-from qguard_stream.integrations.watch import FlaggedError, split_prompt
-from qguard_stream.testing import make_trigger_checkpoint
+from qguard_stream.checkpoints import make_trigger_checkpoint
+from qguard_stream.integrations.watch import FlaggedError
+from qguard_stream.template import split_prompt_ids
 
 IM_END = 151645
 TRIGGERS = (500, 501)
@@ -26,7 +27,7 @@ def guard(tmp_path_factory) -> StreamGuard:
 
 def reference(guard: StreamGuard, prompt: list[int], response: list[int]) -> torch.Tensor:
     """Response risk probabilities from one plain session fed as the model card does."""
-    user, header = split_prompt(prompt)
+    user, header = split_prompt_ids(prompt, IM_END)
     state = guard.open_stream()
     for part, role in ((user, "user"), (header, "assistant")):
         if part:
@@ -209,5 +210,7 @@ def test_bad_token_in_the_source_raises_and_closes_the_session(guard):
 
 
 def test_split_prompt():
-    assert split_prompt([1, IM_END, 2, IM_END, 3, 4]) == ([1, IM_END, 2, IM_END], [3, 4])
-    assert split_prompt([1, 2]) == ([1, 2], [])
+    assert split_prompt_ids([1, IM_END, 2, IM_END, 3, 4], IM_END) == ([1, IM_END, 2, IM_END],
+                                                                      [3, 4])
+    assert split_prompt_ids([1, 2], IM_END) == ([1, 2], [])
+    assert split_prompt_ids([1, IM_END, 2], None) == ([1, IM_END, 2], [])

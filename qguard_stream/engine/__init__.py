@@ -1,15 +1,15 @@
 """Batched engine: many sessions, one forward per step, KV from one paged block pool."""
 
 from qguard_stream.engine.async_engine import AsyncEngine
-from qguard_stream.engine.block_pool import (
+from qguard_stream.engine.engine import Engine, SessionBusyError
+from qguard_stream.engine.scheduler import Session
+from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
+from qguard_stream.kvcache.paged import (
     BlockPool,
     BlockTable,
     PoolExhaustedError,
     PoolTooSmallError,
 )
-from qguard_stream.engine.engine import Engine, SessionBusyError
-from qguard_stream.engine.scheduler import Session
-from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
 
 __all__ = [
     "AsyncEngine",

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from qguard_stream.engine.block_pool import PoolExhaustedError, PoolTooSmallError
 from qguard_stream.engine.engine import Engine
 from qguard_stream.engine.scheduler import Session
 from qguard_stream.engine.settings import EngineStats
-from qguard_stream.stream import TokenIds, Verdicts
+from qguard_stream.kvcache.paged import PoolExhaustedError, PoolTooSmallError
+from qguard_stream.verdicts import TokenIds, Verdicts
 
 
 class AsyncEngine:

@@ -17,17 +17,25 @@ from concurrent.futures import Future
 
 import torch
 
-from qguard_stream.engine.block_pool import (
+from qguard_stream.engine.runner import Chunk, ModelRunner
+from qguard_stream.engine.scheduler import Request, Scheduler, Session
+from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
+from qguard_stream.kvcache.paged import (
     BlockPool,
     BlockTable,
     PoolExhaustedError,
     PoolTooSmallError,
     blocks_for_budget,
 )
-from qguard_stream.engine.runner import Chunk, ModelRunner
-from qguard_stream.engine.scheduler import Request, Scheduler, Session
-from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
-from qguard_stream.stream import ROLES, StreamClosedError, StreamGuard, TokenIds, Verdicts
+from qguard_stream.stream import StreamGuard
+from qguard_stream.verdicts import (
+    StreamClosedError,
+    TokenIds,
+    Verdicts,
+    build_verdicts,
+    check_role,
+    validate_token_ids,
+)
 
 
 class SessionBusyError(RuntimeError):
@@ -104,9 +112,8 @@ class Engine:
                wait: bool | None = None) -> Future[Verdicts]:
         """Queue a chunk (reserving its KV blocks); the Future resolves at the step scoring it.
         `wait` overrides the settings' exhaustion mode (True: wait up to the timeout)."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        ids = self.guard._validate_ids(token_ids)
+        check_role(role)
+        ids = validate_token_ids(token_ids, self.guard.config.vocab_size)
         with self._lock:
             self._check_open(session)
             end = session.reserved + ids.shape[0]
@@ -203,9 +210,8 @@ class Engine:
     def _complete(self, request: Request, risk_probs: torch.Tensor,
                   category_probs: torch.Tensor) -> None:
         session = request.session
-        positions = range(request.start, request.start + request.num_tokens)
-        verdicts = self.guard._verdicts(request.role, positions, request.token_ids, risk_probs,
-                                        category_probs)
+        verdicts = build_verdicts(self.guard.config, request.role, request.start,
+                                  request.token_ids, risk_probs, category_probs)
         session.token_ids.extend(verdicts.token_ids)
         session.queued -= 1
         session.last_verdicts = verdicts

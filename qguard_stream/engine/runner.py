@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qguard_stream.engine.block_pool import BlockPool, BlockTable
-from qguard_stream.model import Attention, GuardModel, apply_rotary, causal_mask
+from qguard_stream.kvcache.paged import BlockPool, BlockTable
+from qguard_stream.models.guard import GuardModel
+from qguard_stream.models.qwen3 import Attention, apply_rotary, causal_mask
 
 try:  # optional GPU kernel
     from flash_attn import flash_attn_varlen_func

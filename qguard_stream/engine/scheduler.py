@@ -8,17 +8,14 @@ steps. This module owns no tensors beyond the token ids it queues and runs no mo
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
-from qguard_stream.engine.block_pool import BlockTable
-from qguard_stream.stream import Verdicts
-
-_session_ids = itertools.count()
+from qguard_stream.kvcache.paged import BlockTable
+from qguard_stream.verdicts import Verdicts, next_session_id
 
 
 @dataclass(eq=False)
@@ -26,7 +23,7 @@ class Session:
     """One conversation held by an Engine: its block table, its scored tokens, its last verdicts."""
 
     table: BlockTable
-    id: int = field(default_factory=lambda: next(_session_ids))
+    id: int = field(default_factory=next_session_id)
     token_ids: list[int] = field(default_factory=list)  # scored so far
     reserved: int = 0  # positions with KV blocks reserved: scored + queued
     queued: int = 0  # requests queued and not yet scored

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from qguard_stream.integrations.retokenize import Delta, IncrementalTokenizer
-from qguard_stream.stream import StreamClosedError, StreamGuard, StreamState, Verdicts
+from qguard_stream.stream import StreamGuard, StreamState
 from qguard_stream.template import prompt_spans
+from qguard_stream.verdicts import StreamClosedError, Verdicts
 
 Prompt = str | list[dict[str, str]] | Sequence[int]
 

@@ -28,11 +28,11 @@ import torch
 
 from qguard_stream.hooks import Hooks, attach
 from qguard_stream.policy import ConsecutiveUnsafe, Decision, Policy, TokenVerdict
+from qguard_stream.template import im_end_id, split_prompt_ids
 
 if TYPE_CHECKING:
     from qguard_stream.stream import StreamGuard, StreamState
 
-IM_END = 151645  # <|im_end|>: closes the last user turn in a templated prompt
 TokenItem = int | Sequence[int] | torch.Tensor
 
 
@@ -70,21 +70,11 @@ class FlaggedError(RuntimeError):
         self.result = result
 
 
-def split_prompt(prompt: Sequence[int]) -> tuple[list[int], list[int]]:
-    """(user part through the last <|im_end|>, the rest) as the model card feeds a prompt: the user
-    part with role "user", the rest (the assistant header) with role "assistant". Without an
-    <|im_end|> the whole prompt is the user part."""
-    ids = [int(t) for t in prompt]
-    if IM_END not in ids:
-        return ids, []
-    cut = len(ids) - ids[::-1].index(IM_END)
-    return ids[:cut], ids[cut:]
-
-
 def feed_prompt(guard: StreamGuard, state: StreamState, prompt: TokenItem | None) -> None:
     if prompt is None:
         return
-    user, header = split_prompt(item_ids(prompt))
+    im_end = im_end_id(guard.tokenizer, guard.config.eos_token_id)
+    user, header = split_prompt_ids(item_ids(prompt), im_end)
     if user:
         guard.moderate(state, user, "user")
     if header:
@@ -114,7 +104,7 @@ class _Watcher:
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a qguard_stream.policy.Policy, got {policy!r}")
         if state is not None:
-            guard._check_open(state)
+            state.check_open()
         self.guard, self.holdback, self.chunk = guard, holdback, chunk
         self.prompt, self.policy, self.hooks = prompt, policy or ConsecutiveUnsafe(), hooks
         self.owns_state = state is None

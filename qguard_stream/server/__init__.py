@@ -1,5 +1,5 @@
-"""HTTP/WebSocket moderation server over the batched Engine (`qguard-stream serve`)."""
+"""HTTP/WebSocket moderation server over the batched Engine (run by `qguard-stream serve`)."""
 
-from qguard_stream.server.app import add_arguments, create_app, run
+from qguard_stream.server.app import create_app
 
-__all__ = ["add_arguments", "create_app", "run"]
+__all__ = ["create_app"]

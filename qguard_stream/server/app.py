@@ -1,5 +1,5 @@
-"""The moderation server: FastAPI app (WebSocket streaming, one-shot HTTP, health, metrics) and the
-`serve` subcommand.
+"""The moderation server: the FastAPI app (WebSocket streaming, one-shot HTTP, health, metrics).
+The `serve` subcommand that runs it is qguard_stream.cli.serve.
 
 Routes: WS /v1/stream (see protocol.py), POST /v1/moderate, GET /health, GET /metrics.
 Optional bearer-token auth on every route but /health. All model work goes through one AsyncEngine,
@@ -8,9 +8,7 @@ so concurrent connections share batched steps.
 
 from __future__ import annotations
 
-import argparse
 import hmac
-import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,15 +17,12 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
-from qguard_stream.engine import AsyncEngine, Engine, EngineSettings, PoolExhaustedError
+from qguard_stream.conversation import plan_conversation
+from qguard_stream.engine import AsyncEngine, Engine, PoolExhaustedError
 from qguard_stream.server.connection import Connection
-from qguard_stream.server.decision import ConsecutiveUnsafeTracker
 from qguard_stream.server.metrics import ServerMetrics
-from qguard_stream.server.protocol import last_verdict_json, verdicts_json
 from qguard_stream.stream import StreamGuard
-from qguard_stream.template import conversation_spans
 
-API_KEY_ENV = "QGUARD_STREAM_API_KEY"
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -117,8 +112,9 @@ async def serve_connection(websocket: WebSocket, connection: Connection) -> None
 
 
 async def moderate_body(runtime: AsyncEngine, tokenizer: Any, body: Any) -> dict[str, Any]:
-    """One-shot moderation of {"messages": [...], "thinking": false}: prompt verdict, per-token
-    response verdicts and the decision. Raises ValueError/TypeError for a bad body."""
+    """One-shot moderation of {"messages": [...], "thinking": false}: the conversation's JSON
+    (ConversationVerdict.to_json, as `qguard-stream moderate` prints it). Raises ValueError /
+    TypeError for a bad body."""
     if not isinstance(body, dict) or "messages" not in body:
         raise ValueError('body must be a JSON object with "messages": [{"role", "content"}, ...]')
     thinking = body.get("thinking", False)
@@ -126,77 +122,12 @@ async def moderate_body(runtime: AsyncEngine, tokenizer: Any, body: Any) -> dict
         raise TypeError(f"'thinking' must be a boolean, got {thinking!r}")
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; use the WebSocket API with token_ids")
-    spans = conversation_spans(tokenizer, body["messages"], thinking=thinking)
-    ids, user_end = spans.token_ids, spans.user_end
+    plan = plan_conversation(tokenizer, body["messages"], thinking)
     session = await runtime.open()
     try:
-        prompt = await runtime.moderate(session, ids[: user_end + 1], "user")
-        response = None
-        if spans.response_start is not None:
-            after_prompt = await runtime.moderate(session, ids[user_end + 1:], "assistant")
-            response = after_prompt.since(spans.response_start)
+        prompt = await runtime.moderate(session, plan.prompt_ids, "user")
+        rest = plan.rest_ids
+        after = await runtime.moderate(session, rest, "assistant") if rest is not None else None
     finally:
         await runtime.close(session)
-    tracker = ConsecutiveUnsafeTracker()
-    if response is not None:
-        tracker.update(response)
-    prompt_json = last_verdict_json(prompt)
-    return {
-        "prompt": prompt_json,
-        "response": verdicts_json(response) if response is not None else None,
-        "decision": {
-            "prompt": {"risk_level": prompt_json["risk_level"],
-                       "category": prompt_json["category"]},
-            "response": tracker.decision() if response is not None else None,
-        },
-    }
-
-
-# ---- the `serve` subcommand ------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `qguard-stream serve`."""
-    parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None,
-                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--kv-memory-gb", type=float, default=None, help="KV pool size in GiB")
-    budget.add_argument("--max-tokens", type=int, default=None, help="KV pool size in tokens")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
-    parser.add_argument("--on-pool-exhausted", choices=("error", "wait"), default="error")
-    parser.add_argument("--pool-wait-timeout", type=float, default=10.0, help="seconds")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--log-level", default="info")
-
-
-def settings_from_args(args: argparse.Namespace) -> EngineSettings:
-    return EngineSettings(block_size=args.block_size, kv_memory_gb=args.kv_memory_gb,
-                          max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens,
-                          on_pool_exhausted=args.on_pool_exhausted,
-                          pool_wait_timeout_s=args.pool_wait_timeout)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Load the model and serve until interrupted."""
-    import torch
-    import uvicorn
-
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    guard = StreamGuard.from_pretrained(args.model, device=args.device, dtype=dtype)
-    app = create_app(Engine(guard, settings_from_args(args)),
-                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qguard-stream serve", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return plan.verdict(prompt, after).to_json()

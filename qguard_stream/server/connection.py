@@ -7,47 +7,53 @@ error frame and leaves every session as it was.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qguard_stream.engine import AsyncEngine, PoolExhaustedError, Session, SessionBusyError
+from qguard_stream.hooks import Monitor, token_verdicts
 from qguard_stream.integrations.retokenize import IncrementalTokenizer
-from qguard_stream.server.decision import ConsecutiveUnsafeTracker
-from qguard_stream.server.protocol import (
-    Command,
-    ProtocolError,
+from qguard_stream.policy import ConsecutiveUnsafe, decision_json, flag_json
+from qguard_stream.server.protocol import Command, ProtocolError, parse_command
+from qguard_stream.server.text import prompt_and_header_ids, text_stream
+from qguard_stream.verdicts import (
+    StreamClosedError,
+    Verdicts,
     empty_verdicts_json,
     last_verdict_json,
-    parse_command,
     verdicts_json,
 )
-from qguard_stream.server.text import prompt_and_header_ids, text_stream
-from qguard_stream.stream import StreamClosedError, Verdicts
 
 
 @dataclass(eq=False)
 class LiveSession:
-    """An engine session plus what the server tracks for it."""
+    """An engine session plus its Monitor: the library's one tracker of transitions and of the
+    official decision (policy.ConsecutiveUnsafe, loose), judging assistant tokens fed after the
+    session was opened (not the prompt or the assistant header an open scores)."""
 
     session: Session
-    tracker: ConsecutiveUnsafeTracker = field(default_factory=ConsecutiveUnsafeTracker)
-    levels: list[tuple[str, str]] = field(default_factory=list)  # (role, risk level) per position
+    monitor: Monitor
     text: IncrementalTokenizer | None = None  # the running text of "text" feeds, once there is one
 
-    def record(self, verdicts: Verdicts) -> list[dict[str, Any]]:
-        """Store the new risk levels; return the transitions (level changes within one role)."""
-        transitions = []
-        for position, level in zip(verdicts.positions, verdicts.risk_level):
-            previous = self.levels[position - 1] if position else None
-            if previous is not None and previous[0] == verdicts.role and previous[1] != level:
-                transitions.append({"position": position, "from": previous[1], "to": level})
-            self.levels.append((verdicts.role, level))
-        return transitions
+    def record(self, verdicts: Verdicts) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Feed a scored call to the monitor; its transitions and flags, as JSON."""
+        transitions, flags = [], []
+        for kind, event in self.monitor.record(self.session.id, token_verdicts(verdicts)):
+            if kind == "transition":
+                transitions.append({"position": event.position, "role": event.role,
+                                    "from": event.previous_level, "to": event.level})
+            elif kind == "flag":
+                flags.append(flag_json(event.decision))
+        return transitions, flags
+
+    def decision(self) -> dict[str, Any]:
+        """The official decision over the judged tokens so far, as JSON."""
+        assert self.monitor.policy is not None
+        return decision_json(self.monitor.policy.verdict())
 
     def rollback(self, length: int) -> None:
         """Forget positions >= length; text still held back (not yet scored) is dropped too."""
-        del self.levels[length:]
-        self.tracker.rollback(length)
+        self.monitor.truncate(length)
         self.text = None
 
     def pending_text(self) -> str:
@@ -91,7 +97,12 @@ class Connection:
         prompt_ids = header_ids = None
         if command.messages is not None:  # tokenize first: a bad body opens nothing
             prompt_ids, header_ids = prompt_and_header_ids(self.tokenizer, command.messages)
-        live = LiveSession(await self.engine.open())
+            opened_length = len(prompt_ids) + len(header_ids)
+        else:
+            opened_length = len(command.token_ids or [])
+        # The policy judges what is fed after the open, not the prompt or header scored here.
+        live = LiveSession(await self.engine.open(),
+                           Monitor(policy=ConsecutiveUnsafe(), policy_start=opened_length))
         reply: dict[str, Any] = {"type": "opened"}
         try:
             if prompt_ids is not None and header_ids is not None:
@@ -130,7 +141,7 @@ class Connection:
             else:
                 reply = {"type": "verdicts", "session": session_id,
                          **empty_verdicts_json(command.role, live.session.length),
-                         "transitions": [], "flags": [], "decision": live.tracker.decision(),
+                         "transitions": [], "flags": [], "decision": live.decision(),
                          "length": live.session.length}
         except BaseException:
             live.text.restore(saved)
@@ -140,11 +151,10 @@ class Connection:
     async def _score(self, session_id: int, live: LiveSession, ids: list[int],
                      role: str) -> dict[str, Any]:
         verdicts = await self.engine.moderate(live.session, ids, role)
-        transitions = live.record(verdicts)
-        flags = live.tracker.update(verdicts) if role == "assistant" else []
+        transitions, flags = live.record(verdicts)
         return {"type": "verdicts", "session": session_id, **verdicts_json(verdicts),
                 "transitions": transitions, "flags": flags,
-                "decision": live.tracker.decision(), "length": live.session.length}
+                "decision": live.decision(), "length": live.session.length}
 
     async def rollback(self, command: Command) -> dict[str, Any]:
         session_id, live = self._find(command)
@@ -152,7 +162,7 @@ class Connection:
         await self.engine.rollback(live.session, command.length)
         live.rollback(command.length)
         return {"type": "rolled_back", "session": session_id, "length": command.length,
-                "decision": live.tracker.decision()}
+                "decision": live.decision()}
 
     async def close(self, command: Command) -> dict[str, Any]:
         session_id, live = self._find(command)

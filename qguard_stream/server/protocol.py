@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qguard_stream.stream import ROLES, Verdicts
+from qguard_stream.verdicts import ROLES, Verdicts
 
 COMMAND_TYPES = ("open", "feed", "rollback", "close")
 

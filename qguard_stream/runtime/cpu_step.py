@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from qguard_stream.attention import attend
 from qguard_stream.kernels.cpu_step import pointer
-
-if TYPE_CHECKING:
-    from qguard_stream.fastpath import FastBackbone
+from qguard_stream.runtime.attention import attend
+from qguard_stream.runtime.weights import FusedWeights
 
 # Up to this many new tokens per step: the steps a stream makes. Longer ones (prompts) take the
 # eager step, whose GEMMs and SDPA prefill are already compute-bound there.
@@ -37,7 +35,7 @@ MAX_HEAD_DIM = 1024  # cpu_step.c's stack row
 class CpuDecodeStep:
     """FastBackbone's forward for fp32 CPU steps of up to MAX_TOKENS tokens, through `library`."""
 
-    def __init__(self, fast: FastBackbone, library: ctypes.CDLL) -> None:
+    def __init__(self, fast: FusedWeights, library: ctypes.CDLL) -> None:
         config = fast.config
         if config.head_dim > MAX_HEAD_DIM:
             raise ValueError(f"the C step handles head_dim <= {MAX_HEAD_DIM}, got "

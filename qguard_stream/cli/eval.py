@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qguard_stream.evaluation import (
+from qguard_stream.cli.models import add_model_arguments, load_guard
+from qguard_stream.eval.harness import (
     DATA_TYPES,
     format_report,
     gen_predictor,
@@ -20,7 +21,6 @@ from qguard_stream.evaluation import (
     stream_predictor,
     summarize,
 )
-from qguard_stream.model_kind import add_model_arguments, load_guard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

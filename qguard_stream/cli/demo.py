@@ -1,13 +1,12 @@
-"""The `qguard-stream` command: demo, and the subcommands other modules register.
+"""`qguard-stream demo`: stream a conversation through the guard, token by token, live.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
-this file only wires them. It must not hold any moderation logic beyond the demo's printing.
+Without --model it builds (once, in the user cache) a random checkpoint whose heads are rigged to
+flag known words, so the printout shows transitions and a policy stop where a reader expects them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import sys
@@ -25,15 +24,6 @@ DEMO_CONTROVERSIAL = " password"  # ...and these Controversial
 DEMO_SHAPE = "tiny"
 DEMO_CACHE_VERSION = "v2"
 
-# subcommand -> (module, help); modules are imported only when their subcommand runs or is listed.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("qguard_stream.server", "serve many sessions over WebSocket/HTTP (batched engine)"),
-    "eval": ("qguard_stream.eval_cli", "evaluate a Stream or Gen model on Qwen3GuardTest JSONL"),
-    "moderate": ("qguard_stream.moderate_cli", "moderate one prompt (and response) from the shell"),
-    "bench": ("benchmarks.latency", "latency vs the card's loop and transformers (a checkout)"),
-}
-
-
 def cache_dir() -> Path:
     """Per-user cache root (XDG_CACHE_HOME or ~/.cache)."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -46,7 +36,8 @@ def demo_checkpoint() -> Path:
     Its backbone is random, but its heads are engineered (make_trigger_checkpoint) so that the
     tokens of DEMO_UNSAFE read Unsafe and those of DEMO_CONTROVERSIAL Controversial: the demo then
     shows transitions and a policy stop where a reader expects them."""
-    from qguard_stream.testing import make_trigger_checkpoint, tokenizer_dir
+    from qguard_stream.assets import tokenizer_dir
+    from qguard_stream.checkpoints import make_trigger_checkpoint
 
     target = cache_dir() / f"demo-{DEMO_SHAPE}-{DEMO_CACHE_VERSION}"
     if (target / "config.json").is_file():
@@ -70,7 +61,7 @@ def demo_checkpoint() -> Path:
     return target
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id "
                         "(default: a random checkpoint built once in the user cache)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -80,7 +71,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to pause between streamed tokens (to watch it live)")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from qguard_stream import StreamGuard
 
     random_weights = args.model is None
@@ -153,42 +144,3 @@ def _describe(verdicts, index: int) -> str:
     if level != "Safe":
         text += f"  {verdicts.category[index]}"
     return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qguard-stream",
-                                     description="Qwen3Guard-Stream as a token-streaming guardrail")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="stream a conversation through the guard, live")
-    add_demo_arguments(demo)
-    demo.set_defaults(handler=run_demo)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:  # an optional dependency or a checkout-only module is missing
-            sub = commands.add_parser(name, help=f"{help_text} [unavailable: {err}]")
-            sub.set_defaults(handler=_unavailable(name, err))
-            continue
-        sub = commands.add_parser(name, help=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.run)
-    return parser
-
-
-def _unavailable(name: str, err: ImportError):
-    def handler(_: argparse.Namespace) -> int:
-        hint = " (pip install -e '.[server]')" if name == "serve" else ""
-        if name == "bench":
-            hint = " (run it from a source checkout: python -m benchmarks.latency)"
-        print(f"error: '{name}' is unavailable here: {err}{hint}", file=sys.stderr)
-        return 2
-    return handler
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

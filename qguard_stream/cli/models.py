@@ -45,7 +45,7 @@ def load_guard(path_or_id: str, kind: str = "auto", device: str | None = None,
         from qguard_stream.stream import StreamGuard
 
         return kind, StreamGuard.from_pretrained(path_or_id, device=device, dtype=torch_dtype)
-    from qguard_stream.gen import GenGuard
+    from qguard_stream.gen.guard import GenGuard
 
     return kind, GenGuard.from_pretrained(path_or_id, device=device, dtype=torch_dtype)
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from qguard_stream.causal_lm import CausalLM
-from qguard_stream.model import Attention, Backbone, apply_rotary
+from qguard_stream.gen.causal_lm import CausalLM
+from qguard_stream.models.qwen3 import Attention, Backbone, apply_rotary
 
 
 class BatchKV:

@@ -257,11 +257,10 @@ def stream_predictor(guard: Any, data_type: str, thinking: bool = False) -> Pred
         if data_type == "prompt":
             return {"pred_risk_levels": [verdict.prompt_risk_level],
                     "pred_category": verdict.prompt_category}
-        response = verdict.response_verdicts
-        levels = response.risk_level
-        _, flag = consecutive_unsafe(levels)
-        return {"pred_risk_levels": levels, "split_idx_eval": verdict.response_start,
-                "pred_category": response.category[flag] if flag >= 0 else None}
+        decision = verdict.response_decision
+        return {"pred_risk_levels": verdict.response_verdicts.risk_level,
+                "split_idx_eval": verdict.response_start,
+                "pred_category": decision.category if decision.flagged else None}
 
     return lambda samples: [predict_one(sample) for sample in samples]
 

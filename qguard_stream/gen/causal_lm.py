@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from qguard_stream.cache import SessionCache
 from qguard_stream.config import GuardConfig
-from qguard_stream.model import Backbone
+from qguard_stream.kvcache.session import SessionCache
+from qguard_stream.models.qwen3 import Backbone
 
 
 class CausalLM(nn.Module):

@@ -16,10 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qguard_stream.attention import flash_attn_with_kvcache, flash_available, grouped_attention
-from qguard_stream.cache import SessionCache
-from qguard_stream.fastpath import FastBackbone, rms_norm
-from qguard_stream.model import GuardHead
+from qguard_stream.kvcache.session import SessionCache
+from qguard_stream.models.guard import GuardHead
+from qguard_stream.runtime.attention import (
+    flash_attn_with_kvcache,
+    flash_available,
+    grouped_attention,
+)
+from qguard_stream.runtime.fused import FastBackbone, rms_norm
 
 BUCKETS = (1, 2, 4, 8, 16)
 Probs = tuple[torch.Tensor, torch.Tensor]

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from qguard_stream.batch_decode import batch_greedy_generate
-from qguard_stream.causal_lm import CausalLM, greedy_generate
 from qguard_stream.config import GuardConfig, read_config_json
-from qguard_stream.gen_parse import GenVerdict, parse_gen_output
+from qguard_stream.gen.causal_lm import CausalLM, greedy_generate
+from qguard_stream.gen.decode import batch_greedy_generate
+from qguard_stream.gen.parse import GenVerdict, parse_gen_output
 from qguard_stream.loader import (
     CheckpointError,
     default_dtype,

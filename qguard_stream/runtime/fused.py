@@ -1,94 +1,32 @@
 """The lean forward: the backbone as one function over fused weights, for the per-token hot path.
 
-Computes exactly what `model.Backbone` computes (the core path stays the readable reference and the
-parity oracle) with the per-call overhead cut: q/k/v and gate/up weights fused into one matrix each
-(the modules' own q_proj/k_proj/... weights become views of the fused tensor, so memory is not
-doubled and the on-disk names stay), q_norm and k_norm applied as one norm with the attention scale
-folded into q_norm's weight, RoPE read from tables built once for every position, no mask for a
-single token, no nn.Module dispatch, and K/V written into the session buffer in place. Nothing in a
-step depends on the context length on the host side. This module owns no session state.
+Computes exactly what `models.qwen3.Backbone` computes (the reference stays the readable parity
+oracle) with the per-call overhead cut: the fused weights of weights.py, RoPE read from tables, no
+mask for a single token, no nn.Module dispatch, and K/V written into the session buffer in place.
+On fp32 CPU, steps of up to 16 tokens go to the C step (cpu_step.py). Nothing in a step depends on
+the context length on the host side. This module owns no session state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from qguard_stream.attention import attend
 from qguard_stream.config import GuardConfig
-from qguard_stream.cpu_decode import MAX_TOKENS as CPU_STEP_TOKENS
-from qguard_stream.cpu_decode import CpuDecodeStep
 from qguard_stream.kernels.cpu_step import load as cpu_step_library
-from qguard_stream.model import Backbone, GuardHead
+from qguard_stream.models.guard import GuardHead
+from qguard_stream.models.qwen3 import Backbone
+from qguard_stream.runtime.attention import attend
+from qguard_stream.runtime.cpu_step import MAX_TOKENS as CPU_STEP_TOKENS
+from qguard_stream.runtime.cpu_step import CpuDecodeStep
+from qguard_stream.runtime.weights import FusedLayer, FusedWeights, fuse_linears
 
 # (one layer's K/V handle, opaque to the layer; q [new, heads, dim], the new k and v
 # [new, 2, kv_heads, dim]) -> [new, heads*dim]
 KVAttend = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class FusedLayer:
-    """One decoder layer's weights, fused for the hot path."""
-
-    input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    qk_norm: torch.Tensor  # [heads + kv_heads, head_dim]; q rows pre-multiplied by the scale
-    o: torch.Tensor  # [hidden, heads * head_dim]
-    post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
-
-    # The projections as [in, out] views, taken once: torch.mm/addmm on them skip F.linear's
-    # linear -> t -> matmul dispatch chain, which costs more than a decode-size GEMM's arithmetic.
-    @cached_property
-    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.qkv.t(), self.o.t(), self.gate_up.t(), self.down.t()
-
-
-def fuse_layers(backbone: Backbone, config: GuardConfig) -> list[FusedLayer]:
-    """Fuse each layer's projections; re-point the modules' weights at views of the fused ones."""
-    scale = config.head_dim**-0.5
-    fused = []
-    for layer in backbone.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        qk_norm = torch.cat((attn.q_norm.weight.expand(heads, -1) * scale,
-                             attn.k_norm.weight.expand(kv_heads, -1)))
-        fused.append(FusedLayer(layer.input_layernorm.weight, qkv, qk_norm, attn.o_proj.weight,
-                                layer.post_attention_layernorm.weight, gate_up,
-                                mlp.down_proj.weight))
-    return fused
-
-
-def _fuse(*linears: nn.Linear) -> torch.Tensor:
-    """Concatenate Linear weights along the output dim; each Linear then holds a view of it."""
-    whole = torch.cat([linear.weight.detach() for linear in linears])
-    offset = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = nn.Parameter(whole[offset:offset + rows], requires_grad=False)
-        offset += rows
-    return whole
-
-
-def rope_tables(config: GuardConfig, inv_freq: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin for every position: rope(x) = x*cos + roll(x, half)*sin."""
-    positions = torch.arange(config.max_position_embeddings, device=inv_freq.device)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # same ops as model.Rotary
-    angles = torch.cat((freqs, freqs), dim=-1)
-    half = config.head_dim // 2
-    sin = angles.sin()
-    sin[:, :half] = -sin[:, :half]  # rotate_half(x) = roll(x, half) * [-1.., +1..]
-    return angles.cos().to(dtype), sin.to(dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -112,7 +50,7 @@ class FastHead:
         self.norm = head.layernorm.weight
         self.eps = torch.tensor(head.layernorm.eps, dtype=torch.float32, device=self.norm.device)
         self.num_risk = head.risk.weight.shape[0]
-        self.scores_t = _fuse(head.risk, head.category).t()
+        self.scores_t = fuse_linears(head.risk, head.category).t()
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [k, hidden_size] -> (risk_probs [k, R], category_probs [k, C]), fp32."""
@@ -131,24 +69,11 @@ def _cpu_step(fast: FastBackbone) -> CpuDecodeStep | None:
     return CpuDecodeStep(fast, library) if library is not None else None
 
 
-class FastBackbone:
+class FastBackbone(FusedWeights):
     """The backbone's forward over fused weights, writing K/V into a session buffer in place."""
 
     def __init__(self, backbone: Backbone, config: GuardConfig) -> None:
-        self.config = config
-        self.embed = backbone.embed_tokens.weight
-        self.final_norm = backbone.norm.weight
-        self.layers = fuse_layers(backbone, config)
-        cos, sin = rope_tables(config, backbone.rotary.inv_freq, self.embed.dtype)
-        # [positions, 1, head_dim]: a step's rows broadcast over the heads with one slice.
-        self.cos, self.sin = cos[:, None, :], sin[:, None, :]
-        self.key_positions = torch.arange(config.max_position_embeddings,
-                                          device=self.embed.device)
-        self.eps = torch.tensor(config.rms_norm_eps, dtype=torch.float32,
-                                device=self.embed.device)
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim, self.hidden = config.head_dim, config.hidden_size
-        self.qk_width = (self.heads + self.kv_heads) * self.head_dim
+        super().__init__(backbone, config)
         self.cpu_step = _cpu_step(self)
 
     def __call__(self, token_ids: torch.Tensor, buffer: torch.Tensor, start: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """`qguard-stream moderate`: one prompt (and optionally its response) through either model kind.
 
-Prints one JSON object. Stream: the prompt verdict at the last user turn's <|im_end|> and the
-response verdict by `policy.consecutive_unsafe` over the officially scored response tokens. Gen:
-the parsed `Safety / Categories / Refusal` verdict with the raw text.
+Prints one JSON object. Stream: the conversation's JSON, as the server's POST /v1/moderate answers
+it (prompt verdict at the last user turn's <|im_end|>, per-token response verdicts over the
+officially scored span, and the official decisions). Gen: the parsed `Safety / Categories /
+Refusal` verdict with the raw text.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from qguard_stream.model_kind import add_model_arguments, load_guard
-from qguard_stream.policy import consecutive_unsafe
+from qguard_stream.cli.models import add_model_arguments, load_guard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,19 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def stream_result(guard: Any, prompt: str, response: str | None, thinking: bool) -> dict:
+    """The conversation's JSON (ConversationVerdict.to_json: the shape POST /v1/moderate
+    answers)."""
     messages = [{"role": "user", "content": prompt}]
     if response is not None:
         messages.append({"role": "assistant", "content": response})
-    verdict = guard.moderate_conversation(messages, thinking=thinking)
-    result: dict[str, Any] = {"prompt": {"risk_level": verdict.prompt_risk_level,
-                                         "category": verdict.prompt_category}}
-    if verdict.response_verdicts is not None:
-        levels = verdict.response_verdicts.risk_level
-        level, flag = consecutive_unsafe(levels)
-        result["response"] = {
-            "risk_level": level,
-            "category": verdict.response_verdicts.category[flag] if flag >= 0 else None,
-            "flagged_token": flag if flag >= 0 else None,  # index among the scored tokens
-            "scored_tokens": len(levels),
-        }
-    return result
+    return guard.moderate_conversation(messages, thinking=thinking).to_json()

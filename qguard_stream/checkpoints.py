@@ -1,4 +1,4 @@
-"""Random Qwen3Guard-Stream checkpoints in the real on-disk format, for tests, demos and benchmarks.
+"""Random Qwen3Guard checkpoints in the real on-disk format, for tests, demos and benchmarks.
 
 A checkpoint written here is a directory a user could have downloaded: config.json with the guard
 fields and label maps, model.safetensors (or shards plus model.safetensors.index.json) under the
@@ -12,14 +12,14 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from qguard_stream.assets import tokenizer_dir
 from qguard_stream.config import GuardConfig
-from qguard_stream.model import HEAD_TENSOR_NAMES
+from qguard_stream.models.guard import HEAD_TENSOR_NAMES
 
 QWEN3_VOCAB = 151936
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
@@ -95,7 +95,7 @@ def random_tensors(config: GuardConfig, seed: int, dtype: torch.dtype,
     """Every tensor of the checkpoint, under its Hugging Face name, drawn on `device` (a GPU
     draws an 8B checkpoint in seconds; the CPU's generator is serial). The values depend on the
     device's generator: the same seed gives other weights on CUDA than on the CPU."""
-    from qguard_stream.model import GuardModel
+    from qguard_stream.models.guard import GuardModel
 
     with torch.device("meta"):
         shapes = GuardModel(config).expected_shapes()
@@ -161,21 +161,6 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], shards:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def score_in_one_session(guard, chunks: Sequence[tuple[Sequence[int], str]]) -> list:
-    """Feed (token_ids, role) chunks in order to one fresh StreamGuard session; their Verdicts.
-    The single-session reference that batched and served paths are checked against."""
-    state = guard.open_stream()
-    try:
-        return [guard.moderate(state, ids, role) for ids, role in chunks]
-    finally:
-        guard.close_stream(state)
-
-
-def tokenizer_dir() -> Path:
-    """The vendored real Qwen3 tokenizer files shipped inside the package."""
-    return Path(str(resources.files("qguard_stream") / "assets" / "qwen3_tokenizer"))
 
 
 def copy_tokenizer(directory: Path) -> None:
@@ -324,7 +309,7 @@ def make_random_gen_checkpoint(directory: str | Path, shape: Shape | str = "tiny
                                chat_template: str | None = STAND_IN_GEN_TEMPLATE) -> Path:
     """Write a random Qwen3ForCausalLM checkpoint with tokenizer files and a (stand-in) chat
     template; `tied` overrides the shape's tie_word_embeddings; chat_template=None writes none."""
-    from qguard_stream.causal_lm import CausalLM
+    from qguard_stream.gen.causal_lm import CausalLM
 
     config = config_for(shape)
     if tied is not None:

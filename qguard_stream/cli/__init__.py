@@ -1,0 +1,52 @@
+"""The `qguard-stream` command: one module per subcommand, wired here.
+
+Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`, and imports nothing
+optional at module level: a missing extra (fastapi for `serve`, the source checkout's benchmarks/
+for `bench`) is reported by its `run`, whatever the arguments. This file holds no moderation logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("qguard_stream.cli.demo", "stream a conversation through the guard, live"),
+    "serve": ("qguard_stream.cli.serve", "serve sessions over WebSocket/HTTP (batched engine)"),
+    "eval": ("qguard_stream.cli.eval", "evaluate a Stream or Gen model on Qwen3GuardTest JSONL"),
+    "moderate": ("qguard_stream.cli.moderate", "moderate one prompt (and response) from the shell"),
+    "bench": ("qguard_stream.cli.bench", "latency vs the card loop and transformers (a checkout)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qguard-stream",
+                                     description="Qwen3Guard-Stream as a token-streaming guardrail")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:  # a broken install: say so when the subcommand is used
+            sub = commands.add_parser(name, help=f"{help_text} [unavailable: {err}]")
+            sub.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            sub.set_defaults(handler=_unavailable(name, err))
+            continue
+        sub = commands.add_parser(name, help=help_text, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
+    return parser
+
+
+def _unavailable(name: str, err: ImportError):
+    def handler(_: argparse.Namespace) -> int:
+        print(f"error: '{name}' is unavailable here: {err}", file=sys.stderr)
+        return 2
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
