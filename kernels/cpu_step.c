@@ -1,11 +1,13 @@
-/* The CPU decode step's non-GEMM work for fp32 sessions, called through ctypes by
- * qguard_stream/cpu_decode.py (the projections stay in torch.mm, i.e. MKL/oneDNN).
+/* The CPU decode step for fp32 sessions, called through ctypes by
+ * qguard_stream/runtime/cpu_step.py.
  *
  * Why C: at decode sizes (a handful of rows) every eager PyTorch op costs more in dispatch than in
- * arithmetic, and a Qwen3 layer has ~45 of them besides its four GEMMs. Here each layer's norms,
- * q/k norm + RoPE + KV write, attention and SiLU are four calls. The math is the formula of
- * model.py / fastpath.py, in fp32 with double-accumulated sums of squares; the tests compare every
- * function with its PyTorch reference.
+ * arithmetic, and a Qwen3 layer has ~45 of them besides its four GEMMs. One token: each layer is
+ * one call, qg_decode_layer, with the projections as OpenMP GEMVs over the [out, in] weights. Two
+ * to 16 tokens: the layer's norms, q/k norm + RoPE + KV write, attention and SiLU are separate
+ * calls around torch.mm / torch.addmm projections (MKL/oneDNN). The math is the formula of
+ * models/qwen3.py and runtime/fused.py, in fp32 with double-accumulated sums of squares; the tests
+ * compare every function with its PyTorch reference.
  *
  * Layouts (all row-major, contiguous):
  *   qkv          [n_new, (heads + 2 * kv_heads) * head_dim]   q heads, then k heads, then v heads

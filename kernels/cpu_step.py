@@ -5,7 +5,7 @@ The library is compiled once per machine, on first use, with the system C compil
 source, the flags, the compiler and the CPU's feature flags (it is built with -march=native).
 Without a compiler, or if the build fails, `load()` returns None and the caller runs the eager
 PyTorch step; set QGUARD_STREAM_CPU_KERNEL=0 to never use it. This module owns the build and the C
-signatures, not the step (qguard_stream/cpu_decode.py).
+signatures, not the step (qguard_stream/runtime/cpu_step.py).
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ class StreamGuard:
 
     def __init__(self, model: GuardModel, tokenizer: Any = None, fast_path: bool = True,
                  use_cuda_graphs: bool | None = None) -> None:
-        """`fast_path`: run the fused lean forward (fastpath.py) instead of the module-by-module
-        core path. `use_cuda_graphs` (default: True on CUDA): replay captured CUDA graphs for
-        steps of <= 16 tokens; needs `fast_path`."""
+        """`fast_path`: run the fused lean forward (runtime/fused.py) instead of the
+        module-by-module reference path. `use_cuda_graphs` (default: True on CUDA): replay
+        captured CUDA graphs for steps of <= 16 tokens; needs `fast_path`."""
         self.model = model
         self.config: GuardConfig = model.config
         self.tokenizer = tokenizer

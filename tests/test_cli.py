@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
+
 from qguard_stream import cli
 from qguard_stream.cli import demo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_streams_reports_transitions_and_stops_at_the_flag(tmp_path, monkeypatch, capsys):
@@ -55,3 +62,24 @@ def test_a_subcommand_whose_module_is_missing_fails_only_when_used(monkeypatch, 
     monkeypatch.setitem(cli.SUBCOMMANDS, "ghost", ("qguard_stream.no_such_module", "gone"))
     assert cli.main(["ghost"]) == 2
     assert "'ghost' is unavailable here" in capsys.readouterr().err
+
+
+def test_a_missing_subcommand_module_is_named_whatever_the_arguments(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "ghost", ("qguard_stream.no_such_module", "gone"))
+    assert cli.main(["ghost", "--quick", "x"]) == 2
+    assert "'ghost' is unavailable here" in capsys.readouterr().err
+
+
+def test_bench_outside_a_checkout_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(ROOT))])
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "source checkout" in capsys.readouterr().err
+
+
+def test_unknown_options_of_an_available_subcommand_are_still_refused():
+    with pytest.raises(SystemExit) as done:
+        cli.main(["demo", "--no-such-option"])
+    assert done.value.code == 2

@@ -1,4 +1,4 @@
-"""The C CPU decode step (kernels/cpu_step.c via qguard_stream/cpu_decode.py): each C function
+"""The C CPU decode step (kernels/cpu_step.c via qguard_stream/runtime/cpu_step.py): each C function
 against its PyTorch formula, the whole step against the eager fast path and transformers, and the
 fallbacks (no compiler, disabled, a step past the buffer)."""
 

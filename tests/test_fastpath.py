@@ -1,5 +1,5 @@
-"""The lean forward (fastpath.py), its attention backends and the static-shape DecodeRunner agree
-with the core module-by-module path and with transformers' Qwen3Model."""
+"""The lean forward (runtime/fused.py), its attention backends and the static-shape DecodeRunner
+agree with the module-by-module reference and with transformers' Qwen3Model."""
 
 from __future__ import annotations
 

@@ -30,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
         except ImportError as err:  # a broken install: say so when the subcommand is used
             sub = commands.add_parser(name, help=f"{help_text} [unavailable: {err}]")
-            sub.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            sub.set_defaults(handler=_unavailable(name, err))
+            sub.set_defaults(handler=_unavailable(name, err), accepts_any_arguments=True)
             continue
         sub = commands.add_parser(name, help=help_text, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,5 +47,8 @@ def _unavailable(name: str, err: ImportError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.handler(args) or 0)

@@ -24,8 +24,8 @@ def _latency() -> ModuleType | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     latency = _latency()
-    if latency is None:  # accept anything: run() explains what is missing
-        parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if latency is None:  # accept any arguments: run() explains what is missing
+        parser.set_defaults(accepts_any_arguments=True)
         return
     latency.add_arguments(parser)
 

@@ -2,7 +2,7 @@
 
 The checkpoint's own chat template (from its tokenizer config) renders the safety-policy prompt;
 greedy decoding on our KV cache writes `Safety: ... / Categories: ... / Refusal: ...`, which
-gen_parse turns into a GenVerdict. This module owns loading a Qwen3ForCausalLM checkpoint and the
+parse.py turns into a GenVerdict. This module owns loading a Qwen3ForCausalLM checkpoint and the
 conversation -> ids -> text path; it must not interpret verdicts beyond the parser.
 """
 

@@ -1,13 +1,15 @@
-"""The decode step for fp32 CPU sessions: FastBackbone's math with the non-GEMM work in C.
+"""The decode step for fp32 CPU sessions: the eager step's math (runtime/fused.py) in C.
 
-Per layer: C RMSNorm -> torch.mm (qkv) -> C q/k norm + RoPE + KV write -> C attention (up to
+One new token: each layer is one C call (qg_decode_layer: norms, the projections as C GEMVs,
+q/k norm + RoPE + KV write, attention, SiLU), instead of ~45 eager ops. Two to MAX_TOKENS tokens:
+per layer C RMSNorm -> torch.mm (qkv) -> C q/k norm + RoPE + KV write -> C attention (up to
 C_ATTENTION_TOKENS new tokens; attention.attend beyond) -> torch.addmm (o_proj + residual) -> C
-RMSNorm -> torch.mm (gate_up) -> C SiLU*up -> torch.addmm (down + residual): nine calls instead of
-~45 eager ops, the GEMMs staying in PyTorch's BLAS. Used for steps of up to MAX_TOKENS new tokens
-when kernels/cpu_step.c builds on this machine (see qguard_stream.kernels.cpu_step); longer steps
-and other devices or dtypes take FastBackbone's eager layers. Scratch tensors are per thread and
-per step size, so sessions scored concurrently on different threads never share them. This module
-owns no session state and no weights: it reads FastBackbone's.
+RMSNorm -> torch.mm (gate_up) -> C SiLU*up -> torch.addmm (down + residual), the GEMMs staying in
+PyTorch's BLAS. Used when kernels/cpu_step.c builds on this machine (see
+qguard_stream.kernels.cpu_step); longer steps and other devices or dtypes take the eager layers.
+Scratch tensors are per thread and per step size, so sessions scored concurrently on different
+threads never share them. This module owns no session state and no weights: it reads
+weights.FusedWeights.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def rope_tables(config: GuardConfig, inv_freq: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sign-folded sin for every position: rope(x) = x*cos + roll(x, half)*sin."""
     positions = torch.arange(config.max_position_embeddings, device=inv_freq.device)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # same ops as model.Rotary
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # same ops as models.qwen3.Rotary
     angles = torch.cat((freqs, freqs), dim=-1)
     half = config.head_dim // 2
     sin = angles.sin()
