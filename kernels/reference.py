@@ -49,3 +49,33 @@ def guard_head_reference(hidden: torch.Tensor, pre_w: torch.Tensor, norm_w: torc
     risk_probs, risk_ids, risk_max = softmax_winners(F.linear(inner, risk_w))
     cat_probs, cat_ids, cat_max = softmax_winners(F.linear(inner, cat_w))
     return GuardHeadOutput(risk_probs, cat_probs, risk_ids, cat_ids, risk_max, cat_max)
+
+
+# ---- the decode step's kernels (kernels/paged_attention.py, kernels/decode_ops.py) ------------
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, q_start: torch.Tensor,
+                              q_len: torch.Tensor, ctx_len: torch.Tensor) -> torch.Tensor:
+    """The formula paged_attention computes, session by session: gather the session's keys and
+    values through its block table, softmax(q k^T) in fp32 under the causal mask (query i of
+    q_len sits at position ctx_len - q_len + i), probabilities cast to the value dtype, times v.
+    q [T, H, D] (pre-scaled); caches [blocks, page, KV, D]. Rows of no session come back zero."""
+    out = torch.zeros_like(q)
+    page, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // kv_heads
+    for s in range(block_tables.shape[0]):
+        n, ctx, first = int(q_len[s]), int(ctx_len[s]), int(q_start[s])
+        if n == 0:
+            continue
+        positions = torch.arange(ctx)
+        slots = block_tables[s].long()[positions // page] * page + positions % page
+        keys = k_cache.reshape(-1, kv_heads, k_cache.shape[-1])[slots]  # [ctx, KV, D]
+        values = v_cache.reshape(-1, kv_heads, v_cache.shape[-1])[slots]
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, ctx, D]
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        queries = q[first:first + n].transpose(0, 1)  # [H, n, D]
+        scores = (queries.double() @ keys.double().transpose(1, 2)).to(
+            torch.float64 if q.dtype == torch.float64 else torch.float32)
+        hidden = positions[None, :] > (ctx - n + torch.arange(n))[:, None]
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        out[first:first + n] = (probs.to(values.dtype) @ values).transpose(0, 1).to(q.dtype)
+    return out

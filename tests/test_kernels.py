@@ -1,19 +1,13 @@
 """The fused guard-head kernel against the plain-PyTorch formula.
 
-On CPU the Triton kernel itself runs under Triton's interpreter. Interpreter mode must be on
-before triton is first imported (triton's own helpers are jit functions too), so those runs happen
-in one subprocess with TRITON_INTERPRET=1 and this process compares; interpreter mode never leaks
-into the other tests. The kernel is also compiled for sm_80/sm_90 here (no GPU needed), and on CUDA
-the compiled kernel is checked directly. The oracle is the reference formula in float64 on the same
-dtype-rounded weights, plus the torch path in the kernel's own dtype.
+On CPU the Triton kernel itself runs under Triton's interpreter, in one subprocess
+(tests/interpreter.py), and this process compares. The kernel is also compiled for sm_80/sm_90
+here (no GPU needed), and on CUDA the compiled kernel is checked directly. The oracle is the
+reference formula in float64 on the same dtype-rounded weights, plus the torch path in the
+kernel's own dtype.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +18,11 @@ from qguard_stream.kernels import GuardHeadOutput, guard_head_reference, guard_h
 from qguard_stream.kernels import guard_head as guard_head_module
 from qguard_stream.kernels.guard_head import INTERPRETED, fused_guard_head
 
-import qguard_stream
 from qguard_stream import kernels
 from qguard_stream.checkpoints import config_for
 from qguard_stream.models.guard import GuardHead, GuardModel
+
+from interpreter import run_interpreted
 
 EPS = 1e-6
 # Max |p - p64| / p64 over all probabilities: fp32 is exact math up to rounding. bf16/fp16 round
@@ -118,35 +113,11 @@ def interpreter_tile(case: tuple) -> int | None:
     return 128 if case[0] >= 1024 else None
 
 
-def interpreter_breaks_on_numpy() -> bool:
-    """Triton's interpreter up to 3.6 turns a runtime scalar into a loop bound with
-    int(ndarray of shape [1]), which numpy >= 2.4 refuses (triton-lang/triton#9171): the kernel's
-    H loop then fails under the interpreter though the compiled kernel is fine."""
-    import inspect
-
-    import numpy
-    from triton.runtime import interpreter
-
-    numpy_major_minor = tuple(int(part) for part in numpy.__version__.split(".")[:2])
-    return numpy_major_minor >= (2, 4) and \
-        "int(self.handle.data))" in inspect.getsource(interpreter)
-
-
 @pytest.fixture(scope="module")
 def interpreted_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every CASES input through the kernel under TRITON_INTERPRET=1, in one subprocess."""
-    if interpreter_breaks_on_numpy():
-        pytest.skip(f"triton {triton.__version__}'s interpreter fails with numpy >= 2.4 "
-                    f"(triton-lang/triton#9171)")
-    folder = tmp_path_factory.mktemp("interpreted")
-    torch.save([(case_inputs(case), EPS, interpreter_tile(case)) for case in CASES],
-               folder / "inputs.pt")
-    source_root = str(Path(qguard_stream.__file__).resolve().parents[1])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "2",
-           "PYTHONPATH": os.pathsep.join([source_root, os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-c", WORKER, folder / "inputs.pt", folder / "outputs.pt"],
-                   env=env, check=True, timeout=300)
-    return torch.load(folder / "outputs.pt")
+    cases = [(case_inputs(case), EPS, interpreter_tile(case)) for case in CASES]
+    return run_interpreted(WORKER, cases, tmp_path_factory.mktemp("interpreted"), timeout=300)
 
 
 def test_interpreter_really_runs_the_triton_kernel(interpreted_run: dict) -> None:
