@@ -79,3 +79,31 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
         out[first:first + n] = (probs.to(values.dtype) @ values).transpose(0, 1).to(q.dtype)
     return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with sign-folded sin tables: round(round(x * cos) + roll(x, D/2) * sin) in x's
+    dtype (torch.addcmul's single rounding of the second product and the sum)."""
+    rolled = x.roll(x.shape[-1] // 2, -1)
+    return torch.addcmul(x * cos, rolled, sin)
+
+
+def qk_norm_rope_reference(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, positions: torch.Tensor, num_heads: int,
+                           num_kv_heads: int, eps: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [T, H, D], k [T, KV, D], v [T, KV, D]) as decode_ops.qk_norm_rope_store makes them:
+    the q and k heads RMS-normed with their qk_norm rows, then rotated at `positions`."""
+    dim = qk_norm.shape[-1]
+    rows = qkv.shape[0]
+    qk = qkv[:, :(num_heads + num_kv_heads) * dim].reshape(rows, num_heads + num_kv_heads, dim)
+    normed = rms_norm(qk, qk_norm, eps)
+    roped = rope(normed, cos[positions][:, None, :], sin[positions][:, None, :])
+    v = qkv[:, (num_heads + num_kv_heads) * dim:].reshape(rows, num_kv_heads, dim)
+    return roped[:, :num_heads], roped[:, num_heads:], v
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) rounded to the input dtype, times up: gate_up [T, 2 * inner], gate first."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
