@@ -9,6 +9,8 @@ and callbacks run after the forward (hooks.Monitor); batching lives in qguard_st
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +20,13 @@ import torch
 from qguard_stream.config import GuardConfig
 from qguard_stream.conversation import ConversationVerdict, plan_conversation
 from qguard_stream.hooks import Hooks, Monitor, dispatch
+from qguard_stream.kvcache.paged import BlockPool, BlockTable, blocks_for_budget
 from qguard_stream.kvcache.session import SessionCache
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.models.guard import GuardModel
 from qguard_stream.policy import Policy
 from qguard_stream.runtime.fused import FastBackbone, FastHead
-from qguard_stream.runtime.graphs import DecodeRunner
+from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.verdicts import (
     StreamClosedError,
     TokenIds,
@@ -34,16 +37,21 @@ from qguard_stream.verdicts import (
     validate_token_ids,
 )
 
+DEFAULT_CUDA_KV_GB = 2.0  # the CUDA fast path's KV pool for StreamGuard sessions
+PAGE_TOKENS = 16  # tokens per KV block of that pool
+
 
 @dataclass(eq=False)
 class StreamState:
-    """One conversation: its KV cache, its tokens so far and its last verdicts."""
+    """One conversation: its KV cache (a growing buffer on CPU, a block table into the guard's
+    paged pool on CUDA), its tokens so far and its last verdicts."""
 
-    cache: SessionCache | None
+    cache: SessionCache | BlockTable | None
     id: int = field(default_factory=next_session_id)
     token_ids: list[int] = field(default_factory=list)
     last_verdicts: Verdicts | None = None
     monitor: Monitor | None = None  # policy + callbacks (qguard_stream.hooks); None: no dispatch
+    release: weakref.finalize | None = field(default=None, repr=False)  # frees paged blocks
 
     @property
     def length(self) -> int:
@@ -63,10 +71,12 @@ class StreamGuard:
     """A Qwen3Guard-Stream model scoring conversations token by token."""
 
     def __init__(self, model: GuardModel, tokenizer: Any = None, fast_path: bool = True,
-                 use_cuda_graphs: bool | None = None) -> None:
-        """`fast_path`: run the fused lean forward (runtime/fused.py) instead of the
-        module-by-module reference path. `use_cuda_graphs` (default: True on CUDA): replay
-        captured CUDA graphs for steps of <= 16 tokens; needs `fast_path`."""
+                 use_cuda_graphs: bool | None = None, kv_memory_gb: float | None = None) -> None:
+        """`fast_path`: run the fused lean forward (runtime/) instead of the module-by-module
+        reference path. On CUDA the fast path keeps every session's K/V in one paged pool of
+        `kv_memory_gb` GiB (default DEFAULT_CUDA_KV_GB; opening more than it holds raises
+        PoolExhaustedError) and runs the paged runner, whose steps of <= 16 tokens replay CUDA
+        graphs captured at the first open_stream (`use_cuda_graphs`, default True on CUDA)."""
         self.model = model
         self.config: GuardConfig = model.config
         self.tokenizer = tokenizer
@@ -74,37 +84,46 @@ class StreamGuard:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.hooks = Hooks()  # callbacks for every session (qguard_stream.hooks)
         self.policy_factory: Callable[[], Policy] | None = None  # a policy per session, if set
-        if use_cuda_graphs is None:
-            use_cuda_graphs = fast_path and self.device.type == "cuda"
-        if use_cuda_graphs and not fast_path:
-            raise ValueError("use_cuda_graphs=True needs fast_path=True")
+        if use_cuda_graphs and not (fast_path and self.device.type == "cuda"):
+            raise ValueError(f"use_cuda_graphs=True needs fast_path=True and a CUDA model, got "
+                             f"fast_path={fast_path} on {self.device}")
         self.fast = FastBackbone(model.model, self.config) if fast_path else None
         # The eager step's heads; on CUDA GuardHead itself runs the fused Triton kernel.
         self.fast_heads = None
         if fast_path and self.device.type == "cpu":
             self.fast_heads = {"user": FastHead(model.query), "assistant": FastHead(model.response)}
-        self.runner = None
-        if use_cuda_graphs:
-            heads = {"user": model.query, "assistant": model.response}
-            self.runner = DecodeRunner(self.fast, heads, capture=True)
+        self.paged = fast_path and self.device.type == "cuda"
+        self._use_cuda_graphs = use_cuda_graphs
+        self._kv_memory_gb = DEFAULT_CUDA_KV_GB if kv_memory_gb is None else kv_memory_gb
+        self.pool: BlockPool | None = None  # the paged pool and runner, made at the first open
+        self.runner: PagedRunner | None = None
+        self._paged_lock = threading.RLock()
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str],
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fast_path: bool = True,
-                        use_cuda_graphs: bool | None = None) -> StreamGuard:
+                        use_cuda_graphs: bool | None = None,
+                        kv_memory_gb: float | None = None) -> StreamGuard:
         """Load a checkpoint directory or Hugging Face repo id (default: bf16 on CUDA, fp32 on
-        CPU)."""
+        CPU); the other options are the constructor's."""
         directory = resolve_checkpoint(path_or_id)
         config = GuardConfig.from_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(directory, config, target, dtype or default_dtype(target))
         return cls(model, load_tokenizer(directory), fast_path=fast_path,
-                   use_cuda_graphs=use_cuda_graphs)
+                   use_cuda_graphs=use_cuda_graphs, kv_memory_gb=kv_memory_gb)
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_stream(self) -> StreamState:
         """A new, empty session."""
+        if self.paged:
+            pool = self.paged_runtime()[0]
+            table = BlockTable(pool.block_size)
+            state = StreamState(cache=table)
+            # A session dropped without close_stream still gives its blocks back.
+            state.release = weakref.finalize(state, self._release, table)
+            return state
         c = self.config
         cache = SessionCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                              c.max_position_embeddings, self.device, self.dtype)
@@ -112,8 +131,29 @@ class StreamGuard:
 
     def close_stream(self, state: StreamState) -> None:
         """Free the session's memory; using it again raises StreamClosedError."""
+        if state.release is not None:
+            state.release()
         state.cache = None
         state.last_verdicts = None
+
+    def paged_runtime(self) -> tuple[BlockPool, PagedRunner]:
+        """The CUDA fast path's KV pool and runner, made (and its graphs captured) once."""
+        with self._paged_lock:
+            if self.pool is None or self.runner is None:
+                assert self.fast is not None
+                blocks = blocks_for_budget(self.config, self.dtype, PAGE_TOKENS,
+                                           self._kv_memory_gb, None)
+                pool = BlockPool(self.config, blocks, PAGE_TOKENS, self.device, self.dtype)
+                heads = {"user": self.model.query, "assistant": self.model.response}
+                self.runner = PagedRunner(self.fast, heads, pool,
+                                          use_graphs=self._use_cuda_graphs)
+                self.pool = pool
+            return self.pool, self.runner
+
+    def _release(self, table: BlockTable) -> None:
+        with self._paged_lock:
+            assert self.pool is not None
+            table.shrink(self.pool, 0)
 
     def rollback(self, state: StreamState, length: int) -> None:
         """Keep only the first `length` tokens of the session (the kept part is not recomputed)."""
@@ -124,6 +164,10 @@ class StreamGuard:
             raise ValueError(
                 f"cannot roll back to length {length}: the session holds {state.length} tokens"
             )
+        if isinstance(state.cache, BlockTable):
+            with self._paged_lock:
+                assert self.pool is not None
+                state.cache.shrink(self.pool, length)
         del state.token_ids[length:]
         state.last_verdicts = None
         if state.monitor is not None:
@@ -145,12 +189,13 @@ class StreamGuard:
                 f"max_position_embeddings={limit}"
             )
         assert state.cache is not None
-        state.cache.ensure(start + new, keep=start)
-        probs = self.runner.step(ids, state.cache, start, role) if self.runner else None
-        if probs is None:
+        if isinstance(state.cache, BlockTable):
+            risk_probs, category_probs = self._paged_step(state.cache, start, ids, role)
+        else:
+            state.cache.ensure(start + new, keep=start)
             hidden = self._backbone(ids.to(self.device, non_blocking=True), state.cache, start)
-            probs = (self.fast_heads[role] if self.fast_heads else self.model.head(role))(hidden)
-        risk_probs, category_probs = probs
+            head = self.fast_heads[role] if self.fast_heads else self.model.head(role)
+            risk_probs, category_probs = head(hidden)
         verdicts = build_verdicts(self.config, role, start, ids, risk_probs, category_probs)
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
@@ -160,6 +205,18 @@ class StreamGuard:
         if state.monitor is not None:  # after the state update, outside the forward
             dispatch(state.monitor, state.id, verdicts, self.hooks)
         return verdicts
+
+    def _paged_step(self, table: BlockTable, start: int, ids: torch.Tensor, role: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One session's chunk through the paged runner: a batch of one."""
+        with self._paged_lock:
+            pool, runner = self.paged_runtime()
+            table.grow(pool, start + ids.shape[0])  # PoolExhaustedError leaves it as it was
+            try:
+                return runner.forward([Chunk(table, start, ids, role)])[0]
+            except BaseException:
+                table.shrink(pool, start)
+                raise
 
     def _backbone(self, ids: torch.Tensor, cache: SessionCache, start: int) -> torch.Tensor:
         if self.fast is not None:

@@ -20,7 +20,7 @@ from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import config_for
 from qguard_stream.models.qwen3 import Rotary
 from qguard_stream.runtime.cpu_step import C_ATTENTION_TOKENS, MAX_TOKENS
-from qguard_stream.runtime.fused import rms_norm
+from qguard_stream.runtime.layer import rms_norm
 from qguard_stream.runtime.weights import rope_tables
 from tests.test_fastpath import plain_attention
 

@@ -17,7 +17,6 @@ from concurrent.futures import Future
 
 import torch
 
-from qguard_stream.engine.runner import Chunk, ModelRunner
 from qguard_stream.engine.scheduler import Request, Scheduler, Session
 from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
 from qguard_stream.kvcache.paged import (
@@ -27,6 +26,8 @@ from qguard_stream.kvcache.paged import (
     PoolTooSmallError,
     blocks_for_budget,
 )
+from qguard_stream.runtime.paged import Chunk, PagedRunner
+from qguard_stream.runtime.weights import FusedWeights
 from qguard_stream.stream import StreamGuard
 from qguard_stream.verdicts import (
     StreamClosedError,
@@ -53,7 +54,11 @@ class Engine:
                                        kv_memory_gb, max_tokens)
         self.pool = BlockPool(guard.config, num_blocks, self.settings.block_size, guard.device,
                               guard.dtype)
-        self.runner = ModelRunner(guard.model, self.pool)
+        weights = guard.fast or FusedWeights(guard.model.model, guard.config)
+        heads = {"user": guard.model.query, "assistant": guard.model.response}
+        self.runner = PagedRunner(weights, heads, self.pool,
+                                  use_graphs=self.settings.use_cuda_graphs,
+                                  max_graph_tokens=self.settings.max_graph_tokens)
         self.scheduler = Scheduler(self.settings.max_batch_tokens)
         self.sessions: dict[int, Session] = {}
         self.step_listeners: list[Callable[[StepStats], None]] = []

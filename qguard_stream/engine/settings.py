@@ -15,7 +15,9 @@ EXHAUSTION_MODES = ("error", "wait")
 class EngineSettings:
     """Runtime settings. KV budget: `kv_memory_gb` (GiB) or `max_tokens`; neither means
     DEFAULT_MAX_TOKENS positions. When the pool is exhausted, `on_pool_exhausted="error"` raises
-    PoolExhaustedError at once; "wait" waits up to `pool_wait_timeout_s` for blocks to be freed."""
+    PoolExhaustedError at once; "wait" waits up to `pool_wait_timeout_s` for blocks to be freed.
+    On CUDA, steps of up to `max_graph_tokens` tokens (every chunk <= 16 tokens) replay CUDA graphs
+    captured when the engine is built (`use_cuda_graphs=False`: always eager)."""
 
     block_size: int = 16
     kv_memory_gb: float | None = None
@@ -23,8 +25,12 @@ class EngineSettings:
     max_batch_tokens: int = 8192
     on_pool_exhausted: str = "error"
     pool_wait_timeout_s: float = 10.0
+    max_graph_tokens: int = 256
+    use_cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.max_graph_tokens < 1:
+            raise ValueError(f"max_graph_tokens must be >= 1, got {self.max_graph_tokens}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_memory_gb is not None and self.max_tokens is not None:

@@ -9,9 +9,6 @@ the context length on the host side. This module owns no session state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -22,22 +19,8 @@ from qguard_stream.models.qwen3 import Backbone
 from qguard_stream.runtime.attention import attend
 from qguard_stream.runtime.cpu_step import MAX_TOKENS as CPU_STEP_TOKENS
 from qguard_stream.runtime.cpu_step import CpuDecodeStep
-from qguard_stream.runtime.weights import FusedLayer, FusedWeights, fuse_linears
-
-# (one layer's K/V handle, opaque to the layer; q [new, heads, dim], the new k and v
-# [new, 2, kv_heads, dim]) -> [new, heads*dim]
-KVAttend = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Qwen3's RMSNorm (fp32 statistics, cast back, then scale) in five ops: F.rms_norm is a
-    ~10-op composite on the CPU, and at decode sizes each op costs more than its arithmetic."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-    inv_rms = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
-    normed = x * inv_rms
-    if normed.dtype != x.dtype:  # skip the no-op cast's dispatch in fp32
-        normed = normed.to(x.dtype)
-    return normed.mul_(weight)
+from qguard_stream.runtime.layer import AttendFn, decoder_layer, qk_norm_rope, rms_norm, silu_mul
+from qguard_stream.runtime.weights import FusedWeights, fuse_linears
 
 
 class FastHead:
@@ -92,28 +75,21 @@ class FastBackbone(FusedWeights):
         # sliced once for every layer rather than indexed per layer.
         views = zip(buffer.narrow(3, 0, start + new), buffer.narrow(3, start, new))
 
-        def write_and_attend(kv: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
-                             new_kv: torch.Tensor) -> torch.Tensor:
+        def attend_to(kv: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor],
+                      qk_norm: torch.Tensor) -> AttendFn:
             (keys, values), slots = kv
-            slots.copy_(new_kv.permute(1, 2, 0, 3))
-            return attend(q, keys, values, start, self.key_positions)
+
+            def write_and_attend(qkv: torch.Tensor) -> torch.Tensor:
+                q, new_kv = qk_norm_rope(qkv, qk_norm, cos, sin, self.eps, self.heads,
+                                         self.kv_heads)
+                slots.copy_(new_kv.permute(1, 2, 0, 3))
+                return attend(q, keys, values, start, self.key_positions)
+
+            return write_and_attend
 
         for layer, kv in zip(self.layers, views):
-            x = self.layer(x, layer, kv, cos, sin, write_and_attend)
+            x = decoder_layer(x, layer, self.norm, attend_to(kv, layer.qk_norm), silu_mul)
         return rms_norm(x, self.final_norm, self.eps)
 
-    def layer(self, x: torch.Tensor, w: FusedLayer, kv: Any, cos: torch.Tensor,
-              sin: torch.Tensor, write_and_attend: KVAttend) -> torch.Tensor:
-        """One decoder layer; `write_and_attend(kv, q, new_kv)` stores k/v, returns attention."""
-        new, dim = x.shape[0], self.head_dim
-        qkv_t, o_t, gate_up_t, down_t = w.transposed
-        qkv = torch.mm(rms_norm(x, w.input_norm, self.eps), qkv_t)
-        qk = qkv[:, :self.qk_width].view(new, self.heads + self.kv_heads, dim)
-        normed = rms_norm(qk, w.qk_norm, self.eps)
-        # RoPE written back into qkv, so the new k and v lie side by side: one cache write.
-        torch.addcmul(normed * cos, normed.roll(dim // 2, -1), sin, out=qk)
-        new_kv = qkv[:, self.heads * dim:].view(new, 2, self.kv_heads, dim)
-        out = write_and_attend(kv, qk[:, :self.heads], new_kv)
-        x = torch.addmm(x, out, o_t)  # the residual add fused into the GEMM
-        gate, up = torch.mm(rms_norm(x, w.post_norm, self.eps), gate_up_t).chunk(2, dim=-1)
-        return torch.addmm(x, F.silu(gate).mul_(up), down_t)
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.eps)

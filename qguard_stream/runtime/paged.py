@@ -1,0 +1,336 @@
+"""The paged runner: one step over many sessions' new-token chunks, K/V in one block pool.
+
+Every session, one or a thousand, is a block table into the pool (kvcache/paged.py): growth never
+copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows and runs
+`layer.decoder_layer` over them with one of two op sets:
+
+- Triton (CUDA, or CPU under TRITON_INTERPRET=1 in tests): RMSNorm, q/k norm + RoPE + the K/V
+  write straight into the pool slots, paged attention through the block tables (up to 16 new
+  tokens per session; longer chunks gather their context and run SDPA), SiLU * up. On CUDA, steps
+  of up to `max_graph_tokens` rows replay a CUDA graph captured at warm-up for their token bucket
+  (1, 2, 4, 8, then multiples of 8); padding rows write nowhere and padding sessions do nothing.
+- torch (CPU): the same formulas as eager ops; attention gathers each session's context.
+
+Both guard heads run over every row and each row keeps its role's, so one captured graph serves
+any mix of roles. The step's probabilities come back to the host in one copy (pinned, on CUDA).
+`forward` is thread-safe (one step at a time). This module owns no session bookkeeping.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qguard_stream.kernels import triton_available
+from qguard_stream.kvcache.paged import BlockPool, BlockTable
+from qguard_stream.models.guard import GuardHead
+from qguard_stream.runtime.attention import attend
+from qguard_stream.runtime.layer import AttendFn, decoder_layer, qk_norm_rope, rms_norm, silu_mul
+from qguard_stream.runtime.weights import FusedLayer, FusedWeights
+
+MAX_QUERIES = 16  # new tokens per session served by the paged-attention kernel (and graphs)
+Probs = tuple[torch.Tensor, torch.Tensor]
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Captured step sizes in rows: 1, 2, 4, 8, then multiples of 8 up to max_tokens."""
+    buckets = [b for b in (1, 2, 4, 8) if b <= max_tokens]
+    buckets += list(range(16, max_tokens + 1, 8))
+    if max_tokens not in buckets:
+        buckets.append(max_tokens)
+    return sorted(set(buckets))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New tokens of one session: positions start..start+len(token_ids)-1, scored by `role`."""
+
+    table: BlockTable
+    start: int
+    token_ids: torch.Tensor  # 1-D int64, CPU
+    role: str
+
+
+# Metadata fields of a step, all int32, packed in this order into one buffer: per row (rows), then
+# per session (sessions), then the block tables (sessions x max_blocks).
+ROW_FIELDS = ("token_ids", "positions", "slots", "row_seq", "user")
+SESSION_FIELDS = ("q_start", "q_len", "ctx_len")
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """One step's metadata as views of one int32 buffer (device, or host for the torch ops)."""
+
+    token_ids: torch.Tensor  # [rows]
+    positions: torch.Tensor  # [rows]
+    slots: torch.Tensor  # [rows] pool slot of each new token; -1: padding (written nowhere)
+    row_seq: torch.Tensor  # [rows] session of each row; -1: padding
+    user: torch.Tensor  # [rows] 1 where the row is scored with the query (user) heads
+    q_start: torch.Tensor  # [sessions] first row of each session
+    q_len: torch.Tensor  # [sessions] its new tokens; 0: an unused session slot
+    ctx_len: torch.Tensor  # [sessions] its length after this step
+    block_tables: torch.Tensor  # [sessions, max_blocks]
+
+    @classmethod
+    def view(cls, buffer: torch.Tensor, rows: int, sessions: int, max_blocks: int) -> StepMeta:
+        sizes = [rows] * len(ROW_FIELDS) + [sessions] * len(SESSION_FIELDS)
+        parts = list(buffer[:sum(sizes) + sessions * max_blocks].split(
+            [*sizes, sessions * max_blocks]))
+        tables = parts.pop().view(sessions, max_blocks)
+        return cls(*parts, block_tables=tables)
+
+    @staticmethod
+    def size(rows: int, sessions: int, max_blocks: int) -> int:
+        return rows * len(ROW_FIELDS) + sessions * (len(SESSION_FIELDS) + max_blocks)
+
+
+def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
+    """Write the chunks' metadata into host views; rows and sessions past them are padding."""
+    meta.slots.fill_(-1)
+    meta.row_seq.fill_(-1)
+    meta.token_ids.zero_()
+    meta.positions.zero_()
+    meta.user.zero_()
+    meta.q_len.zero_()
+    meta.q_start.zero_()
+    meta.ctx_len.zero_()
+    row = 0
+    for index, chunk in enumerate(chunks):
+        new, end = chunk.token_ids.shape[0], chunk.start + chunk.token_ids.shape[0]
+        rows = slice(row, row + new)
+        meta.token_ids[rows] = chunk.token_ids
+        meta.positions[rows] = torch.arange(chunk.start, end, dtype=torch.int32)
+        meta.slots[rows] = chunk.table.slots(chunk.start, end)
+        meta.row_seq[rows] = index
+        meta.user[rows] = int(chunk.role == "user")
+        meta.q_start[index], meta.q_len[index], meta.ctx_len[index] = row, new, end
+        blocks = chunk.table.blocks
+        meta.block_tables[index, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        row += new
+
+
+class PagedRunner:
+    """Runs steps of packed chunks over a BlockPool (see the module docstring).
+
+    `use_triton` (default: on CUDA when triton imports) picks the Triton ops; `use_graphs`
+    (default: on CUDA with the Triton ops) captures CUDA graphs for steps of up to
+    `max_graph_tokens` rows, at construction.
+    """
+
+    def __init__(self, weights: FusedWeights, heads: dict[str, GuardHead], pool: BlockPool,
+                 use_triton: bool | None = None, use_graphs: bool | None = None,
+                 max_graph_tokens: int = 256) -> None:
+        self.w, self.pool = weights, pool
+        self.query_head, self.response_head = heads["user"], heads["assistant"]
+        self.device = weights.embed.device
+        self.triton = (self.device.type == "cuda" and triton_available()) \
+            if use_triton is None else use_triton
+        graphs = self.triton and self.device.type == "cuda" if use_graphs is None else use_graphs
+        if graphs and not (self.triton and self.device.type == "cuda"):
+            raise ValueError("CUDA graphs need a CUDA model and the Triton ops")
+        config = weights.config
+        self.max_blocks = -(-config.max_position_embeddings // pool.block_size)
+        self.num_risk = self.response_head.risk.weight.shape[0]
+        self.num_classes = self.num_risk + max(self.query_head.category.weight.shape[0],
+                                               self.response_head.category.weight.shape[0])
+        self.lock = threading.Lock()
+        self.cos2d, self.sin2d = weights.cos[:, 0], weights.sin[:, 0]  # [positions, D]
+        self.attention = None
+        self.max_graph_tokens = max_graph_tokens if graphs else 0
+        if self.triton:
+            from qguard_stream.kernels.paged_attention import PagedAttention
+
+            self.attention = PagedAttention(
+                config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                pool.block_size, max(max_graph_tokens, 256), config.max_position_embeddings,
+                self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if graphs:
+            self._capture_all()
+
+    # ---- public ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> list[Probs]:
+        """(risk_probs [k, R], category_probs [k, C]) fp32 on the host for every chunk, in
+        order. Each chunk's table must already hold blocks for its new positions."""
+        rows = sum(chunk.token_ids.shape[0] for chunk in chunks)
+        longest = max(chunk.token_ids.shape[0] for chunk in chunks)
+        with self.lock:
+            bucket = self._bucket(rows) if longest <= MAX_QUERIES else None
+            if bucket is not None:
+                probs = self._replay(chunks, bucket)
+            else:
+                probs = self._eager(chunks, rows, longest)
+        return self._split(probs, chunks)
+
+    @property
+    def captured(self) -> list[int]:
+        """The token buckets with a captured CUDA graph."""
+        return sorted(self.graphs)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self, meta: StepMeta, max_queries: int | None) -> torch.Tensor:
+        """Scores [rows, R + C] (fp32; category columns past a head's count are 0) for the rows
+        of `meta` (device views). `max_queries`: the longest chunk when the paged-attention
+        kernel serves the step, None when attention gathers contexts (long chunks, torch ops)."""
+        w = self.w
+        x = F.embedding(meta.token_ids, w.embed)
+        norm = self._norm
+        act = self._silu_mul
+        for index, layer in enumerate(w.layers):
+            attend_fn = self._attend_fn(index, layer, meta, max_queries)
+            x = decoder_layer(x, layer, norm, attend_fn, act)
+        return self._heads(norm(x, w.final_norm), meta.user)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            from qguard_stream.kernels.decode_ops import rms_norm as triton_rms_norm
+
+            return triton_rms_norm(x, weight, self.w.config.rms_norm_eps)
+        return rms_norm(x, weight, self.w.eps)
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            from qguard_stream.kernels.decode_ops import silu_mul as triton_silu_mul
+
+            return triton_silu_mul(gate_up)
+        return silu_mul(gate_up)
+
+    def _attend_fn(self, index: int, layer: FusedLayer, meta: StepMeta,
+                   max_queries: int | None) -> AttendFn:
+        w, pool = self.w, self.pool
+        keys, values = pool.kv[index, 0], pool.kv[index, 1]  # [slots, KV, D]
+
+        def attend_paged(qkv: torch.Tensor) -> torch.Tensor:
+            rows = qkv.shape[0]
+            if self.triton:
+                from qguard_stream.kernels.decode_ops import qk_norm_rope_store
+
+                q = torch.empty(rows, w.heads, w.head_dim, dtype=qkv.dtype, device=qkv.device)
+                qk_norm_rope_store(qkv, layer.qk_norm, self.cos2d, self.sin2d, meta.positions,
+                                   meta.slots, q, keys, values, w.config.rms_norm_eps)
+            else:
+                cos = w.cos.index_select(0, meta.positions)
+                sin = w.sin.index_select(0, meta.positions)
+                q, new_kv = qk_norm_rope(qkv, layer.qk_norm, cos, sin, w.eps, w.heads,
+                                         w.kv_heads)
+                written = meta.slots >= 0
+                slots = meta.slots[written].long()
+                keys.index_copy_(0, slots, new_kv[written, 0])
+                values.index_copy_(0, slots, new_kv[written, 1])
+            if max_queries is not None:
+                assert self.attention is not None
+                out = torch.empty_like(q)
+                shape = (pool.num_blocks, pool.block_size, w.kv_heads, w.head_dim)
+                self.attention(q, keys.view(shape), values.view(shape), meta.block_tables,
+                               meta.q_start, meta.q_len, meta.ctx_len, meta.row_seq, out,
+                               max_queries=max_queries)
+                return out.view(rows, -1)
+            return self._gathered_attention(q, keys, values, meta)
+
+        return attend_paged
+
+    def _gathered_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            meta: StepMeta) -> torch.Tensor:
+        """Attention per session over its context gathered from the pool (host metadata)."""
+        out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        block = self.pool.block_size
+        for s in range(meta.q_len.shape[0]):
+            new = int(meta.q_len[s])
+            if new == 0:
+                continue
+            first, end = int(meta.q_start[s]), int(meta.ctx_len[s])
+            positions = torch.arange(end, device=meta.block_tables.device)
+            slots = (meta.block_tables[s].long()[positions // block] * block + positions % block)
+            slots = slots.to(keys.device)
+            context_keys = keys.index_select(0, slots).transpose(0, 1)  # [KV, ctx, D]
+            context_values = values.index_select(0, slots).transpose(0, 1)
+            out[first:first + new] = attend(q[first:first + new], context_keys, context_values,
+                                            end - new, self.w.key_positions)
+        return out
+
+    def _heads(self, hidden: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """Both guard paths over every row; each row keeps its role's: [rows, R + C] fp32."""
+        out = torch.zeros(hidden.shape[0], self.num_classes, dtype=torch.float32,
+                          device=hidden.device)
+        r = self.num_risk
+        for head, is_user in ((self.response_head, False), (self.query_head, True)):
+            risk, category = head(hidden)
+            rows = (user != 0) if is_user else (user == 0)
+            scores = torch.cat((risk, F.pad(category, (0, self.num_classes - r
+                                                       - category.shape[1]))), dim=1)
+            out = torch.where(rows[:, None], scores, out)
+        return out
+
+    # ---- eager and replayed steps ------------------------------------------------------------
+    def _eager(self, chunks: list[Chunk], rows: int, longest: int) -> torch.Tensor:
+        sessions = len(chunks)
+        host = torch.empty(StepMeta.size(rows, sessions, self.max_blocks), dtype=torch.int32)
+        fill_meta(StepMeta.view(host, rows, sessions, self.max_blocks), chunks,
+                  self.pool.block_size)
+        paged = self.triton and longest <= MAX_QUERIES and rows <= self.attention.max_rows
+        device_meta = StepMeta.view(host.to(self.device, non_blocking=True), rows, sessions,
+                                    self.max_blocks)
+        if not paged:  # the gathered path reads per-session metadata on the host
+            host_meta = StepMeta.view(host, rows, sessions, self.max_blocks)
+            device_meta = StepMeta(device_meta.token_ids, device_meta.positions,
+                                   device_meta.slots, device_meta.row_seq, device_meta.user,
+                                   host_meta.q_start, host_meta.q_len, host_meta.ctx_len,
+                                   host_meta.block_tables)
+        return self.step(device_meta, longest if paged else None).cpu()
+
+    def _bucket(self, rows: int) -> int | None:
+        return next((b for b in sorted(self.graphs) if b >= rows), None)
+
+    def _capture_all(self) -> None:
+        """Capture one graph per token bucket, largest first, in one shared memory pool."""
+        largest = token_buckets(self.max_graph_tokens)[-1]
+        self.meta_device = torch.zeros(StepMeta.size(largest, largest, self.max_blocks),
+                                       dtype=torch.int32, device=self.device)
+        self.meta_host = torch.zeros_like(self.meta_device, device="cpu").pin_memory()
+        self.out_host = torch.zeros(largest, self.num_classes, dtype=torch.float32).pin_memory()
+        self.copied = torch.cuda.Event()
+        memory = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for bucket in reversed(token_buckets(self.max_graph_tokens)):
+                meta = StepMeta.view(self.meta_device, bucket, bucket, self.max_blocks)
+                fill_meta(StepMeta.view(self.meta_host, bucket, bucket, self.max_blocks), [],
+                          self.pool.block_size)  # all padding: captured steps write nothing
+                self.meta_device.copy_(self.meta_host)
+                queries = min(MAX_QUERIES, bucket)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS handles
+                    self.step(meta, queries)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=memory):
+                    out = self.step(meta, queries)
+                self.graphs[bucket] = (graph, out)
+        torch.cuda.synchronize()
+
+    def _replay(self, chunks: list[Chunk], bucket: int) -> torch.Tensor:
+        size = StepMeta.size(bucket, bucket, self.max_blocks)
+        fill_meta(StepMeta.view(self.meta_host, bucket, bucket, self.max_blocks), chunks,
+                  self.pool.block_size)
+        self.meta_device[:size].copy_(self.meta_host[:size], non_blocking=True)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        host = self.out_host[:bucket]
+        host.copy_(out, non_blocking=True)  # the step's one device-to-host copy
+        self.copied.record()
+        self.copied.synchronize()
+        return host.clone()
+
+    def _split(self, probs: torch.Tensor, chunks: list[Chunk]) -> list[Probs]:
+        results, row, r = [], 0, self.num_risk
+        for chunk in chunks:
+            new = chunk.token_ids.shape[0]
+            head = self.query_head if chunk.role == "user" else self.response_head
+            categories = head.category.weight.shape[0]
+            results.append((probs[row:row + new, :r], probs[row:row + new, r:r + categories]))
+            row += new
+        return results

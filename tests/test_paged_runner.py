@@ -1,0 +1,195 @@
+"""The paged runner (runtime/paged.py) against the module-by-module reference: the torch ops on
+CPU, the Triton ops under the interpreter, and on CUDA the captured graphs, StreamGuard as a batch
+of one, the engine, pool exhaustion and concurrent callers."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from qguard_stream import StreamGuard
+from qguard_stream.kvcache.paged import BlockPool, BlockTable, PoolExhaustedError
+from qguard_stream.runtime.paged import Chunk, PagedRunner, token_buckets
+
+from interpreter import run_interpreted
+
+# (token count, role) per call: a prompt, single tokens, odd chunks, a 16-token chunk (the
+# kernel's largest), a user turn in the middle, a long chunk (gathered attention), one more token.
+CALLS = [(23, "user"), (1, "assistant"), (1, "assistant"), (3, "assistant"), (1, "assistant"),
+         (16, "assistant"), (5, "user"), (70, "assistant"), (1, "assistant")]
+BLOCK = 16
+
+
+def call_ids(seed: int = 7) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 151936, (n,), generator=gen) for n, _ in CALLS]
+
+
+def reference_probs(guard: StreamGuard, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Risk probs of every call through the module-by-module path, one session."""
+    state = guard.open_stream()
+    out = [guard.moderate(state, chunk, role).risk_probs for chunk, (_, role) in zip(ids, CALLS)]
+    guard.close_stream(state)
+    return out
+
+
+def runner_probs(runner: PagedRunner, pool: BlockPool, ids: list[torch.Tensor],
+                 sessions: int = 1) -> list[list[torch.Tensor]]:
+    """Feed CALLS to `sessions` sessions at once (each step holds every session's chunk);
+    returns risk probs [session][call]."""
+    tables = [BlockTable(pool.block_size) for _ in range(sessions)]
+    out: list[list[torch.Tensor]] = [[] for _ in range(sessions)]
+    start = 0
+    for chunk, (count, role) in zip(ids, CALLS):
+        for table in tables:
+            table.grow(pool, start + count)
+        results = runner.forward([Chunk(t, start, chunk, role) for t in tables])
+        for s, (risk, _) in enumerate(results):
+            out[s].append(risk)
+        start += count
+    for table in tables:
+        table.shrink(pool, 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def core_guard(tiny_checkpoint: Path) -> StreamGuard:
+    return StreamGuard.from_pretrained(tiny_checkpoint, device="cpu", fast_path=False)
+
+
+def heads_of(guard: StreamGuard) -> dict:
+    return {"user": guard.model.query, "assistant": guard.model.response}
+
+
+def test_token_buckets_are_powers_of_two_then_multiples_of_eight() -> None:
+    assert token_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert token_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert token_buckets(3) == [1, 2, 3]
+
+
+def test_torch_ops_runner_equals_the_reference(tiny_guard: StreamGuard,
+                                               core_guard: StreamGuard) -> None:
+    pool = BlockPool(tiny_guard.config, 64, BLOCK, torch.device("cpu"), torch.float32)
+    runner = PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool)
+    assert not runner.triton and not runner.captured
+    ids = call_ids()
+    expected = reference_probs(core_guard, ids)
+    batched = runner_probs(runner, pool, ids, sessions=3)
+    for session in batched:
+        for got, want in zip(session, expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert pool.used_blocks == 0
+
+
+INTERPRETED_WORKER = """
+import sys, torch
+from qguard_stream import StreamGuard
+from qguard_stream.kvcache.paged import BlockPool, BlockTable
+from qguard_stream.runtime.paged import Chunk, PagedRunner
+path, ids, tests = torch.load(sys.argv[1])
+sys.path.insert(0, tests)
+from test_paged_runner import runner_probs
+guard = StreamGuard.from_pretrained(path, device="cpu")
+pool = BlockPool(guard.config, 64, 16, torch.device("cpu"), torch.float32)
+runner = PagedRunner(guard.fast, {"user": guard.model.query, "assistant": guard.model.response},
+                     pool, use_triton=True, use_graphs=False)
+from qguard_stream.kernels import paged_attention
+torch.save({"interpreted": runner.triton and paged_attention.INTERPRETED,
+            "probs": runner_probs(runner, pool, ids, sessions=2)}, sys.argv[2])
+"""
+
+
+def test_triton_ops_runner_equals_the_reference_under_the_interpreter(
+        tiny_checkpoint: Path, core_guard: StreamGuard, tmp_path: Path) -> None:
+    ids = call_ids()
+    inputs = (str(tiny_checkpoint), ids, str(Path(__file__).parent))
+    result = run_interpreted(INTERPRETED_WORKER, inputs, tmp_path)
+    assert result["interpreted"]
+    expected = reference_probs(core_guard, ids)
+    for session in result["probs"]:
+        for got, want in zip(session, expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_cuda_graphs_need_a_cuda_model_and_the_triton_ops(tiny_guard: StreamGuard) -> None:
+    pool = BlockPool(tiny_guard.config, 4, BLOCK, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool, use_graphs=True)
+
+
+def test_concurrent_callers_on_one_guard_get_their_own_sessions_verdicts(
+        tiny_guard: StreamGuard) -> None:
+    """Four threads, each streaming its own session on one guard: each gets exactly what it
+    gets alone."""
+    scripts = [call_ids(seed) for seed in range(4)]
+    expected = [reference_probs(tiny_guard, ids) for ids in scripts]
+    results: dict[int, list[torch.Tensor]] = {}
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            results[index] = reference_probs(tiny_guard, scripts[index])
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(results) == 4
+    for index in range(4):
+        for got, want in zip(results[index], expected[index]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_stream_guard_equals_the_reference(tiny_checkpoint: Path, core_guard: StreamGuard,
+                                                graphs: bool) -> None:
+    guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.float32,
+                                        use_cuda_graphs=graphs, kv_memory_gb=0.01)
+    ids = call_ids()
+    got = reference_probs(guard, ids)  # through StreamGuard.moderate: the paged runner
+    assert bool(guard.paged_runtime()[1].captured) == graphs
+    for g, want in zip(got, reference_probs(core_guard, ids)):
+        torch.testing.assert_close(g.cpu(), want, atol=1e-4, rtol=0)
+
+
+@cuda
+def test_cuda_engine_batch_equals_one_session(tiny_checkpoint: Path,
+                                              core_guard: StreamGuard) -> None:
+    guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.float32)
+    pool = BlockPool(guard.config, 256, BLOCK, guard.device, guard.dtype)
+    runner = PagedRunner(guard.fast, heads_of(guard), pool, max_graph_tokens=64)
+    assert runner.captured == token_buckets(64)
+    ids = call_ids()
+    expected = reference_probs(core_guard, ids)
+    for session in runner_probs(runner, pool, ids, sessions=5):
+        for got, want in zip(session, expected):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@cuda
+def test_cuda_pool_exhaustion_is_typed_and_blocks_come_back(tiny_checkpoint: Path) -> None:
+    guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cuda", kv_memory_gb=0.0005)
+    pool = guard.paged_runtime()[0]
+    state = guard.open_stream()
+    with pytest.raises(PoolExhaustedError):
+        guard.moderate(state, list(range(pool.num_blocks * pool.block_size + 1)), "user")
+    assert state.length == 0 and pool.used_blocks == 0
+    guard.moderate(state, list(range(40)), "user")
+    used = pool.used_blocks
+    guard.rollback(state, 10)
+    assert pool.used_blocks < used
+    del state
+    gc.collect()
+    assert pool.used_blocks == 0
