@@ -40,15 +40,24 @@ def hf_config(config: GuardConfig, dtype: torch.dtype) -> Qwen3Config:
 def load_hf_backbone(directory: Path, config: GuardConfig, device: torch.device,
                      dtype: torch.dtype) -> Qwen3Model:
     """transformers' Qwen3Model holding the checkpoint's `model.*` tensors."""
-    hf = hf_config(config, dtype)
-    with torch.device("meta"):
-        model = Qwen3Model(hf)
     state = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 if name.startswith("model."):
-                    state[name.removeprefix("model.")] = handle.get_tensor(name).to(device, dtype)
+                    state[name] = handle.get_tensor(name)
+    return hf_backbone_from_tensors(state, config, device, dtype)
+
+
+def hf_backbone_from_tensors(tensors: dict[str, torch.Tensor], config: GuardConfig,
+                             device: torch.device, dtype: torch.dtype) -> Qwen3Model:
+    """transformers' Qwen3Model holding the `model.*` tensors of a checkpoint's tensor dict
+    (shared, not copied, when already on `device` in `dtype`)."""
+    hf = hf_config(config, dtype)
+    with torch.device("meta"):
+        model = Qwen3Model(hf)
+    state = {name.removeprefix("model."): tensor.to(device, dtype)
+             for name, tensor in tensors.items() if name.startswith("model.")}
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary_emb = Qwen3RotaryEmbedding(hf).to(device)
     return model.eval()

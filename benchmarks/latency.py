@@ -161,10 +161,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def ours_step(guard: StreamGuard) -> str:
-    """Which step (a) took for small steps: the reader of a CPU table needs to know whether the C
-    step was built on that machine."""
-    if guard.runner is not None:
-        return "CUDA graphs (graphs.DecodeRunner) for <= 16 tokens, eager fast path beyond"
+    """Which step (a) took for small steps: the reader of a table needs to know whether the C
+    step was built on that machine, and whether CUDA graphs were replayed."""
+    if guard.paged:
+        captured = guard.runner is not None and guard.runner.captured
+        return ("paged runner, CUDA graphs per token bucket for chunks <= 16 tokens"
+                if captured else "paged runner, eager (no CUDA graphs)")
     if guard.fast is None:
         return "core module path"
     if guard.fast.cpu_step is not None:

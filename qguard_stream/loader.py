@@ -151,6 +151,29 @@ def fill_model(model: nn.Module, directory: Path, device: torch.device,
     return model.eval()
 
 
+def model_from_tensors(config: GuardConfig, tensors: dict[str, torch.Tensor],
+                       device: torch.device, dtype: torch.dtype) -> GuardModel:
+    """A GuardModel holding `tensors` (checkpoint names -> tensors, e.g. drawn on the GPU by
+    checkpoints.random_tensors), assigned as from_pretrained assigns a checkpoint's, with the
+    same name and shape checks; tensors already on `device` in `dtype` are used, not copied."""
+    with torch.device("meta"):
+        model = GuardModel(config)
+    expected = model.expected_shapes()
+    missing = sorted(set(expected) - set(tensors))
+    wrong = sorted(f"{name}: {tuple(tensors[name].shape)} != {shape}"
+                   for name, shape in expected.items()
+                   if name in tensors and tuple(tensors[name].shape) != shape)
+    if missing or wrong:
+        raise CheckpointError(f"tensors do not fit the config: missing {missing[:8]}, "
+                              f"wrong shapes {wrong[:8]}")
+    for name in expected:
+        module, attr = model.parameter_for(name)
+        value = tensors[name].to(device=device, dtype=dtype)
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    model.model.rotary = Rotary(config.head_dim, config.rope_theta).to(device)
+    return model.eval()
+
+
 def _assign(model: nn.Module, file: Path, names: Iterable[str], device: torch.device,
             dtype: torch.dtype) -> None:
     # Read on the CPU (memory-mapped) and move once; safe_open's own device path would

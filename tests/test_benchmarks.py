@@ -37,3 +37,18 @@ def test_bad_grid_values_are_rejected_naming_them() -> None:
         latency.main(["--ks", "0,4"])
     with pytest.raises(SystemExit):
         latency.main(["--variants", "ours,vllm"])
+
+
+def test_gpu_check_dry_runs_every_part_on_cpu(tmp_path: Path) -> None:
+    """CI keeps the one-command GPU check from rotting: --dry runs parity, latency and engine
+    throughput on the tiny shape on CPU and writes both reports."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path), "--dry"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    tiny = report["shapes"]["tiny"]
+    assert tiny["parity"]["ok"] and tiny["parity"]["ours_vs_transformers"] < 1e-4
+    assert {c["variant"] for c in tiny["latency"]["cells"]} == {"ours", "card_loop",
+                                                               "hf_dynamic_cache"}
+    assert [row["sessions"] for row in tiny["engine"]["rows"]] == [1, 4]
+    assert "## tiny" in (tmp_path / "gpu_check.md").read_text()

@@ -137,3 +137,22 @@ def test_hub_id_resolves_from_local_cache_offline(tiny_checkpoint, tiny_guard, h
     (repo / "refs" / "main").write_text(revision)
     guard = StreamGuard.from_pretrained("acme/guard", device="cpu")
     assert torch.equal(probs(guard), probs(tiny_guard))
+
+
+def test_a_model_from_tensors_equals_the_loaded_checkpoint(tmp_path) -> None:
+    from qguard_stream.checkpoints import config_for, make_random_checkpoint, random_tensors
+    from qguard_stream.loader import model_from_tensors
+
+    path = make_random_checkpoint(tmp_path / "ckpt", "tiny", seed=3)
+    loaded = StreamGuard.from_pretrained(path, device="cpu", fast_path=False).model
+    config = config_for("tiny")
+    built = model_from_tensors(config, random_tensors(config, 3, torch.float32),
+                               torch.device("cpu"), torch.float32)
+    loaded_state, built_state = loaded.state_dict(), built.state_dict()
+    assert loaded_state.keys() == built_state.keys()
+    for name, tensor in loaded_state.items():
+        assert torch.equal(tensor, built_state[name]), name
+    tensors = random_tensors(config, 3, torch.float32)
+    del tensors["model.norm.weight"]
+    with pytest.raises(CheckpointError, match="model.norm.weight"):
+        model_from_tensors(config, tensors, torch.device("cpu"), torch.float32)

@@ -88,28 +88,35 @@ class StepMeta:
 
 
 def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
-    """Write the chunks' metadata into host views; rows and sessions past them are padding."""
-    meta.slots.fill_(-1)
-    meta.row_seq.fill_(-1)
-    meta.token_ids.zero_()
-    meta.positions.zero_()
-    meta.user.zero_()
-    meta.q_len.zero_()
-    meta.q_start.zero_()
-    meta.ctx_len.zero_()
-    row = 0
+    """Write the chunks' metadata into host views; rows and sessions past them are padding.
+    Built as Python lists and written with one copy per field (a step may hold 256 chunks)."""
+    rows, sessions = meta.token_ids.shape[0], meta.q_len.shape[0]
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    row_seq: list[int] = []
+    user: list[int] = []
+    q_start, q_len, ctx_len = [], [], []
     for index, chunk in enumerate(chunks):
-        new, end = chunk.token_ids.shape[0], chunk.start + chunk.token_ids.shape[0]
-        rows = slice(row, row + new)
-        meta.token_ids[rows] = chunk.token_ids
-        meta.positions[rows] = torch.arange(chunk.start, end, dtype=torch.int32)
-        meta.slots[rows] = chunk.table.slots(chunk.start, end)
-        meta.row_seq[rows] = index
-        meta.user[rows] = int(chunk.role == "user")
-        meta.q_start[index], meta.q_len[index], meta.ctx_len[index] = row, new, end
+        new, start = chunk.token_ids.shape[0], chunk.start
         blocks = chunk.table.blocks
+        q_start.append(len(token_ids))
+        q_len.append(new)
+        ctx_len.append(start + new)
+        token_ids += chunk.token_ids.tolist()
+        positions += range(start, start + new)
+        slots += [blocks[p // block_size] * block_size + p % block_size
+                  for p in range(start, start + new)]
+        row_seq += [index] * new
+        user += [int(chunk.role == "user")] * new
         meta.block_tables[index, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        row += new
+    pad_rows, pad_sessions = rows - len(token_ids), sessions - len(chunks)
+    for view, values, fill in ((meta.token_ids, token_ids, 0), (meta.positions, positions, 0),
+                               (meta.slots, slots, -1), (meta.row_seq, row_seq, -1),
+                               (meta.user, user, 0)):
+        view.copy_(torch.tensor(values + [fill] * pad_rows, dtype=torch.int32))
+    for view, values in ((meta.q_start, q_start), (meta.q_len, q_len), (meta.ctx_len, ctx_len)):
+        view.copy_(torch.tensor(values + [0] * pad_sessions, dtype=torch.int32))
 
 
 class PagedRunner:
