@@ -8,8 +8,11 @@ read in place through the table (no gather) and once per KV head for all the que
 it (GQA rows stacked: row r of a program is query r // group, head r % group), never repeated.
 
 One program per (session, KV head, key split). With one split the program normalises and writes
-its rows; with several (long contexts, few sessions: flash-decoding), each split writes its
-unnormalised partial output and (max, sum) statistics and a second kernel combines them. Sessions
+its rows; with several (few sessions: flash-decoding), each session's keys are cut into
+NUM_SPLITS equal tile-aligned parts (sized from its own context, so every split has work), each
+split writes its unnormalised partial output and (max, sum) statistics and a second kernel
+combines them. The launcher picks the split count from the sessions in the launch, so one
+session's step spreads over the GPU and a batch of many does not pay for the combine. Sessions
 with q_len 0 (padding in a captured graph) and splits past a session's context do nothing, so one
 launch shape serves every step of a CUDA-graph bucket.
 
@@ -27,7 +30,7 @@ import triton.language as tl
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 MAX_QUERIES = 16  # new tokens per session in one launch
 KEY_TILE = 64  # keys per inner iteration
-MAX_SPLITS = 32
+MAX_SPLITS = 16
 
 
 @triton.jit
@@ -46,16 +49,17 @@ def _paged_attention_kernel(
         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh,
         stride_bt, num_heads,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_KEYS: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     q_len = tl.load(q_len_ptr + seq)
     ctx = tl.load(ctx_len_ptr + seq)
-    key_lo = split * SPLIT_KEYS
+    split_keys = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    key_lo = split * split_keys
     if (q_len > 0) & (key_lo < ctx):
-        key_hi = tl.minimum(ctx, key_lo + SPLIT_KEYS)
+        key_hi = tl.minimum(ctx, key_lo + split_keys)
         q_start = tl.load(q_start_ptr + seq)
         rows = tl.arange(0, BLOCK_M)
         query = rows // GROUP
@@ -104,13 +108,14 @@ def _paged_attention_kernel(
 @triton.jit
 def _combine_splits_kernel(out_ptr, part_ptr, stats_ptr, row_seq_ptr, ctx_len_ptr,
                            stride_ot, stride_oh, num_heads,
-                           HEAD_DIM: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                            NUM_SPLITS: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(row_seq_ptr + row)
     if seq >= 0:
-        used = tl.cdiv(tl.load(ctx_len_ptr + seq), SPLIT_KEYS)
+        ctx = tl.load(ctx_len_ptr + seq)
+        used = tl.cdiv(ctx, tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
         base = (row * num_heads + head) * NUM_SPLITS
         m = tl.full([1], float("-inf"), tl.float32)
@@ -136,35 +141,39 @@ class PagedAttention:
     """Launches paged attention for one model shape; owns the split workspace (sized once, so
     CUDA-graph replays reuse it).
 
-    `max_rows`: the most query rows one launch may hold; `max_context`: the longest session
-    context (max_position_embeddings); `num_splits` (default: chosen from max_context) splits
-    each session's keys over programs for long contexts.
+    `max_rows`: the most query rows one launch may hold. The split count per launch is
+    `num_splits` when given, else chosen from the launch's sessions: enough programs to cover
+    the GPU's multiprocessors about four times, at most MAX_SPLITS, 1 for large batches.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page: int,
-                 max_rows: int, max_context: int, device: torch.device,
-                 num_splits: int | None = None) -> None:
+                 max_rows: int, device: torch.device, num_splits: int | None = None) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"heads ({num_heads}) must be a multiple of kv heads "
                              f"({num_kv_heads})")
         if head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+        if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
+            raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.page = (
             num_heads, num_kv_heads, head_dim, page)
         self.group = num_heads // num_kv_heads
-        if num_splits is None:
-            num_splits = min(MAX_SPLITS, triton.cdiv(max_context, 512))
-        self.num_splits = max(1, num_splits)
-        self.split_keys = triton.cdiv(triton.cdiv(max_context, self.num_splits), KEY_TILE) \
-            * KEY_TILE
+        self.fixed_splits = num_splits
         self.max_rows = max_rows
-        if self.num_splits > 1:
-            self.partials = torch.empty(max_rows, num_heads, self.num_splits, head_dim,
-                                        dtype=torch.float32, device=device)
-            self.stats = torch.empty(max_rows, num_heads, self.num_splits, 2,
-                                     dtype=torch.float32, device=device)
-        else:
-            self.partials = self.stats = torch.empty(1, dtype=torch.float32, device=device)
+        self.processors = (torch.cuda.get_device_properties(device).multi_processor_count
+                           if device.type == "cuda" else 8)
+        most = num_splits or MAX_SPLITS
+        self.partials = torch.empty(max_rows, num_heads, most, head_dim, dtype=torch.float32,
+                                    device=device)
+        self.stats = torch.empty(max_rows, num_heads, most, 2, dtype=torch.float32,
+                                 device=device)
+
+    def splits_for(self, sessions: int) -> int:
+        """Key splits for a launch over `sessions` sessions."""
+        if self.fixed_splits is not None:
+            return self.fixed_splits
+        programs = sessions * self.num_kv_heads
+        return max(1, min(MAX_SPLITS, 4 * self.processors // programs))
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
@@ -182,20 +191,19 @@ class PagedAttention:
             raise ValueError(f"max_queries must be in [1, {MAX_QUERIES}], got {max_queries}")
         if sessions == 0 or rows == 0:
             return out
+        splits = self.splits_for(sessions)
         block_m = max(16, triton.next_power_of_2(max_queries * self.group))
-        grid = (sessions, self.num_kv_heads, self.num_splits)
-        _paged_attention_kernel[grid](
+        _paged_attention_kernel[(sessions, self.num_kv_heads, splits)](
             q, k_cache, v_cache, out, self.partials, self.stats,
             block_tables, q_start, q_len, ctx_len,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             out.stride(0), out.stride(1), block_tables.stride(0), self.num_heads,
             GROUP=self.group, HEAD_DIM=self.head_dim, PAGE=self.page, BLOCK_M=block_m,
-            BLOCK_N=KEY_TILE, SPLIT_KEYS=self.split_keys, NUM_SPLITS=self.num_splits,
-            DOT_IN_FP32=INTERPRETED, num_warps=4, num_stages=2)
-        if self.num_splits > 1:
+            BLOCK_N=KEY_TILE, NUM_SPLITS=splits, DOT_IN_FP32=INTERPRETED, num_warps=4,
+            num_stages=2)
+        if splits > 1:
             _combine_splits_kernel[(rows, self.num_heads)](
                 out, self.partials, self.stats, row_seq, ctx_len,
                 out.stride(0), out.stride(1), self.num_heads,
-                HEAD_DIM=self.head_dim, SPLIT_KEYS=self.split_keys, NUM_SPLITS=self.num_splits,
-                num_warps=4)
+                HEAD_DIM=self.head_dim, BLOCK_N=KEY_TILE, NUM_SPLITS=splits, num_warps=4)
         return out

@@ -7,7 +7,8 @@ kernel casts to bf16 before the product (as flash-attn does).
 
 Cases cover pages of 16 and 32, head_dim 64 and 128, GQA groups 1-4, contexts 1-4096, 1-16 new
 queries per session, several sessions per launch with unused (q_len 0) slots and padding rows,
-scattered (non-contiguous, unordered) blocks, and one and several key splits.
+scattered (non-contiguous, unordered) blocks, and one and several key splits (each session's
+context cut into equal tile-aligned parts, some of them empty for short contexts).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qguard_stream.kernels.reference import paged_attention_reference
 
 from interpreter import run_interpreted
 
-# (page, head_dim, kv_heads, group, [(context, new queries), ...], splits, dtype)
+# (page, head_dim, kv_heads, group, [(context, new queries), ...], splits or None, dtype)
 CASES = [
     (16, 64, 2, 1, [(1, 1)], 1, torch.float32),
     (16, 64, 2, 2, [(37, 5), (16, 16), (3, 1)], 1, torch.float32),
@@ -31,6 +32,7 @@ CASES = [
     (16, 128, 2, 3, [(4096, 1)], 8, torch.float32),
     (32, 64, 2, 4, [(4096, 16), (1, 1), (700, 3)], 4, torch.bfloat16),
     (16, 128, 2, 2, [(257, 2), (0, 0), (129, 9)], 3, torch.float32),
+    (16, 64, 2, 2, [(300, 1), (20, 4)], None, torch.bfloat16),  # the launcher picks the splits
 ]
 PAD_ROWS = 3  # trailing rows that belong to no session: must stay unwritten
 POISON = 1234.5
@@ -41,10 +43,10 @@ from qguard_stream.kernels import paged_attention as pa
 results = []
 for inputs, shape in torch.load(sys.argv[1]):
     q, k, v, tables, q_start, q_len, ctx, row_seq = inputs
-    heads, kv_heads, dim, page, splits, max_context = shape
+    heads, kv_heads, dim, page, splits = shape
     out = torch.full_like(q, 1234.5)
-    launcher = pa.PagedAttention(heads, kv_heads, dim, page, q.shape[0], max_context,
-                                 torch.device("cpu"), num_splits=splits)
+    launcher = pa.PagedAttention(heads, kv_heads, dim, page, q.shape[0], torch.device("cpu"),
+                                 num_splits=splits)
     launcher(q, k, v, tables, q_start, q_len, ctx, row_seq, out,
              max_queries=max(1, int(q_len.max())))
     results.append(out)
@@ -77,9 +79,7 @@ def case_inputs(case: tuple, seed: int) -> tuple[tuple[torch.Tensor, ...], tuple
     row_seq = torch.full((rows,), -1, dtype=torch.int32)
     for s, (_, n) in enumerate(sessions):
         row_seq[int(q_start[s]):int(q_start[s]) + n] = s
-    max_context = max(4096, max(c for c, _ in sessions))
-    return (q, k, v, tables, q_start, q_len, ctx, row_seq), (heads, kv_heads, dim, page, splits,
-                                                             max_context)
+    return (q, k, v, tables, q_start, q_len, ctx, row_seq), (heads, kv_heads, dim, page, splits)
 
 
 def check(out: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -117,7 +117,7 @@ def test_interpreted_kernel_matches_the_formula(interpreted: dict, index: int) -
 def test_reference_matches_dense_causal_attention() -> None:
     """The oracle itself, on one contiguous session: plain softmax attention with a causal mask
     (SDPA with GQA), so a wrong gather in the reference cannot hide a wrong kernel."""
-    inputs, (_, kv_heads, dim, page, _, _) = case_inputs(
+    inputs, (_, kv_heads, dim, page, _) = case_inputs(
         (16, 64, 2, 2, [(40, 6)], 1, torch.float64), seed=7)
     q, k, v, tables, q_start, q_len, ctx, _ = inputs
     slots = (tables[0].long()[torch.arange(40) // page] * page + torch.arange(40) % page)
@@ -135,11 +135,11 @@ def test_reference_matches_dense_causal_attention() -> None:
 def test_compiled_kernel_matches_the_formula_on_cuda(index: int) -> None:
     from qguard_stream.kernels.paged_attention import PagedAttention
 
-    inputs, (heads, kv_heads, dim, page, splits, max_context) = case_inputs(CASES[index], index)
+    inputs, (heads, kv_heads, dim, page, splits) = case_inputs(CASES[index], index)
     cuda = tuple(t.cuda() for t in inputs)
     q, k, v, tables, q_start, q_len, ctx, row_seq = cuda
     out = torch.full_like(q, POISON)
-    PagedAttention(heads, kv_heads, dim, page, q.shape[0], max_context, q.device,
+    PagedAttention(heads, kv_heads, dim, page, q.shape[0], q.device,
                    num_splits=splits)(q, k, v, tables, q_start, q_len, ctx, row_seq, out,
                                       max_queries=max(1, int(q_len.max())))
     torch.cuda.synchronize()

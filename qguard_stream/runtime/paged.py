@@ -11,9 +11,9 @@ copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows 
   (1, 2, 4, 8, then multiples of 8); padding rows write nowhere and padding sessions do nothing.
 - torch (CPU): the same formulas as eager ops; attention gathers each session's context.
 
-Both guard heads run over every row and each row keeps its role's, so one captured graph serves
-any mix of roles. The step's probabilities come back to the host in one copy (pinned, on CUDA).
-`forward` is thread-safe (one step at a time). This module owns no session bookkeeping.
+Both guard heads run over every row (as plain GEMMs) and each row keeps its role's, so one
+captured graph serves any mix of roles. The step's probabilities come back to the host in one
+copy (pinned, on CUDA). `forward` is thread-safe (one step at a time). This module owns no session bookkeeping.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from qguard_stream.kernels import triton_available
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
 from qguard_stream.models.guard import GuardHead
 from qguard_stream.runtime.attention import attend
+from qguard_stream.runtime.fused import FastHead
 from qguard_stream.runtime.layer import AttendFn, decoder_layer, qk_norm_rope, rms_norm, silu_mul
 from qguard_stream.runtime.weights import FusedLayer, FusedWeights
 
@@ -132,6 +133,10 @@ class PagedRunner:
                  max_graph_tokens: int = 256) -> None:
         self.w, self.pool = weights, pool
         self.query_head, self.response_head = heads["user"], heads["assistant"]
+        # The heads as plain GEMMs (FastHead): at decode sizes cuBLAS spreads the projection over
+        # the GPU, where the fused head kernel streams it through one multiprocessor.
+        self.scorers = {"user": FastHead(self.query_head),
+                        "assistant": FastHead(self.response_head)}
         self.device = weights.embed.device
         self.triton = (self.device.type == "cuda" and triton_available()) \
             if use_triton is None else use_triton
@@ -152,8 +157,7 @@ class PagedRunner:
 
             self.attention = PagedAttention(
                 config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                pool.block_size, max(max_graph_tokens, 256), config.max_position_embeddings,
-                self.device)
+                pool.block_size, max(max_graph_tokens, 256), self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture_all()
@@ -264,8 +268,8 @@ class PagedRunner:
         out = torch.zeros(hidden.shape[0], self.num_classes, dtype=torch.float32,
                           device=hidden.device)
         r = self.num_risk
-        for head, is_user in ((self.response_head, False), (self.query_head, True)):
-            risk, category = head(hidden)
+        for role, is_user in (("assistant", False), ("user", True)):
+            risk, category = self.scorers[role](hidden)
             rows = (user != 0) if is_user else (user == 0)
             scores = torch.cat((risk, F.pad(category, (0, self.num_classes - r
                                                        - category.shape[1]))), dim=1)
