@@ -13,7 +13,8 @@ copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows 
 
 Both guard heads run over every row (as plain GEMMs) and each row keeps its role's, so one
 captured graph serves any mix of roles. The step's probabilities come back to the host in one
-copy (pinned, on CUDA). `forward` is thread-safe (one step at a time). This module owns no session bookkeeping.
+copy (pinned, on CUDA). `forward` is thread-safe (one step at a time). This module owns no
+session bookkeeping.
 """
 
 from __future__ import annotations
