@@ -20,6 +20,7 @@ session bookkeeping.
 from __future__ import annotations
 
 import threading
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,7 @@ def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
     row_seq: list[int] = []
     user: list[int] = []
     q_start, q_len, ctx_len = [], [], []
+    table_blocks: list[int] = []
     for index, chunk in enumerate(chunks):
         new, start = chunk.token_ids.shape[0], chunk.start
         blocks = chunk.table.blocks
@@ -111,14 +113,30 @@ def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
                   for p in range(start, start + new)]
         row_seq += [index] * new
         user += [int(chunk.role == "user")] * new
-        meta.block_tables[index, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        table_blocks += blocks
+    if table_blocks:  # one indexed write for every session's blocks
+        width = meta.block_tables.shape[1]
+        flat = [row * width + column for chunk, row in zip(chunks, range(len(chunks)))
+                for column in range(len(chunk.table.blocks))]
+        meta.block_tables.view(-1)[_int64s(flat)] = _int32s(table_blocks)
     pad_rows, pad_sessions = rows - len(token_ids), sessions - len(chunks)
     for view, values, fill in ((meta.token_ids, token_ids, 0), (meta.positions, positions, 0),
                                (meta.slots, slots, -1), (meta.row_seq, row_seq, -1),
                                (meta.user, user, 0)):
-        view.copy_(torch.tensor(values + [fill] * pad_rows, dtype=torch.int32))
+        view.copy_(_int32s(values + [fill] * pad_rows))
     for view, values in ((meta.q_start, q_start), (meta.q_len, q_len), (meta.ctx_len, ctx_len)):
-        view.copy_(torch.tensor(values + [0] * pad_sessions, dtype=torch.int32))
+        view.copy_(_int32s(values + [0] * pad_sessions))
+
+
+def _int32s(values: list[int]) -> torch.Tensor:
+    # array.array packs a list of ints ~3x faster than torch.tensor does
+    return torch.frombuffer(array("i", values), dtype=torch.int32) if values else \
+        torch.empty(0, dtype=torch.int32)
+
+
+def _int64s(values: list[int]) -> torch.Tensor:
+    return torch.frombuffer(array("q", values), dtype=torch.int64) if values else \
+        torch.empty(0, dtype=torch.int64)
 
 
 class PagedRunner:
