@@ -172,3 +172,14 @@ def test_cuda_graph_path_equals_eager_path(tiny_checkpoint: Path, token_ids: tor
     eager_risk, eager_category = run_calls(eager, token_ids)
     torch.testing.assert_close(graph_risk, eager_risk, atol=1e-4, rtol=0)
     torch.testing.assert_close(graph_category, eager_category, atol=1e-4, rtol=0)
+
+
+def test_flash_attn_is_never_picked_for_fp32_or_cpu(monkeypatch) -> None:
+    from qguard_stream.runtime import attention
+
+    monkeypatch.setattr(attention, "flash_attn_with_kvcache", object())  # "installed"
+    cuda = torch.device("cuda")
+    assert attention.flash_available(cuda, torch.bfloat16)
+    assert attention.flash_available(cuda, torch.float16)
+    assert not attention.flash_available(cuda, torch.float32)
+    assert not attention.flash_available(torch.device("cpu"), torch.bfloat16)

@@ -1,10 +1,10 @@
 """Attention of k new queries against one session's KV prefix, with the backend picked per call.
 
 Three backends compute the same function (softmax(q k^T * scale) v, causal, grouped-query):
-flash-attn's KV-cache kernel when it imports and the tensors are on CUDA; a grouped small-query
-path (two batched matmuls, the query heads of a KV group stacked as rows, so K/V are never
-repeated or copied, unlike SDPA's enable_gqa fallbacks) for up to 64 queries, where SDPA's CPU
-kernels are tuned for long queries; and SDPA for longer steps (prefill). The caller passes q
+flash-attn's KV-cache kernel when it imports and the tensors are fp16/bf16 on CUDA; a grouped
+small-query path (two batched matmuls, the query heads of a KV group stacked as rows, so K/V are
+never repeated or copied, unlike SDPA's enable_gqa fallbacks) for up to 64 queries, where SDPA's
+CPU kernels are tuned for long queries; and SDPA for longer steps (prefill). The caller passes q
 already scaled (the scale is folded into q_norm), so every backend runs with scale 1. This module
 owns no cache: it reads the views it is given.
 """
@@ -23,8 +23,12 @@ except ImportError:  # pragma: no cover - depends on the machine
 SMALL_QUERY_TOKENS = 64
 
 
-def flash_available(device: torch.device) -> bool:
-    return flash_attn_with_kvcache is not None and device.type == "cuda"
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn computes in these only
+
+
+def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """flash-attn's KV-cache kernel serves this call: installed, CUDA, fp16/bf16."""
+    return flash_attn_with_kvcache is not None and device.type == "cuda" and dtype in FLASH_DTYPES
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
@@ -33,7 +37,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
     [kv_heads, start+new, head_dim]; key_positions: arange covering start+new.
     Returns [new, heads * head_dim]."""
     new = q.shape[0]
-    if flash_available(q.device):
+    if flash_available(q.device, q.dtype):
         return _flash(q, keys, values)
     if new <= SMALL_QUERY_TOKENS:
         return _grouped_small(q, keys, values, start, key_positions)
