@@ -52,3 +52,15 @@ def test_gpu_check_dry_runs_every_part_on_cpu(tmp_path: Path) -> None:
                                                                "hf_dynamic_cache"}
     assert [row["sessions"] for row in tiny["engine"]["rows"]] == [1, 4]
     assert "## tiny" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_engine_benchmark_quick_reports_every_cell(tmp_path: Path) -> None:
+    from benchmarks import engine
+
+    assert engine.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "engine_tiny_cpu.json").read_text())
+    assert [(row["k"], row["sessions"]) for row in report["rows"]] == [(1, 1), (1, 4), (2, 1),
+                                                                       (2, 4)]
+    for row in report["rows"]:
+        assert row["engine_tokens_per_s"] > 0 and row["fraction_of_roofline"] > 0
+        assert row["roofline_tokens_per_s"] > row["engine_tokens_per_s"]
