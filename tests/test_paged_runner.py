@@ -121,10 +121,15 @@ def test_cuda_graphs_need_a_cuda_model_and_the_triton_ops(tiny_guard: StreamGuar
         PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool, use_graphs=True)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_concurrent_callers_on_one_guard_get_their_own_sessions_verdicts(
-        tiny_guard: StreamGuard) -> None:
-    """Four threads, each streaming its own session on one guard: each gets exactly what it
-    gets alone."""
+        tiny_guard: StreamGuard, tiny_checkpoint: Path, device: str) -> None:
+    """Four threads, each streaming its own session on one guard (on CUDA: one paged runner and
+    its captured graphs shared by all): each gets exactly what it gets alone."""
+    if device == "cuda":
+        tiny_guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cuda",
+                                                 dtype=torch.float32, kv_memory_gb=0.05)
     scripts = [call_ids(seed) for seed in range(4)]
     expected = [reference_probs(tiny_guard, ids) for ids in scripts]
     results: dict[int, list[torch.Tensor]] = {}
@@ -144,7 +149,7 @@ def test_concurrent_callers_on_one_guard_get_their_own_sessions_verdicts(
     assert not errors and len(results) == 4
     for index in range(4):
         for got, want in zip(results[index], expected[index]):
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-6, rtol=0)
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------
