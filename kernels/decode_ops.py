@@ -5,8 +5,8 @@ small batch the launches, not the bytes, are the cost.
 Cast points follow the eager step (runtime/fused.py, the formulas in reference.py): statistics
 in fp32, the normalised value rounded to the input dtype before the weight, RoPE as
 round(round(x * cos) + roll(x) * sin), SiLU rounded before the product. bf16 rounding is spelled
-out in bits (`_round`) because the interpreter truncates fp32 -> bf16 casts. Runs on CUDA tensors,
-or on CPU tensors when imported under TRITON_INTERPRET=1 (tests).
+out in bits (triton_common.round_to) because the interpreter truncates fp32 -> bf16 casts. Runs
+on CUDA tensors, or on CPU tensors when imported under TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
@@ -14,19 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from qguard_stream.kernels.triton_common import round_to
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    """fp32 x rounded to nearest-even in `dtype`, kept as fp32."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -38,7 +28,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, n, stride_x, stride_o, BLOCK: t
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)
     dtype = out_ptr.dtype.element_ty
-    out = _round(_round(x * inv, dtype) * w, dtype)
+    out = round_to(round_to(x * inv, dtype) * w, dtype)
     tl.store(out_ptr + row * stride_o + cols, out.to(dtype), mask=ok)
 
 
@@ -58,12 +48,12 @@ def _qk_norm_rope_store_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, positions_ptr, 
     w_rolled = tl.load(w_ptr + head * HEAD_DIM + rolled).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / HEAD_DIM + eps)
     dtype = q_ptr.dtype.element_ty
-    normed = _round(_round(x * inv, dtype) * w, dtype)
-    normed_rolled = _round(_round(x_rolled * inv, dtype) * w_rolled, dtype)
+    normed = round_to(round_to(x * inv, dtype) * w, dtype)
+    normed_rolled = round_to(round_to(x_rolled * inv, dtype) * w_rolled, dtype)
     position = tl.load(positions_ptr + row)
     cos = tl.load(cos_ptr + position * stride_cos + dims).to(tl.float32)
     sin = tl.load(sin_ptr + position * stride_cos + dims).to(tl.float32)
-    roped = _round(_round(normed * cos, dtype) + normed_rolled * sin, dtype).to(dtype)
+    roped = round_to(round_to(normed * cos, dtype) + normed_rolled * sin, dtype).to(dtype)
     if head < num_heads:
         tl.store(q_ptr + row * stride_qt + head * stride_qh + dims, roped)
     else:
@@ -84,8 +74,8 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, inner, stride_g, stride_o, BLOCK: tl.
     gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_g + inner + cols, mask=ok, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    silu = _round(gate / (1.0 + tl.exp(-gate)), dtype)
-    tl.store(out_ptr + row * stride_o + cols, _round(silu * up, dtype).to(dtype), mask=ok)
+    silu = round_to(gate / (1.0 + tl.exp(-gate)), dtype)
+    tl.store(out_ptr + row * stride_o + cols, round_to(silu * up, dtype).to(dtype), mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

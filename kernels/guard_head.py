@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from qguard_stream.kernels.reference import FUSED_DTYPES, GuardHeadOutput
+from qguard_stream.kernels.triton_common import round_to
 
 MAX_INNER = 1024  # the accumulator is [BLOCK_ROWS, inner] fp32 in registers
 ROWS_PER_PROGRAM = 16  # the smallest tl.dot M; rows beyond k are masked
@@ -45,19 +46,6 @@ def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
-    """fp32 x rounded to nearest-even in `dtype`, kept as fp32: the value torch stores for a
-    linear's output. bf16 is spelled out in bits because the interpreter truncates fp32->bf16
-    casts (compiled casts round to nearest-even already; this is the same result)."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _softmax_head(inner, w_ptr, stride_w_row, probs_ptr, ids_ptr, max_ptr, row, row_ok, col,
                   col_ok, NUM_CLASSES: tl.constexpr, BLOCK_CLASSES: tl.constexpr):
     """One linear head on the normalised rows, then fp32 softmax, argmax and max probability.
@@ -70,7 +58,8 @@ def _softmax_head(inner, w_ptr, stride_w_row, probs_ptr, ids_ptr, max_ptr, row, 
         w = tl.load(w_ptr + c * stride_w_row + col, mask=col_ok, other=0.0).to(tl.float32)
         logit = tl.sum(inner * w[None, :], axis=1)
         # F.linear returns the input dtype; the reference softmaxes that rounded value in fp32.
-        logits = tl.where(cls[None, :] == c, _round(logit, w_ptr.dtype.element_ty)[:, None], logits)
+        rounded = round_to(logit, w_ptr.dtype.element_ty)
+        logits = tl.where(cls[None, :] == c, rounded[:, None], logits)
     exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     probs = exp / tl.sum(exp, axis=1)[:, None]
     tl.store(probs_ptr + row[:, None] * NUM_CLASSES + cls[None, :], probs,
@@ -103,11 +92,11 @@ def _guard_head_kernel(
                     mask=h_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_HIDDEN, inner]
         acc = _dot(x, w, acc, DOT_IN_FP32)
     dtype = hidden_ptr.dtype.element_ty
-    proj = _round(acc, dtype)  # the projection's output in the input dtype
+    proj = round_to(acc, dtype)  # the projection's output in the input dtype
     variance = tl.sum(proj * proj, axis=1) / inner_size
-    normed = _round(proj * tl.rsqrt(variance + eps)[:, None], dtype)  # Qwen3RMSNorm's cast point
+    normed = round_to(proj * tl.rsqrt(variance + eps)[:, None], dtype)  # Qwen3RMSNorm's cast point
     norm_w = tl.load(norm_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-    inner = _round(norm_w[None, :] * normed, dtype)
+    inner = round_to(norm_w[None, :] * normed, dtype)
     _softmax_head(inner, risk_w_ptr, stride_risk_row, risk_probs_ptr, risk_ids_ptr, risk_max_ptr,
                   row, row_ok, col, col_ok, NUM_RISK, BLOCK_CLASSES)
     _softmax_head(inner, cat_w_ptr, stride_cat_row, cat_probs_ptr, cat_ids_ptr, cat_max_ptr,

@@ -1,4 +1,5 @@
-"""The WebSocket protocol: client frames parsed into typed commands, verdicts rendered as JSON.
+"""The WebSocket protocol: client frames parsed into typed commands (verdicts are rendered by
+qguard_stream.verdicts).
 
 Client frames (JSON objects; "id" is optional and echoed back):
   {"type": "open", "messages": [...]}                 prompt scored with the query heads, then the
@@ -20,7 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qguard_stream.verdicts import ROLES, Verdicts
+from qguard_stream.verdicts import ROLES
 
 COMMAND_TYPES = ("open", "feed", "rollback", "close")
 
@@ -94,29 +95,3 @@ def _optional_ids(raw: dict[str, Any]) -> list[int] | None:
             isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ProtocolError(f"'token_ids' must be a non-empty list of integers, got {ids!r:.80}")
     return ids
-
-
-def verdicts_json(verdicts: Verdicts) -> dict[str, Any]:
-    """Per-token verdicts of one call: winning labels and their full-precision probabilities."""
-    return {
-        "role": verdicts.role,
-        "start": verdicts.positions.start,
-        "token_ids": list(verdicts.token_ids),
-        "risk_level": verdicts.risk_level,
-        "risk_prob": verdicts.risk_prob,
-        "category": verdicts.category,
-        "category_prob": verdicts.category_prob,
-    }
-
-
-def empty_verdicts_json(role: str, start: int) -> dict[str, Any]:
-    """A text feed whose delta completed no token yet: nothing scored."""
-    return {"role": role, "start": start, "token_ids": [], "risk_level": [], "risk_prob": [],
-            "category": [], "category_prob": []}
-
-
-def last_verdict_json(verdicts: Verdicts) -> dict[str, Any]:
-    """The verdict at the newest position (how a prompt verdict is read)."""
-    return {"position": verdicts.positions[-1], "risk_level": verdicts.risk_level[-1],
-            "risk_prob": verdicts.risk_prob[-1], "category": verdicts.category[-1],
-            "category_prob": verdicts.category_prob[-1]}
