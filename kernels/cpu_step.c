@@ -152,38 +152,53 @@ void qg_qk_rope_store(const float* qkv, const float* qk_weight, const float* cos
     }
 }
 
-/* dst[dim] = sum over p < rows of weights[p] * matrix[p][dim] (matrix rows contiguous). */
-static void accumulate_rows(const float* weights, const float* matrix, int64_t rows, int64_t dim,
+/* Where one KV head's row for position p lives: a contiguous cache (table NULL: base + p * stride)
+ * or the engine's paged pool (slot = table[p / page] * page + p % page: base + slot * stride). */
+typedef struct {
+    const float* base;
+    const int32_t* table;
+    int64_t page;
+    int64_t stride;
+} KvRows;
+
+static inline const float* kv_row(const KvRows* rows, int64_t p) {
+    if (rows->table == NULL) return rows->base + p * rows->stride;
+    const int64_t slot = (int64_t)rows->table[p / rows->page] * rows->page + p % rows->page;
+    return rows->base + slot * rows->stride;
+}
+
+/* dst[dim] = sum over p < rows of weights[p] * matrix row p [dim]. */
+static void accumulate_rows(const float* weights, const KvRows* matrix, int64_t rows, int64_t dim,
                             float* dst) {
     int64_t j0 = 0;
     for (; j0 + 64 <= dim; j0 += 64) {
         v8 acc[8] = {{0}};
         for (int64_t p = 0; p < rows; ++p) {
-            const float* row = matrix + p * dim + j0;
+            const float* row = kv_row(matrix, p) + j0;
             for (int k = 0; k < 8; ++k) acc[k] += weights[p] * load8(row + 8 * k);
         }
         memcpy(dst + j0, acc, sizeof acc);
     }
     for (; j0 + 8 <= dim; j0 += 8) {
         v8 acc = {0};
-        for (int64_t p = 0; p < rows; ++p) acc += weights[p] * load8(matrix + p * dim + j0);
+        for (int64_t p = 0; p < rows; ++p) acc += weights[p] * load8(kv_row(matrix, p) + j0);
         memcpy(dst + j0, &acc, sizeof acc);
     }
     for (int64_t j = j0; j < dim; ++j) {
         float total = 0.0f;
-        for (int64_t p = 0; p < rows; ++p) total += weights[p] * matrix[p * dim + j];
+        for (int64_t p = 0; p < rows; ++p) total += weights[p] * kv_row(matrix, p)[j];
         dst[j] = total;
     }
 }
 
 /* One KV head's attention for all its query rows (the `group` q heads sharing it, times n_new),
  * reading each key and value row once. scores: [n_new * group, start + n_new]. */
-static void attend_kv_head(const float* q, const float* keys, const float* values, float* scores,
-                           float* out, int64_t kv_head, int64_t start, int64_t n_new,
-                           int64_t heads, int64_t group, int64_t head_dim) {
+static void attend_kv_head(const float* q, const KvRows* keys, const KvRows* values,
+                           float* scores, float* out, int64_t kv_head, int64_t start,
+                           int64_t n_new, int64_t heads, int64_t group, int64_t head_dim) {
     const int64_t total = start + n_new;
     for (int64_t p = 0; p < total; ++p) {
-        const float* key = keys + p * head_dim;
+        const float* key = kv_row(keys, p);
         for (int64_t t = (p > start ? p - start : 0); t < n_new; ++t) {  /* causal: p <= start+t */
             for (int64_t g = 0; g < group; ++g) {
                 const float* query = q + (t * heads + kv_head * group + g) * head_dim;
@@ -230,8 +245,44 @@ int qg_attend(const float* q, const float* k_cache, const float* v_cache, int64_
             failed = 1;
             continue;
         }
-        attend_kv_head(q, k_cache + h * head_stride, v_cache + h * head_stride, scores, out, h,
-                       start, n_new, heads, group, head_dim);
+        const KvRows keys = {k_cache + h * head_stride, NULL, 0, head_dim};
+        const KvRows values = {v_cache + h * head_stride, NULL, 0, head_dim};
+        attend_kv_head(q, &keys, &values, scores, out, h, start, n_new, heads, group, head_dim);
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* qg_attend for many sessions at once, their K/V in the engine's paged pool
+ * [slots, kv_heads, head_dim] (slot = block_tables[s][p / page] * page + p % page). Session s owns
+ * the packed query rows q_start[s] .. + q_len[s] of q [rows, heads, head_dim] (pre-scaled) at
+ * positions ctx_len[s] - q_len[s] .. and writes the same rows of out [rows, heads * head_dim];
+ * q_len 0 skips a session. The (session, KV head) pairs are split over the OpenMP threads.
+ * Returns 0, or -1 if a scores' scratch could not be allocated (out is then unspecified). */
+int qg_attend_paged(const float* q, const float* k_pool, const float* v_pool,
+                    const int32_t* block_tables, int64_t table_stride, int64_t page,
+                    const int32_t* q_start, const int32_t* q_len, const int32_t* ctx_len,
+                    int64_t sessions, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                    float* out) {
+    const int64_t group = heads / kv_heads, row_width = heads * head_dim;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) if (sessions * kv_heads > 1)
+    for (int64_t pair = 0; pair < sessions * kv_heads; ++pair) {
+        const int64_t s = pair / kv_heads, h = pair % kv_heads;
+        const int64_t n_new = q_len[s], total = ctx_len[s];
+        if (n_new == 0) continue;
+        float* scores = malloc((size_t)(n_new * group * total) * sizeof(float));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        const int32_t* table = block_tables + s * table_stride;
+        const KvRows keys = {k_pool + h * head_dim, table, page, kv_heads * head_dim};
+        const KvRows values = {v_pool + h * head_dim, table, page, kv_heads * head_dim};
+        attend_kv_head(q + q_start[s] * row_width, &keys, &values, scores,
+                       out + q_start[s] * row_width, h, total - n_new, n_new, heads, group,
+                       head_dim);
         free(scores);
     }
     return failed ? -1 : 0;

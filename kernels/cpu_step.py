@@ -37,6 +37,7 @@ SIGNATURES = {
     "qg_rms_norm": ([_P, _P, _P, _I, _I, _F], None),
     "qg_qk_rope_store": ([_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F], None),
     "qg_attend": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _P], ctypes.c_int),
+    "qg_attend_paged": ([_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _P], ctypes.c_int),
     "qg_silu_mul": ([_P, _P, _I, _I], None),
     "qg_decode_layer": ([_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I,
                          _I, _F, _P], ctypes.c_int),
@@ -126,10 +127,10 @@ def _cache_root() -> Path:
     return Path(root) / "qguard_stream" / "cpu_step"
 
 
-def pointer(tensor: torch.Tensor) -> int:
-    """A contiguous fp32 CPU tensor's address, for passing to the library."""
-    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or \
-            not tensor.is_contiguous():
-        raise ValueError(f"the C step takes contiguous fp32 CPU tensors, got {tensor.dtype} "
+def pointer(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
+    """A contiguous CPU tensor's address, for passing to the library (fp32 unless `dtype` says
+    otherwise: the paged metadata is int32)."""
+    if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
+        raise ValueError(f"the C step takes contiguous {dtype} CPU tensors, got {tensor.dtype} "
                          f"on {tensor.device}, contiguous={tensor.is_contiguous()}")
     return tensor.data_ptr()

@@ -71,11 +71,16 @@ def test_token_buckets_are_powers_of_two_then_multiples_of_eight() -> None:
     assert token_buckets(3) == [1, 2, 3]
 
 
-def test_torch_ops_runner_equals_the_reference(tiny_guard: StreamGuard,
-                                               core_guard: StreamGuard) -> None:
+@pytest.mark.parametrize("c_attention", [True, False])
+def test_torch_ops_runner_equals_the_reference(tiny_guard: StreamGuard, core_guard: StreamGuard,
+                                               c_attention: bool) -> None:
+    """With the C paged attention (chunks of <= 4 tokens: every session in one C call over the
+    pool) and without it (each session's context gathered)."""
     pool = BlockPool(tiny_guard.config, 64, BLOCK, torch.device("cpu"), torch.float32)
-    runner = PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool)
+    runner = PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool,
+                         use_c_attention=c_attention)
     assert not runner.triton and not runner.captured
+    assert (runner.c_attention is not None) == c_attention
     ids = call_ids()
     expected = reference_probs(core_guard, ids)
     batched = runner_probs(runner, pool, ids, sessions=3)

@@ -9,7 +9,9 @@ copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows 
   tokens per session; longer chunks gather their context and run SDPA), SiLU * up. On CUDA, steps
   of up to `max_graph_tokens` rows replay a CUDA graph captured at warm-up for their token bucket
   (1, 2, 4, 8, then multiples of 8); padding rows write nowhere and padding sessions do nothing.
-- torch (CPU): the same formulas as eager ops; attention gathers each session's context.
+- torch (CPU): the same formulas as eager ops; for fp32 steps of up to 4 new tokens per session,
+  attention runs in C over the pool through the block tables, all sessions in one call
+  (kernels/cpu_step.c, qg_attend_paged); otherwise each session's context is gathered.
 
 Both guard heads run over every row (as plain GEMMs) and each row keeps its role's, so one
 captured graph serves any mix of roles. The step's probabilities come back to the host in one
@@ -27,9 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from qguard_stream.kernels import triton_available
+from qguard_stream.kernels.cpu_step import load as cpu_step_library
+from qguard_stream.kernels.cpu_step import pointer
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
 from qguard_stream.models.guard import GuardHead
 from qguard_stream.runtime.attention import attend
+from qguard_stream.runtime.cpu_step import C_ATTENTION_TOKENS
 from qguard_stream.runtime.fused import FastHead
 from qguard_stream.runtime.layer import AttendFn, decoder_layer, qk_norm_rope, rms_norm, silu_mul
 from qguard_stream.runtime.weights import FusedLayer, FusedWeights
@@ -149,7 +154,7 @@ class PagedRunner:
 
     def __init__(self, weights: FusedWeights, heads: dict[str, GuardHead], pool: BlockPool,
                  use_triton: bool | None = None, use_graphs: bool | None = None,
-                 max_graph_tokens: int = 256) -> None:
+                 max_graph_tokens: int = 256, use_c_attention: bool | None = None) -> None:
         self.w, self.pool = weights, pool
         self.query_head, self.response_head = heads["user"], heads["assistant"]
         # The heads as plain GEMMs (FastHead): at decode sizes cuBLAS spreads the projection over
@@ -177,6 +182,13 @@ class PagedRunner:
             self.attention = PagedAttention(
                 config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                 pool.block_size, max(max_graph_tokens, 256), self.device)
+        self.c_attention = None  # the C library, for fp32 CPU steps with torch ops
+        if not self.triton and self.device.type == "cpu" and pool.kv.dtype == torch.float32 \
+                and use_c_attention is not False:
+            self.c_attention = cpu_step_library()
+        if use_c_attention and self.c_attention is None:
+            raise ValueError("use_c_attention=True needs an fp32 CPU pool, the torch ops and "
+                             "kernels/cpu_step.c built on this machine")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture_all()
@@ -251,6 +263,9 @@ class PagedRunner:
                 slots = meta.slots[written].long()
                 keys.index_copy_(0, slots, new_kv[written, 0])
                 values.index_copy_(0, slots, new_kv[written, 1])
+            if max_queries is None and self.c_attention is not None \
+                    and int(meta.q_len.max()) <= C_ATTENTION_TOKENS:
+                return self._c_attention(q, keys, values, meta)
             if max_queries is not None:
                 assert self.attention is not None
                 out = torch.empty_like(q)
@@ -262,6 +277,21 @@ class PagedRunner:
             return self._gathered_attention(q, keys, values, meta)
 
         return attend_paged
+
+    def _c_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     meta: StepMeta) -> torch.Tensor:
+        """Every session's attention over the pool in one C call (host metadata, fp32 CPU)."""
+        q = q.contiguous()
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype)
+        tables = meta.block_tables.contiguous()
+        failed = self.c_attention.qg_attend_paged(
+            pointer(q), pointer(keys), pointer(values), pointer(tables, torch.int32),
+            tables.stride(0), self.pool.block_size, pointer(meta.q_start, torch.int32),
+            pointer(meta.q_len, torch.int32), pointer(meta.ctx_len, torch.int32),
+            tables.shape[0], q.shape[1], self.w.kv_heads, q.shape[2], pointer(out))
+        if failed:
+            raise MemoryError("the C paged attention could not allocate its scores")
+        return out
 
     def _gathered_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             meta: StepMeta) -> torch.Tensor:
