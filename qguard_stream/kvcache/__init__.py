@@ -1,2 +1,3 @@
-"""KV storage: one growing buffer per StreamGuard session (session.py) and the paged block pool
-the engine shares between sessions (paged.py). Knows nothing of heads, roles or verdicts."""
+"""KV storage: one growing buffer per StreamGuard session on CPU (session.py) and the paged block
+pool (paged.py) that the engine, and StreamGuard on CUDA, share between sessions. Knows nothing of
+heads, roles or verdicts."""

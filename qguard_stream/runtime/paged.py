@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import threading
 from array import array
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,20 @@ from qguard_stream.models.guard import GuardHead
 from qguard_stream.runtime.attention import attend
 from qguard_stream.runtime.cpu_step import C_ATTENTION_TOKENS
 from qguard_stream.runtime.fused import FastHead
-from qguard_stream.runtime.layer import AttendFn, decoder_layer, qk_norm_rope, rms_norm, silu_mul
-from qguard_stream.runtime.weights import FusedLayer, FusedWeights
+from qguard_stream.runtime.layer import (
+    ActFn,
+    NormFn,
+    decoder_layer,
+    qk_norm_rope,
+    rms_norm,
+    silu_mul,
+)
+from qguard_stream.runtime.weights import FusedWeights
 
 MAX_QUERIES = 16  # new tokens per session served by the paged-attention kernel (and graphs)
 Probs = tuple[torch.Tensor, torch.Tensor]
+KvStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PoolAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -173,6 +183,15 @@ class PagedRunner:
         self.num_classes = self.num_risk + max(self.query_head.category.weight.shape[0],
                                                self.response_head.category.weight.shape[0])
         self.lock = threading.Lock()
+        if self.triton:
+            from qguard_stream.kernels import decode_ops
+
+            eps = config.rms_norm_eps
+            self.norm: NormFn = lambda x, weight: decode_ops.rms_norm(x, weight, eps)
+            self.silu_mul: ActFn = decode_ops.silu_mul
+        else:
+            self.norm = lambda x, weight: rms_norm(x, weight, weights.eps)
+            self.silu_mul = silu_mul
         self.cos2d, self.sin2d = weights.cos[:, 0], weights.sin[:, 0]  # [positions, D]
         self.attention = None
         self.max_graph_tokens = max_graph_tokens if graphs else 0
@@ -217,66 +236,69 @@ class PagedRunner:
     def step(self, meta: StepMeta, max_queries: int | None) -> torch.Tensor:
         """Scores [rows, R + C] (fp32; category columns past a head's count are 0) for the rows
         of `meta` (device views). `max_queries`: the longest chunk when the paged-attention
-        kernel serves the step, None when attention gathers contexts (long chunks, torch ops)."""
-        w = self.w
-        x = F.embedding(meta.token_ids, w.embed)
-        norm = self._norm
-        act = self._silu_mul
-        for index, layer in enumerate(w.layers):
-            attend_fn = self._attend_fn(index, layer, meta, max_queries)
-            x = decoder_layer(x, layer, norm, attend_fn, act)
-        return self._heads(norm(x, w.final_norm), meta.user)
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.triton:
-            from qguard_stream.kernels.decode_ops import rms_norm as triton_rms_norm
-
-            return triton_rms_norm(x, weight, self.w.config.rms_norm_eps)
-        return rms_norm(x, weight, self.w.eps)
-
-    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.triton:
-            from qguard_stream.kernels.decode_ops import silu_mul as triton_silu_mul
-
-            return triton_silu_mul(gate_up)
-        return silu_mul(gate_up)
-
-    def _attend_fn(self, index: int, layer: FusedLayer, meta: StepMeta,
-                   max_queries: int | None) -> AttendFn:
+        kernel serves the step, None when attention runs on the host metadata (C or gathered).
+        What does not depend on the layer (RoPE rows, write slots, the attention backend) is
+        settled once here, not per layer."""
         w, pool = self.w, self.pool
-        keys, values = pool.kv[index, 0], pool.kv[index, 1]  # [slots, KV, D]
+        store = self._kv_store(meta)
+        attention = self._attention(meta, max_queries)
+        x = F.embedding(meta.token_ids, w.embed)
+        for index, layer in enumerate(w.layers):
+            keys, values = pool.kv[index, 0], pool.kv[index, 1]  # [slots, KV, D]
 
-        def attend_paged(qkv: torch.Tensor) -> torch.Tensor:
-            rows = qkv.shape[0]
-            if self.triton:
-                from qguard_stream.kernels.decode_ops import qk_norm_rope_store
+            def attend(qkv: torch.Tensor, qk_norm: torch.Tensor = layer.qk_norm,
+                       keys: torch.Tensor = keys, values: torch.Tensor = values) -> torch.Tensor:
+                return attention(store(qkv, qk_norm, keys, values), keys, values)
 
-                q = torch.empty(rows, w.heads, w.head_dim, dtype=qkv.dtype, device=qkv.device)
-                qk_norm_rope_store(qkv, layer.qk_norm, self.cos2d, self.sin2d, meta.positions,
-                                   meta.slots, q, keys, values, w.config.rms_norm_eps)
-            else:
-                cos = w.cos.index_select(0, meta.positions)
-                sin = w.sin.index_select(0, meta.positions)
-                q, new_kv = qk_norm_rope(qkv, layer.qk_norm, cos, sin, w.eps, w.heads,
-                                         w.kv_heads)
-                written = meta.slots >= 0
-                slots = meta.slots[written].long()
-                keys.index_copy_(0, slots, new_kv[written, 0])
-                values.index_copy_(0, slots, new_kv[written, 1])
-            if max_queries is None and self.c_attention is not None \
-                    and int(meta.q_len.max()) <= C_ATTENTION_TOKENS:
-                return self._c_attention(q, keys, values, meta)
-            if max_queries is not None:
-                assert self.attention is not None
+            x = decoder_layer(x, layer, self.norm, attend, self.silu_mul)
+        return self._heads(self.norm(x, w.final_norm), meta.user)
+
+    def _kv_store(self, meta: StepMeta) -> KvStore:
+        """(qkv, qk_norm, keys, values) -> q: q/k norm, RoPE, and the new K/V into the pool."""
+        w = self.w
+        if self.triton:
+            from qguard_stream.kernels.decode_ops import qk_norm_rope_store
+
+            def store_triton(qkv: torch.Tensor, qk_norm: torch.Tensor, keys: torch.Tensor,
+                             values: torch.Tensor) -> torch.Tensor:
+                q = torch.empty(qkv.shape[0], w.heads, w.head_dim, dtype=qkv.dtype,
+                                device=qkv.device)
+                return qk_norm_rope_store(qkv, qk_norm, self.cos2d, self.sin2d, meta.positions,
+                                          meta.slots, q, keys, values, w.config.rms_norm_eps)
+
+            return store_triton
+        cos = w.cos.index_select(0, meta.positions)
+        sin = w.sin.index_select(0, meta.positions)
+        written = meta.slots >= 0
+        slots = meta.slots[written].long()
+
+        def store_torch(qkv: torch.Tensor, qk_norm: torch.Tensor, keys: torch.Tensor,
+                        values: torch.Tensor) -> torch.Tensor:
+            q, new_kv = qk_norm_rope(qkv, qk_norm, cos, sin, w.eps, w.heads, w.kv_heads)
+            keys.index_copy_(0, slots, new_kv[written, 0])
+            values.index_copy_(0, slots, new_kv[written, 1])
+            return q
+
+        return store_torch
+
+    def _attention(self, meta: StepMeta, max_queries: int | None) -> PoolAttention:
+        """(q, keys, values) -> [rows, H * D] for this step: the Triton paged kernel, the C one
+        (fp32 CPU, <= 4 tokens per session) or each session's context gathered."""
+        if max_queries is not None:
+            assert self.attention is not None
+            pool, w, launch = self.pool, self.w, self.attention
+            shape = (pool.num_blocks, pool.block_size, w.kv_heads, w.head_dim)
+
+            def paged(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
                 out = torch.empty_like(q)
-                shape = (pool.num_blocks, pool.block_size, w.kv_heads, w.head_dim)
-                self.attention(q, keys.view(shape), values.view(shape), meta.block_tables,
-                               meta.q_start, meta.q_len, meta.ctx_len, meta.row_seq, out,
-                               max_queries=max_queries)
-                return out.view(rows, -1)
-            return self._gathered_attention(q, keys, values, meta)
+                launch(q, keys.view(shape), values.view(shape), meta.block_tables, meta.q_start,
+                       meta.q_len, meta.ctx_len, meta.row_seq, out, max_queries=max_queries)
+                return out.view(q.shape[0], -1)
 
-        return attend_paged
+            return paged
+        if self.c_attention is not None and int(meta.q_len.max()) <= C_ATTENTION_TOKENS:
+            return lambda q, keys, values: self._c_attention(q, keys, values, meta)
+        return lambda q, keys, values: self._gathered_attention(q, keys, values, meta)
 
     def _c_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      meta: StepMeta) -> torch.Tensor:
@@ -314,16 +336,12 @@ class PagedRunner:
 
     def _heads(self, hidden: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
         """Both guard paths over every row; each row keeps its role's: [rows, R + C] fp32."""
-        out = torch.zeros(hidden.shape[0], self.num_classes, dtype=torch.float32,
-                          device=hidden.device)
-        r = self.num_risk
-        for role, is_user in (("assistant", False), ("user", True)):
+        scores = []
+        for role in ("user", "assistant"):
             risk, category = self.scorers[role](hidden)
-            rows = (user != 0) if is_user else (user == 0)
-            scores = torch.cat((risk, F.pad(category, (0, self.num_classes - r
-                                                       - category.shape[1]))), dim=1)
-            out = torch.where(rows[:, None], scores, out)
-        return out
+            missing = self.num_classes - self.num_risk - category.shape[1]
+            scores.append(torch.cat((risk, F.pad(category, (0, missing))), dim=1))
+        return torch.where((user != 0)[:, None], scores[0], scores[1])
 
     # ---- eager and replayed steps ------------------------------------------------------------
     def _eager(self, chunks: list[Chunk], rows: int, longest: int) -> torch.Tensor:
@@ -332,15 +350,13 @@ class PagedRunner:
         fill_meta(StepMeta.view(host, rows, sessions, self.max_blocks), chunks,
                   self.pool.block_size)
         paged = self.triton and longest <= MAX_QUERIES and rows <= self.attention.max_rows
-        device_meta = StepMeta.view(host.to(self.device, non_blocking=True), rows, sessions,
-                                    self.max_blocks)
-        if not paged:  # the gathered path reads per-session metadata on the host
+        meta = StepMeta.view(host.to(self.device, non_blocking=True), rows, sessions,
+                             self.max_blocks)
+        if not paged:  # attention then reads the per-session metadata on the host
             host_meta = StepMeta.view(host, rows, sessions, self.max_blocks)
-            device_meta = StepMeta(device_meta.token_ids, device_meta.positions,
-                                   device_meta.slots, device_meta.row_seq, device_meta.user,
-                                   host_meta.q_start, host_meta.q_len, host_meta.ctx_len,
-                                   host_meta.block_tables)
-        return self.step(device_meta, longest if paged else None).cpu()
+            meta = replace(meta, q_start=host_meta.q_start, q_len=host_meta.q_len,
+                           ctx_len=host_meta.ctx_len, block_tables=host_meta.block_tables)
+        return self.step(meta, longest if paged else None).cpu()
 
     def _bucket(self, rows: int) -> int | None:
         return next((b for b in sorted(self.graphs) if b >= rows), None)
