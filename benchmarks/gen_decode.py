@@ -1,5 +1,5 @@
-"""Gen greedy decoding: one sequence at a time (per-row SessionCache) vs one batched forward per
-step.
+"""Gen greedy decoding on the paged runner: one sequence per generate call vs all of them in one
+call (continuously batched: one step for every running sequence).
 
 Usage: PYTHONPATH=. python benchmarks/gen_decode.py [--shape small] [--rows 8] [--new 32]
 Random weights; the two paths must produce the same ids (checked), only the time differs.
@@ -14,8 +14,6 @@ import time
 import torch
 
 from qguard_stream.checkpoints import make_random_gen_checkpoint
-from qguard_stream.gen.causal_lm import greedy_generate
-from qguard_stream.gen.decode import batch_greedy_generate
 from qguard_stream.gen.guard import GenGuard
 
 
@@ -32,10 +30,16 @@ def main() -> None:
     prompts = [torch.randint(0, 150000, (180 + 10 * row,), generator=generator).tolist()
                for row in range(args.rows)]
     results = {}
-    for name, decode in (("one at a time", greedy_generate), ("batched", batch_greedy_generate)):
-        decode(guard.lm, prompts[:1], 2, frozenset())  # warm-up
+    def one_at_a_time(prompts: list[list[int]], new: int) -> list[list[int]]:
+        return [guard.decoder.generate([ids], new, frozenset())[0] for ids in prompts]
+
+    def batched(prompts: list[list[int]], new: int) -> list[list[int]]:
+        return guard.decoder.generate(prompts, new, frozenset())
+
+    for name, decode in (("one at a time", one_at_a_time), ("batched", batched)):
+        decode(prompts[:1], 2)  # warm-up
         start = time.perf_counter()
-        results[name] = decode(guard.lm, prompts, args.new, frozenset())
+        results[name] = decode(prompts, args.new)
         seconds = time.perf_counter() - start
         tokens = sum(map(len, results[name]))
         print(f"{name:>14}: {seconds:7.2f} s for {tokens} tokens ({tokens / seconds:.1f} tok/s)")

@@ -36,6 +36,7 @@ from qguard_stream.checkpoints import config_for, random_tensors
 from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
 from qguard_stream.loader import model_from_tensors
+from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.stream import StreamGuard
 
@@ -186,7 +187,7 @@ def parity(guard: StreamGuard, backbone: Any, device: torch.device) -> dict[str,
         table.shrink(pool, 0)
         return torch.cat([o.float().cpu() for o in out])
 
-    heads = {"user": guard.model.query, "assistant": guard.model.response}
+    heads = GuardScores({"user": guard.model.query, "assistant": guard.model.response})
     pool = BlockPool(guard.config, 64, 16, device, guard.dtype)
     eager = ours(PagedRunner(guard.fast, heads, pool, use_graphs=False), pool)
     results: dict[str, Any] = {}

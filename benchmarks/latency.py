@@ -163,15 +163,14 @@ def run(args: argparse.Namespace) -> int:
 def ours_step(guard: StreamGuard) -> str:
     """Which step (a) took for small steps: the reader of a table needs to know whether the C
     step was built on that machine, and whether CUDA graphs were replayed."""
-    if guard.paged:
-        captured = guard.runner is not None and guard.runner.captured
-        return ("paged runner, CUDA graphs per token bucket for chunks <= 16 tokens"
-                if captured else "paged runner, eager (no CUDA graphs)")
-    if guard.fast is None:
+    runner = guard.paged_runtime()[1]
+    if runner is None:
         return "core module path"
-    if guard.fast.cpu_step is not None:
-        return "C step (kernels/cpu_step.c) for <= 16 tokens, eager fast path beyond"
-    return "eager fast path"
+    if runner.captured:
+        return "paged runner, CUDA graphs per token bucket for chunks <= 16 tokens"
+    if runner.cpu_step is not None:
+        return "paged runner, C step (kernels/cpu_step.c) for <= 16 tokens, torch ops beyond"
+    return "paged runner, eager (no CUDA graphs, no C step)"
 
 
 def _runners(variants: tuple[str, ...], guard: StreamGuard, directory: Path,

@@ -2,22 +2,27 @@
  * qguard_stream/runtime/cpu_step.py.
  *
  * Why C: at decode sizes (a handful of rows) every eager PyTorch op costs more in dispatch than in
- * arithmetic, and a Qwen3 layer has ~45 of them besides its four GEMMs. One token: each layer is
- * one call, qg_decode_layer, with the projections as OpenMP GEMVs over the [out, in] weights. Two
- * to 16 tokens: the layer's norms, q/k norm + RoPE + KV write, attention and SiLU are separate
- * calls around torch.mm / torch.addmm projections (MKL/oneDNN). The math is the formula of
- * models/qwen3.py and runtime/fused.py, in fp32 with double-accumulated sums of squares; the tests
- * compare every function with its PyTorch reference.
+ * arithmetic, and a Qwen3 layer has ~45 of them besides its four GEMMs. One row (one session, one
+ * token): each layer is one call, qg_decode_layer, with the projections as OpenMP GEMVs over the
+ * [out, in] weights. More rows (one session's chunk, or many sessions' chunks packed): the
+ * layer's norms, q/k norm + RoPE + KV write, attention and SiLU are separate calls around
+ * torch.mm / torch.addmm projections (MKL/oneDNN). The math is the formula of models/qwen3.py and
+ * runtime/layer.py, in fp32 with double-accumulated sums of squares; the tests compare every
+ * function with its PyTorch reference.
  *
  * Layouts (all row-major, contiguous):
  *   qkv          [n_new, (heads + 2 * kv_heads) * head_dim]   q heads, then k heads, then v heads
  *   qk_weight    [heads + kv_heads, head_dim]   q_norm rows (attention scale folded in), k_norm rows
- *   cos, sin     [n_new, head_dim] for positions start..; sin sign-folded:
+ *   cos, sin     tables [positions, head_dim], a row per position; sin sign-folded:
  *                rope(x) = x * cos + roll(x, head_dim / 2) * sin
- *   k/v caches   one layer's [kv_heads, capacity, head_dim]; head_stride = capacity * head_dim
+ *   k/v pools    one layer's keys (values) of the paged pool, [blocks, kv_heads, page, head_dim]
+ *                (head-major blocks); a session's position p lives in block table[p / page] at
+ *                offset p % page, its slot being block * page + offset (kvcache/paged.py owns
+ *                that arithmetic on the Python side)
  *
- * Threads: attention splits the KV heads over OpenMP threads (the process's one libgomp, the one
- * torch loaded, so torch's thread count applies); everything else runs on the calling thread.
+ * Threads: attention splits the (session, KV head) pairs over OpenMP threads (the process's one
+ * libgomp, the one torch loaded, so torch's thread count applies); everything else runs on the
+ * calling thread.
  */
 #include <math.h>
 #include <stdint.h>
@@ -123,82 +128,102 @@ void qg_rms_norm(const float* x, const float* weight, float* out, int64_t rows, 
     }
 }
 
-/* Per new row: q_norm / k_norm per head, RoPE, q to q_out [n_new, heads, head_dim]; k and v
- * written into the caches at positions start... */
-void qg_qk_rope_store(const float* qkv, const float* qk_weight, const float* cos,
-                      const float* sin, float* q_out, float* k_cache, float* v_cache,
-                      int64_t head_stride, int64_t start, int64_t n_new, int64_t heads,
-                      int64_t kv_heads, int64_t head_dim, float eps) {
+/* Per row t: q_norm / k_norm per head and RoPE at positions[t]; q to q_out [rows, heads,
+ * head_dim]; k and v stored in pool slot slots[t] (a negative slot: a padding row, stored nowhere). */
+void qg_qk_rope_store(const float* qkv, const float* qk_weight, const float* cos_table,
+                      const float* sin_table, const int32_t* positions, const int32_t* slots,
+                      float* q_out, float* k_pool, float* v_pool, int64_t page, int64_t rows,
+                      int64_t heads, int64_t kv_heads, int64_t head_dim, float eps) {
     const int64_t width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
     float normed[MAX_HEAD_DIM];
-    for (int64_t t = 0; t < n_new; ++t) {
+    for (int64_t t = 0; t < rows; ++t) {
         const float* row = qkv + t * width;
-        const float* c = cos + t * head_dim;
-        const float* s = sin + t * head_dim;
+        const float* c = cos_table + (int64_t)positions[t] * head_dim;
+        const float* s = sin_table + (int64_t)positions[t] * head_dim;
+        const int64_t slot = slots[t];
+        /* head h's row of the slot: block * kv_heads * page + h * page + offset, times head_dim */
+        const int64_t row_base =
+            slot < 0 ? 0 : ((slot / page) * kv_heads * page + slot % page) * head_dim;
         for (int64_t h = 0; h < heads + kv_heads; ++h) {
+            if (h >= heads && slot < 0) break;
             const float* x = row + h * head_dim;
             const float* w = qk_weight + h * head_dim;
             float inv_rms = 1.0f / sqrtf(sum_of_squares(x, head_dim) / (float)head_dim + eps);
             for (int64_t j = 0; j < head_dim; ++j) normed[j] = x[j] * inv_rms * w[j];
             float* dst = h < heads ? q_out + (t * heads + h) * head_dim
-                                   : k_cache + (h - heads) * head_stride + (start + t) * head_dim;
+                                   : k_pool + row_base + (h - heads) * page * head_dim;
             for (int64_t j = 0; j < half; ++j) dst[j] = normed[j] * c[j] + normed[j + half] * s[j];
             for (int64_t j = half; j < head_dim; ++j)
                 dst[j] = normed[j] * c[j] + normed[j - half] * s[j];
         }
+        if (slot < 0) continue;
         for (int64_t h = 0; h < kv_heads; ++h)
-            memcpy(v_cache + h * head_stride + (start + t) * head_dim,
+            memcpy(v_pool + row_base + h * page * head_dim,
                    row + (heads + kv_heads + h) * head_dim, head_dim * sizeof(float));
     }
 }
 
-/* Where one KV head's row for position p lives: a contiguous cache (table NULL: base + p * stride)
- * or the engine's paged pool (slot = table[p / page] * page + p % page: base + slot * stride). */
+/* One KV head of one session in the paged pool: key row p at keys + offsets[p], value row p at
+ * values + offsets[p] (the K and V pools share the layout; keys/values point at the head's rows
+ * of block 0). offsets[p] is (table[p / page] * kv_heads * page + p % page) * head_dim, computed
+ * once per call by walking the blocks, so the hot loops do no division; a block's rows of one
+ * head are contiguous. */
 typedef struct {
-    const float* base;
-    const int32_t* table;
-    int64_t page;
-    int64_t stride;
+    const float* keys;
+    const float* values;
+    const int64_t* offsets;
 } KvRows;
 
-static inline const float* kv_row(const KvRows* rows, int64_t p) {
-    if (rows->table == NULL) return rows->base + p * rows->stride;
-    const int64_t slot = (int64_t)rows->table[p / rows->page] * rows->page + p % rows->page;
-    return rows->base + slot * rows->stride;
+/* Software prefetch of the row `PREFETCH_AHEAD` positions on: rows come through an offsets
+ * table (blocks are scattered), which the hardware prefetchers cannot follow across blocks. */
+#define PREFETCH_AHEAD 8
+static inline void prefetch_floats(const float* row, int64_t floats) {
+    for (int64_t j = 0; j < floats; j += 16) __builtin_prefetch(row + j, 0, 0);
+}
+
+static void fill_offsets(const int32_t* table, int64_t page, int64_t block_floats,
+                         int64_t head_dim, int64_t length, int64_t* offsets) {
+    for (int64_t p = 0, b = 0; p < length; ++b) {
+        const int64_t first = (int64_t)table[b] * block_floats;
+        for (int64_t i = 0; i < page && p < length; ++i, ++p) offsets[p] = first + i * head_dim;
+    }
 }
 
 /* dst[dim] = sum over p < rows of weights[p] * matrix row p [dim]. */
-static void accumulate_rows(const float* weights, const KvRows* matrix, int64_t rows, int64_t dim,
-                            float* dst) {
+static void accumulate_rows(const float* weights, const float* base, const int64_t* offsets,
+                            int64_t rows, int64_t dim, float* dst) {
     int64_t j0 = 0;
     for (; j0 + 64 <= dim; j0 += 64) {
         v8 acc[8] = {{0}};
         for (int64_t p = 0; p < rows; ++p) {
-            const float* row = kv_row(matrix, p) + j0;
+            if (p + PREFETCH_AHEAD < rows) prefetch_floats(base + offsets[p + PREFETCH_AHEAD] + j0, 64);
+            const float* row = base + offsets[p] + j0;
             for (int k = 0; k < 8; ++k) acc[k] += weights[p] * load8(row + 8 * k);
         }
         memcpy(dst + j0, acc, sizeof acc);
     }
     for (; j0 + 8 <= dim; j0 += 8) {
         v8 acc = {0};
-        for (int64_t p = 0; p < rows; ++p) acc += weights[p] * load8(kv_row(matrix, p) + j0);
+        for (int64_t p = 0; p < rows; ++p) acc += weights[p] * load8(base + offsets[p] + j0);
         memcpy(dst + j0, &acc, sizeof acc);
     }
     for (int64_t j = j0; j < dim; ++j) {
         float total = 0.0f;
-        for (int64_t p = 0; p < rows; ++p) total += weights[p] * kv_row(matrix, p)[j];
+        for (int64_t p = 0; p < rows; ++p) total += weights[p] * base[offsets[p] + j];
         dst[j] = total;
     }
 }
 
 /* One KV head's attention for all its query rows (the `group` q heads sharing it, times n_new),
  * reading each key and value row once. scores: [n_new * group, start + n_new]. */
-static void attend_kv_head(const float* q, const KvRows* keys, const KvRows* values,
-                           float* scores, float* out, int64_t kv_head, int64_t start,
-                           int64_t n_new, int64_t heads, int64_t group, int64_t head_dim) {
+static void attend_kv_head(const float* q, const KvRows* kv, float* scores, float* out,
+                           int64_t kv_head, int64_t start, int64_t n_new, int64_t heads,
+                           int64_t group, int64_t head_dim) {
     const int64_t total = start + n_new;
     for (int64_t p = 0; p < total; ++p) {
-        const float* key = kv_row(keys, p);
+        if (p + PREFETCH_AHEAD < total)
+            prefetch_floats(kv->keys + kv->offsets[p + PREFETCH_AHEAD], head_dim);
+        const float* key = kv->keys + kv->offsets[p];
         for (int64_t t = (p > start ? p - start : 0); t < n_new; ++t) {  /* causal: p <= start+t */
             for (int64_t g = 0; g < group; ++g) {
                 const float* query = q + (t * heads + kv_head * group + g) * head_dim;
@@ -224,65 +249,46 @@ static void attend_kv_head(const float* q, const KvRows* keys, const KvRows* val
         for (int64_t g = 0; g < group; ++g) {
             const float* weights = scores + (t * group + g) * total;
             float* dst = out + (t * heads + kv_head * group + g) * head_dim;
-            accumulate_rows(weights, values, length, head_dim, dst);
+            accumulate_rows(weights, kv->values, kv->offsets, length, head_dim, dst);
         }
     }
 }
 
-/* Causal grouped-query attention of n_new pre-scaled queries q [n_new, heads, head_dim] at
- * positions start.. against the cache prefix 0..start+n_new; out: [n_new, heads * head_dim].
- * Returns 0, or -1 if the scores' scratch could not be allocated (out is then unspecified). */
-int qg_attend(const float* q, const float* k_cache, const float* v_cache, int64_t head_stride,
-              int64_t start, int64_t n_new, int64_t heads, int64_t kv_heads, int64_t head_dim,
-              float* out) {
-    const int64_t group = heads / kv_heads, total = start + n_new;
-    int failed = 0;
-#pragma omp parallel for schedule(static) if (kv_heads > 1 && total * group >= 1024)
-    for (int64_t h = 0; h < kv_heads; ++h) {
-        float* scores = malloc((size_t)(n_new * group * total) * sizeof(float));
-        if (scores == NULL) {
-#pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        const KvRows keys = {k_cache + h * head_stride, NULL, 0, head_dim};
-        const KvRows values = {v_cache + h * head_stride, NULL, 0, head_dim};
-        attend_kv_head(q, &keys, &values, scores, out, h, start, n_new, heads, group, head_dim);
-        free(scores);
-    }
-    return failed ? -1 : 0;
-}
-
-/* qg_attend for many sessions at once, their K/V in the engine's paged pool
- * [slots, kv_heads, head_dim] (slot = block_tables[s][p / page] * page + p % page). Session s owns
+/* Causal grouped-query attention for many sessions at once, their K/V in the paged pool
+ * [blocks, kv_heads, page, head_dim] (position p in block block_tables[s][p / page]). Session s owns
  * the packed query rows q_start[s] .. + q_len[s] of q [rows, heads, head_dim] (pre-scaled) at
  * positions ctx_len[s] - q_len[s] .. and writes the same rows of out [rows, heads * head_dim];
- * q_len 0 skips a session. The (session, KV head) pairs are split over the OpenMP threads.
- * Returns 0, or -1 if a scores' scratch could not be allocated (out is then unspecified). */
+ * q_len 0 skips a session. The (session, KV head) pairs are split over the OpenMP threads when
+ * there is enough work to pay for the fork. Returns 0, or -1 if a scores' scratch could not be
+ * allocated (out is then unspecified). */
 int qg_attend_paged(const float* q, const float* k_pool, const float* v_pool,
                     const int32_t* block_tables, int64_t table_stride, int64_t page,
                     const int32_t* q_start, const int32_t* q_len, const int32_t* ctx_len,
                     int64_t sessions, int64_t heads, int64_t kv_heads, int64_t head_dim,
                     float* out) {
     const int64_t group = heads / kv_heads, row_width = heads * head_dim;
+    int64_t work = 0;  /* query-key dot products */
+    for (int64_t s = 0; s < sessions; ++s) work += (int64_t)q_len[s] * ctx_len[s] * heads;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic) if (sessions * kv_heads > 1)
+#pragma omp parallel for schedule(dynamic) if (sessions * kv_heads > 1 && work >= 1024)
     for (int64_t pair = 0; pair < sessions * kv_heads; ++pair) {
         const int64_t s = pair / kv_heads, h = pair % kv_heads;
         const int64_t n_new = q_len[s], total = ctx_len[s];
         if (n_new == 0) continue;
-        float* scores = malloc((size_t)(n_new * group * total) * sizeof(float));
+        /* one allocation: the scores, then the rows' offsets */
+        const int64_t count = n_new * group * total + (n_new * group * total) % 2;  /* even */
+        float* scores = malloc((size_t)count * sizeof(float) + (size_t)total * sizeof(int64_t));
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
             continue;
         }
-        const int32_t* table = block_tables + s * table_stride;
-        const KvRows keys = {k_pool + h * head_dim, table, page, kv_heads * head_dim};
-        const KvRows values = {v_pool + h * head_dim, table, page, kv_heads * head_dim};
-        attend_kv_head(q + q_start[s] * row_width, &keys, &values, scores,
-                       out + q_start[s] * row_width, h, total - n_new, n_new, heads, group,
-                       head_dim);
+        int64_t* offsets = (int64_t*)(scores + count);  /* 8-byte aligned: count is even */
+        fill_offsets(block_tables + s * table_stride, page, kv_heads * page * head_dim, head_dim,
+                     total, offsets);
+        const KvRows kv = {k_pool + h * page * head_dim, v_pool + h * page * head_dim, offsets};
+        attend_kv_head(q + q_start[s] * row_width, &kv, scores, out + q_start[s] * row_width, h,
+                       total - n_new, n_new, heads, group, head_dim);
         free(scores);
     }
     return failed ? -1 : 0;
@@ -312,16 +318,18 @@ static void gemv(const float* w, const float* x, const float* residual, float* y
     }
 }
 
-/* One whole decoder layer for a single new token at position `start`, x [hidden] updated in
- * place: the composition of the functions above with the projections as gemv. scratch holds
+/* One whole decoder layer for a single new token of one session at `position`, x [hidden]
+ * updated in place: the composition of the functions above with the projections as gemv; K/V go
+ * to the position's pool slot through the session's block table. scratch holds
  * 2 * hidden + (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + 3 * inter floats.
  * Returns 0, or -1 if the attention's scratch could not be allocated (x is then unchanged). */
 int qg_decode_layer(float* x, const float* input_norm, const float* qkv_weight,
-                    const float* qk_weight, const float* cos, const float* sin, float* k_cache,
-                    float* v_cache, int64_t head_stride, int64_t start, const float* o_weight,
-                    const float* post_norm, const float* gate_up_weight,
-                    const float* down_weight, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                    int64_t hidden, int64_t inter, float eps, float* scratch) {
+                    const float* qk_weight, const float* cos_table, const float* sin_table,
+                    float* k_pool, float* v_pool, const int32_t* table, int64_t page,
+                    int64_t position, const float* o_weight, const float* post_norm,
+                    const float* gate_up_weight, const float* down_weight, int64_t heads,
+                    int64_t kv_heads, int64_t head_dim, int64_t hidden, int64_t inter, float eps,
+                    float* scratch) {
     const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, q_width = heads * head_dim;
     float* normed = scratch;
     float* qkv = normed + hidden;
@@ -330,12 +338,15 @@ int qg_decode_layer(float* x, const float* input_norm, const float* qkv_weight,
     float* gate_up = attended + q_width;
     float* act = gate_up + 2 * inter;
     float* residual = act + inter;  /* x after attention */
+    const int32_t where = (int32_t)position;
+    const int32_t slot = (int32_t)(table[position / page] * page + position % page);
+    const int32_t first = 0, one = 1, length = (int32_t)(position + 1);
     qg_rms_norm(x, input_norm, normed, 1, hidden, eps);
     gemv(qkv_weight, normed, NULL, qkv, qkv_width, hidden);
-    qg_qk_rope_store(qkv, qk_weight, cos, sin, q, k_cache, v_cache, head_stride, start, 1, heads,
-                     kv_heads, head_dim, eps);
-    if (qg_attend(q, k_cache, v_cache, head_stride, start, 1, heads, kv_heads, head_dim,
-                  attended) != 0)
+    qg_qk_rope_store(qkv, qk_weight, cos_table, sin_table, &where, &slot, q, k_pool, v_pool, page,
+                     1, heads, kv_heads, head_dim, eps);
+    if (qg_attend_paged(q, k_pool, v_pool, table, 0, page, &first, &one, &length, 1, heads,
+                        kv_heads, head_dim, attended) != 0)
         return -1;
     gemv(o_weight, attended, x, residual, hidden, q_width);
     qg_rms_norm(residual, post_norm, normed, 1, hidden, eps);

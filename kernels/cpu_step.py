@@ -35,12 +35,11 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "qg_exp": ([_P, _P, _I], None),
     "qg_rms_norm": ([_P, _P, _P, _I, _I, _F], None),
-    "qg_qk_rope_store": ([_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F], None),
-    "qg_attend": ([_P, _P, _P, _I, _I, _I, _I, _I, _I, _P], ctypes.c_int),
+    "qg_qk_rope_store": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F], None),
     "qg_attend_paged": ([_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _P], ctypes.c_int),
     "qg_silu_mul": ([_P, _P, _I, _I], None),
-    "qg_decode_layer": ([_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I,
-                         _I, _F, _P], ctypes.c_int),
+    "qg_decode_layer": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I,
+                         _I, _I, _F, _P], ctypes.c_int),
 }
 
 

@@ -35,8 +35,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, n, stride_x, stride_o, BLOCK: t
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr,
                                q_ptr, k_ptr, v_ptr, eps, num_heads, num_kv_heads,
-                               stride_qkv, stride_qt, stride_qh, stride_cos, stride_ks,
-                               stride_kh, HEAD_DIM: tl.constexpr):
+                               stride_qkv, stride_qt, stride_qh, stride_cos, stride_kb,
+                               stride_ks, stride_kh, PAGE: tl.constexpr,
+                               HEAD_DIM: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)  # 0..heads-1: q heads; heads..heads+kv-1: k heads (with their v)
     dims = tl.arange(0, HEAD_DIM)
@@ -60,7 +61,9 @@ def _qk_norm_rope_store_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, positions_ptr, 
         slot = tl.load(slots_ptr + row)
         if slot >= 0:  # padding rows write nowhere
             kv_head = head - num_heads
-            offset = slot.to(tl.int64) * stride_ks + kv_head * stride_kh + dims
+            slot = slot.to(tl.int64)
+            offset = ((slot // PAGE) * stride_kb + (slot % PAGE) * stride_ks
+                      + kv_head * stride_kh + dims)
             tl.store(k_ptr + offset, roped)
             v = tl.load(qkv_ptr + row * stride_qkv + (head + num_kv_heads) * HEAD_DIM + dims)
             tl.store(v_ptr + offset, v)
@@ -96,15 +99,17 @@ def qk_norm_rope_store(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tens
     """From qkv [T, (H + 2 KV) * D]: q heads and k heads RMS-normed with their qk_norm rows
     [H + KV, D] (the scale folded into the q rows) and rotated at `positions` [T] with the
     tables cos/sin [max_positions, D] (sin sign-folded); q goes to q_out [T, H, D], k and the
-    raw v to slot `slots[t]` of k_cache/v_cache [num_slots, KV, D] (slot -1: written nowhere).
+    raw v to slot `slots[t]` (block slot // page, offset slot % page) of k_cache/v_cache
+    [num_blocks, page, KV, D] (any strides, the same for both; slot -1: written nowhere).
     Returns q_out."""
     heads, dim = q_out.shape[1], q_out.shape[2]
-    kv_heads = k_cache.shape[1]
+    kv_heads = k_cache.shape[2]
     if qkv.shape[0]:
         _qk_norm_rope_store_kernel[(qkv.shape[0], heads + kv_heads)](
             qkv, qk_norm, cos, sin, positions, slots, q_out, k_cache, v_cache, eps, heads,
             kv_heads, qkv.stride(0), q_out.stride(0), q_out.stride(1), cos.stride(0),
-            k_cache.stride(0), k_cache.stride(1), HEAD_DIM=dim, num_warps=1)
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), PAGE=k_cache.shape[1],
+            HEAD_DIM=dim, num_warps=1)
     return q_out
 
 

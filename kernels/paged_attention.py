@@ -3,7 +3,8 @@
 Sessions are packed: session s owns query rows q_start[s] .. q_start[s] + q_len[s] - 1 of q
 [T, heads, head_dim] (pre-scaled, RoPE applied), at positions ctx_len[s] - q_len[s] ..
 ctx_len[s] - 1, and attends causally to keys 0 .. its own position. Its keys and values live in
-the pool [num_blocks, page, kv_heads, head_dim] at the blocks listed in block_tables[s]; they are
+the pool, viewed as [num_blocks, page, kv_heads, head_dim] (any strides: the pool's blocks are
+head-major, kvcache/paged.py), at the blocks listed in block_tables[s]; they are
 read in place through the table (no gather) and once per KV head for all the query heads sharing
 it (GQA rows stacked: row r of a program is query r // group, head r % group), never repeated.
 
@@ -180,9 +181,10 @@ class PagedAttention:
                  ctx_len: torch.Tensor, row_seq: torch.Tensor, out: torch.Tensor,
                  max_queries: int = MAX_QUERIES) -> torch.Tensor:
         """q/out [T, heads, head_dim] (T <= max_rows); k/v_cache [num_blocks, page, kv_heads,
-        head_dim]; block_tables [S, max_blocks] int32; q_start/q_len/ctx_len [S] int32 (q_len 0:
-        an unused slot); row_seq [T] int32 (each row's session, -1 for padding rows, which are
-        left unwritten); `max_queries`: a bound on q_len (<= 16). Writes and returns `out`."""
+        head_dim] views with the same strides; block_tables [S, max_blocks] int32;
+        q_start/q_len/ctx_len [S] int32 (q_len 0: an unused slot); row_seq [T] int32 (each
+        row's session, -1 for padding rows, which are left unwritten); `max_queries`: a bound on
+        q_len (<= 16). Writes and returns `out`."""
         rows, sessions = q.shape[0], block_tables.shape[0]
         if rows > self.max_rows:
             raise ValueError(f"{rows} query rows exceed this launcher's max_rows "

@@ -43,7 +43,7 @@ from qguard_stream.gen.guard import GenGuard
 from qguard_stream.gen.parse import GenVerdict, parse_gen_output
 from qguard_stream.hooks import FlagEvent, Hooks, Monitor, TransitionEvent, attach
 from qguard_stream.integrations.text import TextStreamGuard
-from qguard_stream.kvcache.session import SessionCache
+from qguard_stream.kvcache.paged import PoolExhaustedError
 from qguard_stream.loader import CheckpointError
 from qguard_stream.policy import (
     ConsecutiveUnsafe,
@@ -71,8 +71,8 @@ __all__ = [
     "Hooks",
     "Monitor",
     "Policy",
+    "PoolExhaustedError",
     "ProbabilityThreshold",
-    "SessionCache",
     "StreamClosedError",
     "StreamGuard",
     "StreamState",

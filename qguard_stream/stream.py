@@ -1,9 +1,11 @@
 """StreamGuard: sessions (StreamState), incremental scoring, rollback, the card's API.
 
-Each session owns a KV buffer; feeding k ids runs one forward over those k ids against it. A call
-either completes (cache written, length advanced, verdicts returned) or raises with the session as
-it was before the call. Label strings are made only when asked for (verdicts.Verdicts). Policies
-and callbacks run after the forward (hooks.Monitor); batching lives in qguard_stream.engine.
+Each session is a block table into the guard's paged KV pool (kvcache/paged.py); feeding k ids runs
+one step over those k ids through the paged runner (runtime/paged.py) as a batch of one, the same
+runner the engine batches many sessions through. A call either completes (cache written, length
+advanced, verdicts returned) or raises with the session as it was before the call. Label strings
+are made only when asked for (verdicts.Verdicts). Policies and callbacks run after the forward
+(hooks.Monitor); batching lives in qguard_stream.engine.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import torch
 from qguard_stream.config import GuardConfig
 from qguard_stream.conversation import ConversationVerdict, plan_conversation
 from qguard_stream.hooks import Hooks, Monitor, dispatch
-from qguard_stream.kvcache.paged import BlockPool, BlockTable, blocks_for_budget
-from qguard_stream.kvcache.session import SessionCache
+from qguard_stream.kvcache.paged import BlockPool, BlockTable, LayerView, blocks_for_budget
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.models.guard import GuardModel
 from qguard_stream.policy import Policy
-from qguard_stream.runtime.fused import FastBackbone, FastHead
+from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
+from qguard_stream.runtime.weights import FusedWeights
 from qguard_stream.verdicts import (
     StreamClosedError,
     TokenIds,
@@ -37,16 +39,23 @@ from qguard_stream.verdicts import (
     validate_token_ids,
 )
 
-DEFAULT_CUDA_KV_GB = 2.0  # the CUDA fast path's KV pool for StreamGuard sessions
+# The KV pool shared by a guard's sessions, in GiB: on CUDA reserved at the first open_stream; on
+# the CPU only address space until blocks are written (see kvcache/paged.py).
+DEFAULT_KV_GB = {"cuda": 2.0, "cpu": 4.0}
 PAGE_TOKENS = 16  # tokens per KV block of that pool
+
+
+def default_kv_gb(device: torch.device) -> float:
+    """The default KV pool budget of a StreamGuard on `device`."""
+    return DEFAULT_KV_GB.get(device.type, DEFAULT_KV_GB["cuda"])
 
 
 @dataclass(eq=False)
 class StreamState:
-    """One conversation: its KV cache (a growing buffer on CPU, a block table into the guard's
-    paged pool on CUDA), its tokens so far and its last verdicts."""
+    """One conversation: its KV cache (a block table into the guard's paged pool), its tokens so
+    far and its last verdicts."""
 
-    cache: SessionCache | BlockTable | None
+    cache: BlockTable | None
     id: int = field(default_factory=next_session_id)
     token_ids: list[int] = field(default_factory=list)
     last_verdicts: Verdicts | None = None
@@ -72,11 +81,12 @@ class StreamGuard:
 
     def __init__(self, model: GuardModel, tokenizer: Any = None, fast_path: bool = True,
                  use_cuda_graphs: bool | None = None, kv_memory_gb: float | None = None) -> None:
-        """`fast_path`: run the fused lean forward (runtime/) instead of the module-by-module
-        reference path. On CUDA the fast path keeps every session's K/V in one paged pool of
-        `kv_memory_gb` GiB (default DEFAULT_CUDA_KV_GB; opening more than it holds raises
-        PoolExhaustedError) and runs the paged runner, whose steps of <= 16 tokens replay CUDA
-        graphs captured at the first open_stream (`use_cuda_graphs`, default True on CUDA)."""
+        """Every session's K/V lives in one paged pool of `kv_memory_gb` GiB (default
+        default_kv_gb(device): 2 on CUDA, 4 on the CPU, committed there only as used; a session
+        growing past it raises PoolExhaustedError and is left as it was). `fast_path`: run the
+        paged runner (runtime/paged.py: C steps on fp32 CPU; on CUDA, steps of <= 16 tokens
+        replay CUDA graphs captured at the first open_stream, `use_cuda_graphs`, default True)
+        instead of the module-by-module reference model, which stays for parity checks."""
         self.model = model
         self.config: GuardConfig = model.config
         self.tokenizer = tokenizer
@@ -87,14 +97,10 @@ class StreamGuard:
         if use_cuda_graphs and not (fast_path and self.device.type == "cuda"):
             raise ValueError(f"use_cuda_graphs=True needs fast_path=True and a CUDA model, got "
                              f"fast_path={fast_path} on {self.device}")
-        self.fast = FastBackbone(model.model, self.config) if fast_path else None
-        # The eager step's heads; on CUDA GuardHead itself runs the fused Triton kernel.
-        self.fast_heads = None
-        if fast_path and self.device.type == "cpu":
-            self.fast_heads = {"user": FastHead(model.query), "assistant": FastHead(model.response)}
-        self.paged = fast_path and self.device.type == "cuda"
+        self.fast = FusedWeights(model.model, self.config) if fast_path else None
         self._use_cuda_graphs = use_cuda_graphs
-        self._kv_memory_gb = DEFAULT_CUDA_KV_GB if kv_memory_gb is None else kv_memory_gb
+        self._kv_memory_gb = default_kv_gb(self.device) if kv_memory_gb is None else kv_memory_gb
+        blocks_for_budget(self.config, self.dtype, PAGE_TOKENS, self._kv_memory_gb, None)  # check
         self.pool: BlockPool | None = None  # the paged pool and runner, made at the first open
         self.runner: PagedRunner | None = None
         self._paged_lock = threading.RLock()
@@ -116,18 +122,13 @@ class StreamGuard:
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_stream(self) -> StreamState:
-        """A new, empty session."""
-        if self.paged:
-            pool = self.paged_runtime()[0]
-            table = BlockTable(pool.block_size)
-            state = StreamState(cache=table)
-            # A session dropped without close_stream still gives its blocks back.
-            state.release = weakref.finalize(state, self._release, table)
-            return state
-        c = self.config
-        cache = SessionCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                             c.max_position_embeddings, self.device, self.dtype)
-        return StreamState(cache=cache)
+        """A new, empty session (it holds no KV blocks until fed)."""
+        pool = self.paged_runtime()[0]
+        table = BlockTable(pool.block_size)
+        state = StreamState(cache=table)
+        # A session dropped without close_stream still gives its blocks back.
+        state.release = weakref.finalize(state, self._release, table)
+        return state
 
     def close_stream(self, state: StreamState) -> None:
         """Free the session's memory; using it again raises StreamClosedError."""
@@ -136,17 +137,18 @@ class StreamGuard:
         state.cache = None
         state.last_verdicts = None
 
-    def paged_runtime(self) -> tuple[BlockPool, PagedRunner]:
-        """The CUDA fast path's KV pool and runner, made (and its graphs captured) once."""
+    def paged_runtime(self) -> tuple[BlockPool, PagedRunner | None]:
+        """The sessions' KV pool and the fast path's runner (None on the reference path), made
+        (and on CUDA its graphs captured) once, at the first open_stream."""
         with self._paged_lock:
-            if self.pool is None or self.runner is None:
-                assert self.fast is not None
+            if self.pool is None:
                 blocks = blocks_for_budget(self.config, self.dtype, PAGE_TOKENS,
                                            self._kv_memory_gb, None)
                 pool = BlockPool(self.config, blocks, PAGE_TOKENS, self.device, self.dtype)
-                heads = {"user": self.model.query, "assistant": self.model.response}
-                self.runner = PagedRunner(self.fast, heads, pool,
-                                          use_graphs=self._use_cuda_graphs)
+                if self.fast is not None:
+                    heads = {"user": self.model.query, "assistant": self.model.response}
+                    self.runner = PagedRunner(self.fast, GuardScores(heads), pool,
+                                              use_graphs=self._use_cuda_graphs)
                 self.pool = pool
             return self.pool, self.runner
 
@@ -164,10 +166,10 @@ class StreamGuard:
             raise ValueError(
                 f"cannot roll back to length {length}: the session holds {state.length} tokens"
             )
-        if isinstance(state.cache, BlockTable):
-            with self._paged_lock:
-                assert self.pool is not None
-                state.cache.shrink(self.pool, length)
+        assert state.cache is not None
+        with self._paged_lock:
+            assert self.pool is not None
+            state.cache.shrink(self.pool, length)
         del state.token_ids[length:]
         state.last_verdicts = None
         if state.monitor is not None:
@@ -189,13 +191,7 @@ class StreamGuard:
                 f"max_position_embeddings={limit}"
             )
         assert state.cache is not None
-        if isinstance(state.cache, BlockTable):
-            risk_probs, category_probs = self._paged_step(state.cache, start, ids, role)
-        else:
-            state.cache.ensure(start + new, keep=start)
-            hidden = self._backbone(ids.to(self.device, non_blocking=True), state.cache, start)
-            head = self.fast_heads[role] if self.fast_heads else self.model.head(role)
-            risk_probs, category_probs = head(hidden)
+        risk_probs, category_probs = self._step(state.cache, start, ids, role)
         verdicts = build_verdicts(self.config, role, start, ids, risk_probs, category_probs)
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
@@ -206,22 +202,23 @@ class StreamGuard:
             dispatch(state.monitor, state.id, verdicts, self.hooks)
         return verdicts
 
-    def _paged_step(self, table: BlockTable, start: int, ids: torch.Tensor, role: str
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One session's chunk through the paged runner: a batch of one."""
+    def _step(self, table: BlockTable, start: int, ids: torch.Tensor, role: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One session's chunk: through the paged runner as a batch of one, or (reference path)
+        the module-by-module model reading and writing the same pool."""
         with self._paged_lock:
             pool, runner = self.paged_runtime()
             table.grow(pool, start + ids.shape[0])  # PoolExhaustedError leaves it as it was
             try:
-                return runner.forward([Chunk(table, start, ids, role)])[0]
+                if runner is not None:
+                    return runner.forward([Chunk(table, start, ids, role)])[0]
+                views = [LayerView(pool, layer, table)
+                         for layer in range(self.config.num_hidden_layers)]
+                hidden = self.model.model(ids.to(self.device), views, start)
+                return self.model.head(role)(hidden)
             except BaseException:
                 table.shrink(pool, start)
                 raise
-
-    def _backbone(self, ids: torch.Tensor, cache: SessionCache, start: int) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast(ids, cache.buffer, start)
-        return self.model.model(ids, cache.layers, start)
 
     @staticmethod
     def _check_open(state: StreamState) -> None:

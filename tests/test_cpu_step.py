@@ -1,6 +1,6 @@
-"""The C CPU decode step (kernels/cpu_step.c via qguard_stream/runtime/cpu_step.py): each C function
-against its PyTorch formula, the whole step against the eager fast path and transformers, and the
-fallbacks (no compiler, disabled, a step past the buffer)."""
+"""The C CPU step (kernels/cpu_step.c via qguard_stream/runtime/cpu_step.py), reading the paged
+pool: each C function against its PyTorch formula, the whole step against the runner's torch step
+and transformers, sessions batched vs alone, and the fallbacks (no compiler, disabled)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from qguard_stream.kernels.cpu_step import BuildError, pointer
 from benchmarks.baselines import load_hf_backbone
 from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import config_for
+from qguard_stream.kvcache.paged import BlockTable
 from qguard_stream.models.qwen3 import Rotary
-from qguard_stream.runtime.cpu_step import C_ATTENTION_TOKENS, MAX_TOKENS
+from qguard_stream.runtime.cpu_step import MAX_TOKENS
 from qguard_stream.runtime.layer import rms_norm
+from qguard_stream.runtime.paged import Chunk
 from qguard_stream.runtime.weights import rope_tables
-from tests.test_fastpath import plain_attention
+from tests.test_fastpath import hidden_through_runner, plain_attention
 
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
@@ -63,49 +65,94 @@ def test_rms_norm_matches_the_formula(library, rows: int, dim: int) -> None:
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (6, 2, 16), (2, 2, 128)])
-@pytest.mark.parametrize("start,new", [(0, 1), (37, 1), (37, 3)])
-def test_qk_rope_store_matches_norm_rope_and_cache_write(library, heads: int, kv_heads: int,
-                                                         head_dim: int, start: int,
-                                                         new: int) -> None:
-    capacity, eps = 64, 1e-6
-    qkv = torch.randn(new, (heads + 2 * kv_heads) * head_dim)
+@pytest.mark.parametrize("positions", [[0], [37], [37, 38, 39], [5, 900, 6]])
+def test_qk_rope_store_matches_norm_rope_and_the_pool_write(library, heads: int, kv_heads: int,
+                                                            head_dim: int,
+                                                            positions: list[int]) -> None:
+    rows, slots_total, page, eps = len(positions), 64, 4, 1e-6
+    # Scattered slots, and a padding row (slot -1) whose q is computed but K/V stored nowhere.
+    slots = torch.tensor([50, 3, 17][:rows], dtype=torch.int32)
+    if rows == 3:
+        slots[1] = -1
+    position = torch.tensor(positions, dtype=torch.int32)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim)
     qk_weight = 1.0 + 0.1 * torch.randn(heads + kv_heads, head_dim)
-    cos, sin = _rope(head_dim, start, new)
-    q = torch.empty(new, heads, head_dim)
-    cache = torch.zeros(2, kv_heads, capacity, head_dim)
+    cos, sin = _rope_tables(head_dim, 1000)
+    q = torch.empty(rows, heads, head_dim)
+    blocks = torch.zeros(2, slots_total // page, kv_heads, page, head_dim)  # the pool's layout
     library.qg_qk_rope_store(pointer(qkv), pointer(qk_weight), pointer(cos), pointer(sin),
-                             pointer(q), pointer(cache[0]), pointer(cache[1]),
-                             capacity * head_dim, start, new, heads, kv_heads, head_dim, eps)
-    qk = qkv[:, :(heads + kv_heads) * head_dim].view(new, heads + kv_heads, head_dim)
+                             pointer(position, torch.int32), pointer(slots, torch.int32),
+                             pointer(q), pointer(blocks[0]), pointer(blocks[1]), page, rows,
+                             heads, kv_heads, head_dim, eps)
+    pool = blocks.transpose(2, 3).reshape(2, slots_total, kv_heads, head_dim)  # by slot
+    qk = qkv[:, :(heads + kv_heads) * head_dim].view(rows, heads + kv_heads, head_dim)
     normed = rms_norm(qk, qk_weight, torch.tensor(eps))
-    roped = normed * cos[:, None] + normed.roll(head_dim // 2, -1) * sin[:, None]
+    at = position.long()
+    roped = normed * cos[at, None] + normed.roll(head_dim // 2, -1) * sin[at, None]
     torch.testing.assert_close(q, roped[:, :heads], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache[0, :, start:start + new], roped[:, heads:].transpose(0, 1),
+    values = qkv[:, (heads + kv_heads) * head_dim:].view(rows, kv_heads, head_dim)
+    written = slots >= 0
+    torch.testing.assert_close(pool[0, slots[written].long()], roped[written, heads:],
                                atol=1e-5, rtol=1e-5)
-    values = qkv[:, (heads + kv_heads) * head_dim:].view(new, kv_heads, head_dim)
-    assert torch.equal(cache[1, :, start:start + new], values.transpose(0, 1))
-    untouched = torch.ones(capacity, dtype=torch.bool)
-    untouched[start:start + new] = False
-    assert not cache[:, :, untouched].any()  # nothing written outside start..start+new
+    assert torch.equal(pool[1, slots[written].long()], values[written])
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots[written].long()] = False
+    assert not pool[:, untouched].any()  # nothing written outside the rows' slots
+
+
+def paged_copy(contexts: list[torch.Tensor], page: int, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter each session's [2, kv_heads, length, head_dim] K/V into a pool of shuffled blocks
+    in the pool's layout: (pool [2, blocks, kv_heads, page, head_dim] with NaN in every unused
+    slot, block tables)."""
+    blocks = [-(-c.shape[2] // page) for c in contexts]
+    order = torch.randperm(sum(blocks) + 3, generator=generator)  # 3 blocks nobody owns
+    kv_heads, dim = contexts[0].shape[1], contexts[0].shape[3]
+    pool = torch.full((2, sum(blocks) + 3, kv_heads, page, dim), float("nan"))
+    tables = torch.zeros(len(contexts), max(blocks), dtype=torch.int32)
+    taken = 0
+    for s, context in enumerate(contexts):
+        own = order[taken:taken + blocks[s]]
+        taken += blocks[s]
+        tables[s, :blocks[s]] = own.int()
+        positions = torch.arange(context.shape[2])
+        pool[:, own[positions // page], :, positions % page] = context.permute(2, 0, 1, 3)
+    return pool, tables
 
 
 @pytest.mark.parametrize("group", [1, 2, 3])
 @pytest.mark.parametrize("head_dim", [16, 64, 72, 128])
-@pytest.mark.parametrize("start,new", [(0, 1), (9, 1), (9, 4), (0, 6), (1024, 1), (30, 16)])
-def test_attention_matches_the_plain_formula(library, group: int, head_dim: int, start: int,
-                                             new: int) -> None:
-    kv_heads, capacity = 2, start + new + 5
-    generator = torch.Generator().manual_seed(start * 100 + new + head_dim)
-    q = torch.randn(new, kv_heads * group, head_dim, generator=generator) / head_dim**0.5
-    cache = torch.randn(2, kv_heads, capacity, head_dim, generator=generator)
-    out = torch.empty(new, kv_heads * group * head_dim)
-    status = library.qg_attend(pointer(q), pointer(cache[0]), pointer(cache[1]),
-                               capacity * head_dim, start, new, kv_heads * group, kv_heads,
-                               head_dim, pointer(out))
+@pytest.mark.parametrize("page", [16, 32])
+def test_paged_attention_matches_the_plain_formula(library, group: int, head_dim: int,
+                                                   page: int) -> None:
+    """Several sessions in one call: one token, a chunk, a long context, a skipped session
+    (q_len 0), a chunk of 16; unused pool slots hold NaN, so any stray read shows."""
+    kv_heads = 2
+    shapes = [(9, 1), (9, 4), (1024, 1), (5, 0), (30, 16), (0, 6)]  # (start, new)
+    generator = torch.Generator().manual_seed(group * 1000 + head_dim + page)
+    contexts = [torch.randn(2, kv_heads, start + new, head_dim, generator=generator)
+                for start, new in shapes]
+    pool, tables = paged_copy(contexts, page, generator)
+    queries = [torch.randn(new, kv_heads * group, head_dim, generator=generator) / head_dim**0.5
+               for _, new in shapes]
+    q = torch.cat(queries)
+    q_len = torch.tensor([new for _, new in shapes], dtype=torch.int32)
+    q_start = (torch.cumsum(q_len, 0) - q_len).int()
+    ctx_len = torch.tensor([start + new for start, new in shapes], dtype=torch.int32)
+    out = torch.full((q.shape[0], kv_heads * group * head_dim), float("nan"))
+    status = library.qg_attend_paged(
+        pointer(q), pointer(pool[0]), pointer(pool[1]), pointer(tables, torch.int32),
+        tables.shape[1], page, pointer(q_start, torch.int32), pointer(q_len, torch.int32),
+        pointer(ctx_len, torch.int32), len(shapes), kv_heads * group, kv_heads, head_dim,
+        pointer(out))
     assert status == 0
-    prefix = cache[:, :, :start + new].double()
-    expected = plain_attention(q.double(), prefix[0], prefix[1], start)
-    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-6)
+    for s, (start, new) in enumerate(shapes):
+        if new == 0:
+            continue
+        context = contexts[s].double()
+        expected = plain_attention(queries[s].double(), context[0], context[1], start)
+        rows = slice(int(q_start[s]), int(q_start[s]) + new)
+        torch.testing.assert_close(out[rows].double(), expected, atol=2e-6, rtol=2e-6)
 
 
 def test_silu_mul_matches_swiglu(library) -> None:
@@ -117,14 +164,14 @@ def test_silu_mul_matches_swiglu(library) -> None:
     torch.testing.assert_close(out.double(), F.silu(gate) * up, atol=1e-6, rtol=1e-6)
 
 
-def test_the_guard_takes_the_c_step_for_short_fp32_cpu_steps(
+def test_the_runner_takes_the_c_step_for_up_to_16_tokens_per_session(
         tiny_guard: StreamGuard, library, monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = tiny_guard.fast
-    assert fast.cpu_step is not None and fast.cpu_step.library is library
+    runner = tiny_guard.paged_runtime()[1]
+    assert runner.cpu_step is not None and runner.cpu_step.library is library
     eager_steps = []
-    eager = fast.forward
-    monkeypatch.setattr(fast, "forward", lambda ids, *a: eager_steps.append(len(ids)) or
-                        eager(ids, *a))
+    eager = runner._eager
+    monkeypatch.setattr(runner, "_eager", lambda chunks, rows, longest: eager_steps.append(rows)
+                        or eager(chunks, rows, longest))
     state = tiny_guard.open_stream()
     for count in (40, 1, MAX_TOKENS, MAX_TOKENS + 1, 3):
         tiny_guard.moderate(state, list(range(1, count + 1)), "assistant")
@@ -132,48 +179,54 @@ def test_the_guard_takes_the_c_step_for_short_fp32_cpu_steps(
     assert eager_steps == [40, MAX_TOKENS + 1]
 
 
-@pytest.mark.parametrize("chunk", [1, 3, C_ATTENTION_TOKENS, C_ATTENTION_TOKENS + 1, MAX_TOKENS])
-def test_c_step_equals_eager_step_over_a_stream(tiny_guard: StreamGuard, chunk: int) -> None:
-    fast = tiny_guard.fast
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, MAX_TOKENS])
+def test_c_step_equals_the_torch_step_over_a_stream(tiny_guard: StreamGuard, chunk: int) -> None:
     ids = torch.randint(0, 151936, (64,), generator=torch.Generator().manual_seed(chunk))
-    c_state, eager_state = tiny_guard.open_stream(), tiny_guard.open_stream()
-    c_state.cache.ensure(80, keep=0)
-    eager_state.cache.ensure(80, keep=0)
-    with torch.inference_mode():
-        fast.forward(ids[:20], c_state.cache.buffer, 0)  # same prompt, eager, in both
-        fast.forward(ids[:20], eager_state.cache.buffer, 0)
-        for start in range(20, 64, chunk):
-            piece = ids[start:start + chunk]
-            got = fast.cpu_step(piece, c_state.cache.buffer, start)
-            expected = fast.forward(piece, eager_state.cache.buffer, start)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(c_state.cache.buffer[..., :64, :],
-                               eager_state.cache.buffer[..., :64, :], atol=1e-5, rtol=1e-5)
-    tiny_guard.close_stream(c_state)
-    tiny_guard.close_stream(eager_state)
+    bounds = (0, 20, *range(20 + chunk, 64, chunk), 64)
+    got = hidden_through_runner(tiny_guard, ids, bounds, use_c_step=True)
+    expected = hidden_through_runner(tiny_guard, ids, bounds, use_c_step=False)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_c_step_hidden_states_match_transformers(tiny_guard: StreamGuard,
-                                                 tiny_checkpoint: Path) -> None:
+def test_c_step_hidden_states_match_transformers_token_by_token(tiny_guard: StreamGuard,
+                                                                tiny_checkpoint: Path) -> None:
     hf = load_hf_backbone(tiny_checkpoint, tiny_guard.config, torch.device("cpu"), torch.float32)
-    ids = torch.randint(0, 151936, (30,), generator=torch.Generator().manual_seed(3))
-    state = tiny_guard.open_stream()
+    ids = torch.randint(0, 151936, (40,), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         expected = hf(input_ids=ids[None], use_cache=False).last_hidden_state[0]
-        hidden = [tiny_guard.fast.cpu_step(ids[i:i + 1], state.cache.buffer, i)
-                  for i in range(30)]
-    tiny_guard.close_stream(state)
-    torch.testing.assert_close(torch.cat(hidden), expected, atol=1e-4, rtol=1e-4)
+    # page 4: a 40-token stream crosses ten blocks, one C call per layer per token
+    hidden = hidden_through_runner(tiny_guard, ids, tuple(range(41)), block_size=4,
+                                   use_c_step=True)
+    torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_step_past_the_buffer_is_refused(tiny_guard: StreamGuard) -> None:
-    state = tiny_guard.open_stream()
-    buffer = state.cache.buffer
-    before = buffer.clone()
-    with pytest.raises(ValueError, match="capacity"):
-        tiny_guard.fast.cpu_step(torch.tensor([1, 2]), buffer, buffer.shape[3] - 1)
-    assert torch.equal(buffer, before)
-    tiny_guard.close_stream(state)
+def test_sessions_batched_in_one_c_step_equal_each_alone(tiny_guard: StreamGuard) -> None:
+    """Three sessions with different contexts and chunk sizes in one step vs one by one."""
+    guard = tiny_guard
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 151936, (n,), generator=generator) for n in (5, 33, 17)]
+    news = [torch.randint(0, 151936, (n,), generator=generator) for n in (1, 4, 16)]
+    alone = []
+    for prompt, new in zip(prompts, news):
+        state = guard.open_stream()
+        guard.moderate(state, prompt, "user")
+        alone.append(guard.moderate(state, new, "assistant").risk_probs)
+        guard.close_stream(state)
+    pool, runner = guard.paged_runtime()
+    tables = [BlockTable(pool.block_size) for _ in prompts]
+    try:
+        for table, prompt in zip(tables, prompts):
+            table.grow(pool, prompt.shape[0])
+            runner.forward([Chunk(table, 0, prompt, "user")])
+        for table, prompt, new in zip(tables, prompts, news):
+            table.grow(pool, prompt.shape[0] + new.shape[0])
+        together = runner.forward([Chunk(t, p.shape[0], n, "assistant")
+                                   for t, p, n in zip(tables, prompts, news)])
+    finally:
+        for table in tables:
+            table.shrink(pool, 0)
+    for (risk, _), expected in zip(together, alone):
+        torch.testing.assert_close(risk, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_disabled_by_environment_runs_the_eager_step(tiny_checkpoint: Path,
@@ -185,7 +238,7 @@ def test_disabled_by_environment_runs_the_eager_step(tiny_checkpoint: Path,
         eager = StreamGuard.from_pretrained(tiny_checkpoint, device="cpu")
     finally:
         cpu_step.load.cache_clear()
-    assert eager.fast.cpu_step is None
+    assert eager.paged_runtime()[1].cpu_step is None
     ids = list(range(100, 140))
     expected = _score(eager, ids)
     torch.testing.assert_close(_score(tiny_guard, ids), expected, atol=1e-5, rtol=0)
@@ -215,10 +268,9 @@ def test_pointer_refuses_tensors_the_c_code_cannot_read() -> None:
         pointer(torch.zeros(4, 4).t())
 
 
-def _rope(head_dim: int, start: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
-    config = replace(config_for("tiny"), head_dim=head_dim, max_position_embeddings=start + new)
-    cos, sin = rope_tables(config, Rotary(head_dim, config.rope_theta).inv_freq, torch.float32)
-    return cos[start:start + new].contiguous(), sin[start:start + new].contiguous()
+def _rope_tables(head_dim: int, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    config = replace(config_for("tiny"), head_dim=head_dim, max_position_embeddings=positions)
+    return rope_tables(config, Rotary(head_dim, config.rope_theta).inv_freq, torch.float32)
 
 
 def _score(guard: StreamGuard, ids: list[int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from qguard_stream.kernels.reference import (
 from interpreter import run_interpreted
 
 EPS = 1e-6
-HEADS, KV_HEADS, DIM, ROWS, SLOTS = 4, 2, 64, 5, 12
+HEADS, KV_HEADS, DIM, ROWS, SLOTS, PAGE = 4, 2, 64, 5, 12, 4
 POISON = 77.0
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -29,10 +29,14 @@ results = []
 for case in torch.load(sys.argv[1]):
     x, w, qkv, qk_norm, cos, sin, positions, slots, gate_up, heads, kv, slot_count = case
     q = torch.full((qkv.shape[0], heads, qk_norm.shape[1]), 77.0, dtype=qkv.dtype)
-    k = torch.full((slot_count, kv, qk_norm.shape[1]), 77.0, dtype=qkv.dtype)
+    # the pool's layout: head-major blocks [blocks, KV, page, D], passed as [blocks, page, KV, D]
+    k = torch.full((slot_count // 4, kv, 4, qk_norm.shape[1]), 77.0, dtype=qkv.dtype)
     v = torch.full_like(k, 77.0)
-    ops.qk_norm_rope_store(qkv, qk_norm, cos, sin, positions, slots, q, k, v, 1e-6)
-    results.append({"rms": ops.rms_norm(x, w, 1e-6), "q": q, "k": k, "v": v,
+    ops.qk_norm_rope_store(qkv, qk_norm, cos, sin, positions, slots, q, k.transpose(1, 2),
+                           v.transpose(1, 2), 1e-6)
+    results.append({"rms": ops.rms_norm(x, w, 1e-6), "q": q,
+                    "k": k.transpose(1, 2).reshape(slot_count, kv, -1),
+                    "v": v.transpose(1, 2).reshape(slot_count, kv, -1),
                     "silu": ops.silu_mul(gate_up)})
 torch.save({"interpreted": ops.INTERPRETED, "outputs": results}, sys.argv[2])
 """
@@ -98,8 +102,11 @@ def test_compiled_kernels_match_the_formulas_on_cuda(index: int) -> None:
     x, w, qkv, qk_norm, cos, sin, positions, slots, gate_up, heads, kv, slot_count = (
         t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs)
     q = torch.full((qkv.shape[0], heads, DIM), POISON, dtype=qkv.dtype, device="cuda")
-    k = torch.full((slot_count, kv, DIM), POISON, dtype=qkv.dtype, device="cuda")
+    k = torch.full((slot_count // PAGE, kv, PAGE, DIM), POISON, dtype=qkv.dtype, device="cuda")
     v = torch.full_like(k, POISON)
-    ops.qk_norm_rope_store(qkv, qk_norm, cos, sin, positions, slots, q, k, v, EPS)
-    out = {"rms": ops.rms_norm(x, w, EPS), "q": q, "k": k, "v": v, "silu": ops.silu_mul(gate_up)}
+    ops.qk_norm_rope_store(qkv, qk_norm, cos, sin, positions, slots, q, k.transpose(1, 2),
+                           v.transpose(1, 2), EPS)
+    out = {"rms": ops.rms_norm(x, w, EPS), "q": q,
+           "k": k.transpose(1, 2).reshape(slot_count, kv, DIM),
+           "v": v.transpose(1, 2).reshape(slot_count, kv, DIM), "silu": ops.silu_mul(gate_up)}
     check({name: t.cpu() for name, t in out.items()}, inputs)

@@ -1,8 +1,9 @@
-"""The lean forward (runtime/fused.py) and its attention backends agree with the module-by-module
+"""The paged runner (runtime/paged.py) and its attention backends agree with the module-by-module
 reference and with transformers' Qwen3Model; on CUDA, graph replay agrees with eager steps."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,12 @@ import torch.nn.functional as F
 
 from benchmarks.baselines import load_hf_backbone
 from qguard_stream import StreamGuard
+from qguard_stream.kvcache.paged import BlockPool, BlockTable
 from qguard_stream.models.qwen3 import RMSNorm, Rotary, apply_rotary
 from qguard_stream.runtime.attention import _grouped_small, _sdpa
 from qguard_stream.runtime.layer import rms_norm
+from qguard_stream.runtime.outputs import FinalHidden
+from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import rope_tables
 
 # (token count, role) per call: a prompt, single tokens, odd chunks (bucket padding), a long chunk.
@@ -61,11 +65,26 @@ def test_fast_path_hidden_states_match_transformers(tiny_guard: StreamGuard,
     ids = token_ids[:60]
     with torch.inference_mode():
         expected = hf(input_ids=ids[None], use_cache=False).last_hidden_state[0]
-        state = tiny_guard.open_stream()
-        hidden = [tiny_guard._backbone(ids[a:b], state.cache, a)
-                  for a, b in ((0, 20), (20, 21), (21, 22), (22, 37), (37, 60))]
-        tiny_guard.close_stream(state)
-    torch.testing.assert_close(torch.cat(hidden), expected, atol=1e-4, rtol=1e-4)
+    bounds = (0, 20, 21, 22, 37, 60)  # a prompt, single tokens, a 15-token and a 23-token chunk
+    for use_c_step in (None, False):  # the C step where it builds, and the torch ops
+        hidden = hidden_through_runner(tiny_guard, ids, bounds, use_c_step=use_c_step)
+        torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=1e-4)
+
+
+def hidden_through_runner(guard: StreamGuard, ids: torch.Tensor, bounds: tuple[int, ...],
+                          block_size: int = 16, **runner_options) -> torch.Tensor:
+    """Final hidden states of one session fed ids[bounds[i]:bounds[i + 1]] chunk by chunk
+    through a fresh paged runner over the guard's weights."""
+    pool = BlockPool(guard.config, -(-bounds[-1] // block_size) + 2, block_size, guard.device,
+                     guard.dtype)
+    runner = PagedRunner(guard.fast, FinalHidden(guard.config.hidden_size), pool,
+                         **runner_options)
+    BlockTable(block_size).grow(pool, 1)  # another session's block: ours start at slot 16
+    table, hidden = BlockTable(block_size), []
+    for start, end in itertools.pairwise(bounds):
+        table.grow(pool, end)
+        hidden += runner.forward([Chunk(table, start, ids[start:end], "user")])
+    return torch.cat(hidden)
 
 
 def test_fused_weights_are_views_of_one_tensor(tiny_guard: StreamGuard) -> None:

@@ -12,8 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3ForCausalLM
 
 from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
+from qguard_stream.gen.decode import Decoder
 from qguard_stream.gen.guard import GenGuard
 from qguard_stream.gen.parse import GenVerdict
+from qguard_stream.kvcache.paged import PoolTooSmallError, bytes_per_token
 from qguard_stream.loader import CheckpointError
 
 NEW_TOKENS = 6
@@ -116,6 +118,27 @@ def test_batched_decode_equals_transformers_left_padded_batch(pair):
 
 def _through_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_sequences_wait_for_pool_room_and_still_equal_transformers(untied):
+    """A pool with room for one sequence at a time: the others wait and join as it frees its
+    blocks (continuous batching); every row still equals transformers, and no block leaks."""
+    guard, hf = untied
+    prompts = random_prompts()  # 1, 9 and 30 tokens + 6 new: 1, 1 and 3 blocks of 16
+    decoder = Decoder(guard.lm, kv_memory_gb=3 * 16 * bytes_per_token(guard.config,
+                                                                       torch.float32) / 2**30)
+    assert decoder.generate(prompts, NEW_TOKENS, frozenset({151645})) == \
+        [hf_generate(hf, ids, 151645) for ids in prompts]
+    assert decoder.pool.num_blocks == 3 and decoder.pool.used_blocks == 0
+
+
+def test_a_sequence_larger_than_the_pool_is_a_typed_error(untied):
+    guard, _ = untied
+    decoder = Decoder(guard.lm, kv_memory_gb=16 * bytes_per_token(guard.config,
+                                                                  torch.float32) / 2**30)
+    with pytest.raises(PoolTooSmallError, match="kv_memory_gb"):
+        decoder.generate([[5] * 9, [7] * 30], NEW_TOKENS, frozenset())
+    assert decoder.pool.used_blocks == 0  # refused before any block was taken
 
 
 def test_empty_batch_gives_no_rows(untied):

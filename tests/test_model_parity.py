@@ -7,6 +7,7 @@ import torch
 from transformers import Qwen3Model
 
 from qguard_stream import StreamGuard
+from qguard_stream.kvcache.paged import BlockPool, BlockTable, LayerView
 
 SEQ = 200
 
@@ -21,13 +22,19 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 151936, (SEQ,), generator=torch.Generator().manual_seed(7))
 
 
+def paged_views(guard: StreamGuard, length: int, block: int = 16) -> list[LayerView]:
+    """The reference model's per-layer views of one session in a fresh pool (its blocks taken
+    after another session's, so its slots are not simply 0..length)."""
+    pool = BlockPool(guard.config, -(-length // block) + 1, block, guard.device, guard.dtype)
+    BlockTable(block).grow(pool, 1)
+    table = BlockTable(block)
+    table.grow(pool, length)
+    return [LayerView(pool, layer, table) for layer in range(guard.config.num_hidden_layers)]
+
+
 def our_hidden(guard: StreamGuard, ids: torch.Tensor) -> torch.Tensor:
-    state = guard.open_stream()
-    state.cache.ensure(len(ids), keep=0)
     with torch.inference_mode():
-        hidden = guard.model.model(ids, state.cache.layers, 0)
-    guard.close_stream(state)
-    return hidden
+        return guard.model.model(ids, paged_views(guard, len(ids)), 0)
 
 
 def test_hidden_states_match_transformers_qwen3(tiny_guard, reference, ids):
@@ -39,14 +46,12 @@ def test_hidden_states_match_transformers_qwen3(tiny_guard, reference, ids):
 def test_hidden_states_match_transformers_when_fed_in_chunks(tiny_guard, reference, ids):
     with torch.inference_mode():
         expected = reference(ids[None]).last_hidden_state[0]
-    state = tiny_guard.open_stream()
-    state.cache.ensure(SEQ, keep=0)
+    views = paged_views(tiny_guard, SEQ)
     parts = []
     with torch.inference_mode():
         for start in range(0, SEQ, 37):
             chunk = ids[start : start + 37]
-            parts.append(tiny_guard.model.model(chunk, state.cache.layers, start))
-    tiny_guard.close_stream(state)
+            parts.append(tiny_guard.model.model(chunk, views, start))
     assert (torch.cat(parts) - expected).abs().max().item() <= 1e-4
 
 

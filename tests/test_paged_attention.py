@@ -70,8 +70,11 @@ def case_inputs(case: tuple, seed: int) -> tuple[tuple[torch.Tensor, ...], tuple
         tables[s, :count] = torch.tensor([free.pop() for _ in range(count)], dtype=torch.int32)
     rows = sum(n for _, n in sessions) + PAD_ROWS
     q = (torch.randn(rows, heads, dim, generator=gen) / dim**0.25).to(dtype)
-    k = (torch.randn(num_blocks, page, kv_heads, dim, generator=gen) / dim**0.25).to(dtype)
-    v = torch.randn(num_blocks, page, kv_heads, dim, generator=gen).to(dtype)
+    # The pool's layout (kvcache/paged.py): head-major blocks [blocks, KV, page, D], read
+    # through [blocks, page, KV, D] views.
+    k = (torch.randn(num_blocks, kv_heads, page, dim, generator=gen) / dim**0.25).to(dtype)
+    v = torch.randn(num_blocks, kv_heads, page, dim, generator=gen).to(dtype)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
     q_len = torch.tensor([n for _, n in sessions], dtype=torch.int32)
     q_start = torch.tensor([0, *torch.tensor([n for _, n in sessions]).cumsum(0)[:-1].tolist()],
                            dtype=torch.int32)

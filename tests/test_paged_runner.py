@@ -5,6 +5,7 @@ of one, the engine, pool exhaustion and concurrent callers."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from qguard_stream import StreamGuard
 from qguard_stream.kvcache.paged import BlockPool, BlockTable, PoolExhaustedError
+from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner, token_buckets
 
 from interpreter import run_interpreted
@@ -61,8 +63,8 @@ def core_guard(tiny_checkpoint: Path) -> StreamGuard:
     return StreamGuard.from_pretrained(tiny_checkpoint, device="cpu", fast_path=False)
 
 
-def heads_of(guard: StreamGuard) -> dict:
-    return {"user": guard.model.query, "assistant": guard.model.response}
+def heads_of(guard: StreamGuard) -> GuardScores:
+    return GuardScores({"user": guard.model.query, "assistant": guard.model.response})
 
 
 def test_token_buckets_are_powers_of_two_then_multiples_of_eight() -> None:
@@ -71,16 +73,15 @@ def test_token_buckets_are_powers_of_two_then_multiples_of_eight() -> None:
     assert token_buckets(3) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("c_attention", [True, False])
-def test_torch_ops_runner_equals_the_reference(tiny_guard: StreamGuard, core_guard: StreamGuard,
-                                               c_attention: bool) -> None:
-    """With the C paged attention (chunks of <= 4 tokens: every session in one C call over the
-    pool) and without it (each session's context gathered)."""
+@pytest.mark.parametrize("c_step", [True, False])
+def test_cpu_runner_equals_the_reference(tiny_guard: StreamGuard, core_guard: StreamGuard,
+                                         c_step: bool) -> None:
+    """With the C step (chunks of <= 16 tokens: every session's attention in one C call over the
+    pool) and with the torch ops (each session's context gathered)."""
     pool = BlockPool(tiny_guard.config, 64, BLOCK, torch.device("cpu"), torch.float32)
-    runner = PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool,
-                         use_c_attention=c_attention)
+    runner = PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool, use_c_step=c_step)
     assert not runner.triton and not runner.captured
-    assert (runner.c_attention is not None) == c_attention
+    assert (runner.cpu_step is not None) == c_step
     ids = call_ids()
     expected = reference_probs(core_guard, ids)
     batched = runner_probs(runner, pool, ids, sessions=3)
@@ -94,14 +95,15 @@ INTERPRETED_WORKER = """
 import sys, torch
 from qguard_stream import StreamGuard
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
+from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
 path, ids, tests = torch.load(sys.argv[1])
 sys.path.insert(0, tests)
 from test_paged_runner import runner_probs
 guard = StreamGuard.from_pretrained(path, device="cpu")
 pool = BlockPool(guard.config, 64, 16, torch.device("cpu"), torch.float32)
-runner = PagedRunner(guard.fast, {"user": guard.model.query, "assistant": guard.model.response},
-                     pool, use_triton=True, use_graphs=False)
+heads = GuardScores({"user": guard.model.query, "assistant": guard.model.response})
+runner = PagedRunner(guard.fast, heads, pool, use_triton=True, use_graphs=False)
 from qguard_stream.kernels import paged_attention
 torch.save({"interpreted": runner.triton and paged_attention.INTERPRETED,
             "probs": runner_probs(runner, pool, ids, sessions=2)}, sys.argv[2])
@@ -188,9 +190,10 @@ def test_cuda_engine_batch_equals_one_session(tiny_checkpoint: Path,
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@cuda
-def test_cuda_pool_exhaustion_is_typed_and_blocks_come_back(tiny_checkpoint: Path) -> None:
-    guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cuda", kv_memory_gb=0.0005)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_pool_exhaustion_is_typed_and_blocks_come_back(tiny_checkpoint: Path,
+                                                       device: str) -> None:
+    guard = StreamGuard.from_pretrained(tiny_checkpoint, device=device, kv_memory_gb=0.0005)
     pool = guard.paged_runtime()[0]
     state = guard.open_stream()
     with pytest.raises(PoolExhaustedError):
@@ -203,3 +206,22 @@ def test_cuda_pool_exhaustion_is_typed_and_blocks_come_back(tiny_checkpoint: Pat
     del state
     gc.collect()
     assert pool.used_blocks == 0
+
+
+def test_the_cpu_pool_commits_memory_only_as_blocks_are_written(tiny_checkpoint: Path) -> None:
+    """A 2 GiB budget on the CPU is address space: resident memory grows by what the sessions
+    write, not by the budget."""
+    def resident_bytes() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs /proc")
+    guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cpu", kv_memory_gb=2.0)
+    before = resident_bytes()
+    state = guard.open_stream()
+    guard.moderate(state, list(range(100)), "user")
+    pool = guard.paged_runtime()[0]
+    assert pool.nbytes() >= 2 * 2**30 * 0.99
+    assert resident_bytes() - before < 256 * 2**20
+    guard.close_stream(state)

@@ -26,6 +26,7 @@ from qguard_stream.kvcache.paged import (
     PoolTooSmallError,
     blocks_for_budget,
 )
+from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import FusedWeights
 from qguard_stream.stream import StreamGuard
@@ -56,7 +57,7 @@ class Engine:
                               guard.dtype)
         weights = guard.fast or FusedWeights(guard.model.model, guard.config)
         heads = {"user": guard.model.query, "assistant": guard.model.response}
-        self.runner = PagedRunner(weights, heads, self.pool,
+        self.runner = PagedRunner(weights, GuardScores(heads), self.pool,
                                   use_graphs=self.settings.use_cuda_graphs,
                                   max_graph_tokens=self.settings.max_graph_tokens)
         self.scheduler = Scheduler(self.settings.max_batch_tokens)

@@ -1,100 +1,138 @@
-"""Batched greedy decoding for the causal LM: many sequences, one forward per step.
+"""Greedy decoding for the causal LM on the paged runner: many sequences, continuously batched.
 
-Sequences are left-padded into one KV buffer per layer ([batch, kv_heads, capacity, head_dim]).
-Each row keeps its own positions (0 at its first real token) and never attends to padding, so a
-row decodes exactly as it would alone (up to float rounding of the batched matmuls). Pad queries
-attend to themselves only, which keeps their (discarded) outputs finite. Rows that have finished
-keep stepping with their last token until every row is done; their extra tokens are dropped.
-The layers' weights are the Backbone's own; this module only batches the same computation.
+Every sequence is a block table into one paged pool (kvcache/paged.py), and every step is one step
+of the paged runner (runtime/paged.py, the runner StreamGuard and the engine use) returning the
+next-token logits after each sequence's last row (outputs.NextTokenLogits). A sequence joins the
+running batch when the pool has blocks for its prompt plus its token budget (reserved when it
+joins, so decoding never runs out of blocks mid-way), is prefilled in the step it joins, and leaves
+the batch when it stops; the others keep decoding. Each sequence decodes as it would alone, up to
+the float rounding of batched GEMMs. Decoding is greedy only: the Gen model is a classifier that
+writes its verdict.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from qguard_stream.gen.causal_lm import CausalLM
-from qguard_stream.models.qwen3 import Attention, Backbone, apply_rotary
+from qguard_stream.kvcache.paged import (
+    BlockPool,
+    BlockTable,
+    PoolTooSmallError,
+    blocks_for_budget,
+)
+from qguard_stream.runtime.outputs import NextTokenLogits
+from qguard_stream.runtime.paged import Chunk, PagedRunner
+from qguard_stream.runtime.weights import FusedWeights
+
+BLOCK_TOKENS = 16
+MAX_STEP_TOKENS = 4096  # prompt tokens prefilled in one step (sequences past it join next step)
+DEFAULT_KV_GB = {"cuda": 2.0, "cpu": 4.0}  # as StreamGuard's pool (committed lazily on the CPU)
 
 
-class BatchKV:
-    """Left-padded KV buffers of a decoding batch, plus which columns hold real tokens."""
+@dataclass
+class _Sequence:
+    index: int
+    prompt: torch.Tensor  # int64 CPU
+    limit: int  # total length it may reach
+    table: BlockTable
+    generated: list[int] = field(default_factory=list)
 
-    def __init__(self, lm: CausalLM, pad: torch.Tensor, capacity: int) -> None:
-        c, weight = lm.config, lm.model.embed_tokens.weight
-        shape = (pad.shape[0], c.num_key_value_heads, capacity, c.head_dim)
-        self.keys = [weight.new_zeros(shape) for _ in range(c.num_hidden_layers)]
-        self.values = [weight.new_zeros(shape) for _ in range(c.num_hidden_layers)]
-        columns = torch.arange(capacity, device=pad.device)
-        self.real = columns[None, :] >= pad[:, None]  # [batch, capacity]
-        self.pad = pad
-
-
-def batch_forward(backbone: Backbone, token_ids: torch.Tensor, kv: BatchKV,
-                  start: int) -> torch.Tensor:
-    """token_ids [B, T] in columns start..start+T-1; returns final hidden states [B, T, hidden]."""
-    new = token_ids.shape[1]
-    end = start + new
-    x = backbone.embed_tokens(token_ids)
-    columns = torch.arange(start, end, device=token_ids.device)
-    positions = (columns[None, :] - kv.pad[:, None]).clamp(min=0)
-    cos, sin = backbone.rotary(positions.reshape(-1), x.dtype)
-    causal = columns[:, None] >= torch.arange(end, device=token_ids.device)[None, :]
-    own = columns[:, None] == torch.arange(end, device=token_ids.device)[None, :]
-    mask = (causal[None] & kv.real[:, None, :end]) | own[None]  # [B, T, end]
-    for i, layer in enumerate(backbone.layers):
-        h = layer.input_layernorm(x)
-        x = x + _attention(layer.self_attn, h, (cos, sin), kv.keys[i], kv.values[i], start,
-                           mask[:, None])
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return backbone.norm(x)
+    @property
+    def length(self) -> int:
+        return self.prompt.shape[0] + len(self.generated)
 
 
-def _attention(attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               keys: torch.Tensor, values: torch.Tensor, start: int,
-               mask: torch.Tensor) -> torch.Tensor:
-    batch, new, _ = x.shape
-    flat = batch * new
-    q = attn.q_norm(attn.q_proj(x).view(flat, attn.num_heads, attn.head_dim))
-    k = attn.k_norm(attn.k_proj(x).view(flat, attn.num_kv_heads, attn.head_dim))
-    v = attn.v_proj(x).view(batch, new, attn.num_kv_heads, attn.head_dim)
-    q = apply_rotary(q, *rope).view(batch, new, attn.num_heads, attn.head_dim)
-    k = apply_rotary(k, *rope).view(batch, new, attn.num_kv_heads, attn.head_dim)
-    end = start + new
-    keys[:, :, start:end] = k.transpose(1, 2)
-    values[:, :, start:end] = v.transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :end],
-                                         values[:, :, :end], attn_mask=mask, enable_gqa=True)
-    return attn.o_proj(out.transpose(1, 2).reshape(batch, new, -1))
+class Decoder:
+    """Greedy decoding of a causal LM over one paged pool of `kv_memory_gb` GiB (default: 2 on
+    CUDA, 4 on the CPU), made at the first call; thread-safe (one generate at a time)."""
 
+    def __init__(self, lm: CausalLM, kv_memory_gb: float | None = None,
+                 use_cuda_graphs: bool | None = None) -> None:
+        self.lm, self.config = lm, lm.config
+        weight = lm.model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.kv_memory_gb = DEFAULT_KV_GB.get(self.device.type, 2.0) \
+            if kv_memory_gb is None else kv_memory_gb
+        blocks_for_budget(self.config, self.dtype, BLOCK_TOKENS, self.kv_memory_gb, None)
+        self.use_cuda_graphs = use_cuda_graphs
+        self.pool: BlockPool | None = None
+        self.runner: PagedRunner | None = None
+        self.lock = threading.Lock()
 
-@torch.inference_mode()
-def batch_greedy_generate(lm: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                          stop_ids: frozenset[int]) -> list[list[int]]:
-    """Greedy continuations of all prompts decoded together; same contract as greedy_generate."""
-    device = lm.model.embed_tokens.weight.device
-    lengths = [len(ids) for ids in prompts]
-    width = max(lengths)
-    budgets = [min(max_new_tokens, lm.config.max_position_embeddings - n) for n in lengths]
-    steps = max(budgets)
-    pad = torch.tensor([width - n for n in lengths], device=device)
-    kv = BatchKV(lm, pad, width + steps)
-    ids = torch.zeros(len(prompts), width, dtype=torch.int64, device=device)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
-    rows: list[list[int]] = [[] for _ in prompts]
-    done = [budget <= 0 for budget in budgets]
-    tokens = ids
-    for step in range(steps):
-        start = 0 if step == 0 else width + step - 1
-        hidden = batch_forward(lm.model, tokens if step == 0 else tokens[:, None], kv, start)
-        tokens = lm.lm_head(hidden[:, -1]).float().argmax(-1)
-        for row, token in enumerate(tokens.tolist()):  # one host sync per step
-            if not done[row]:
-                rows[row].append(token)
-                done[row] = token in stop_ids or len(rows[row]) >= budgets[row]
-        if all(done):
-            break
-    return rows
+    def _runtime(self) -> tuple[BlockPool, PagedRunner]:
+        if self.pool is None or self.runner is None:
+            blocks = blocks_for_budget(self.config, self.dtype, BLOCK_TOKENS, self.kv_memory_gb,
+                                       None)
+            self.pool = BlockPool(self.config, blocks, BLOCK_TOKENS, self.device, self.dtype)
+            weights = FusedWeights(self.lm.model, self.config)
+            self.runner = PagedRunner(weights, NextTokenLogits(self.lm.lm_head.weight), self.pool,
+                                      use_graphs=self.use_cuda_graphs, max_graph_tokens=64)
+        return self.pool, self.runner
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: frozenset[int]) -> list[list[int]]:
+        """Greedy continuation of every prompt; each list ends with its stop token when one was
+        produced (at most max_new_tokens, never past max_position_embeddings)."""
+        with self.lock:
+            pool, runner = self._runtime()
+            limit = self.config.max_position_embeddings
+            waiting = deque(_Sequence(index, torch.tensor(list(ids), dtype=torch.int64),
+                                      min(len(ids) + max_new_tokens, limit),
+                                      BlockTable(pool.block_size))
+                            for index, ids in enumerate(prompts))
+            for sequence in waiting:  # refused before any block is taken
+                need = sequence.table.blocks_needed(sequence.limit)
+                if need > pool.num_blocks:
+                    raise PoolTooSmallError(
+                        f"sequence {sequence.index} may reach {sequence.limit} tokens, "
+                        f"{need} KV blocks; the pool holds {pool.num_blocks} (raise "
+                        f"kv_memory_gb)")
+            results: list[list[int]] = [[] for _ in prompts]
+            running: list[_Sequence] = []
+            try:
+                while waiting or running:
+                    joining = self._admit(waiting, running, pool)
+                    chunks = [Chunk(s.table, s.length - 1, s.prompt.new_tensor(s.generated[-1:]),
+                                    "assistant") for s in running]
+                    chunks += [Chunk(s.table, 0, s.prompt, "assistant") for s in joining]
+                    running += joining
+                    logits = runner.forward(chunks)
+                    still = []
+                    for sequence, row in zip(running, logits):
+                        token = int(row.argmax())
+                        sequence.generated.append(token)
+                        if token in stop_ids or sequence.length >= sequence.limit:
+                            results[sequence.index] = sequence.generated
+                            sequence.table.shrink(pool, 0)
+                        else:
+                            still.append(sequence)
+                    running = still
+            finally:
+                for sequence in (*running, *waiting):
+                    sequence.table.shrink(pool, 0)
+            return results
+
+    @staticmethod
+    def _admit(waiting: deque[_Sequence], running: list[_Sequence], pool: BlockPool
+               ) -> list[_Sequence]:
+        """Sequences joining this step: in order, while their blocks fit the pool and their
+        prompts the step."""
+        joining: list[_Sequence] = []
+        tokens = 0
+        while waiting:
+            sequence = waiting[0]
+            need = sequence.table.blocks_needed(sequence.limit)
+            prompt = sequence.prompt.shape[0]
+            if need > pool.free_blocks or (joining and tokens + prompt > MAX_STEP_TOKENS):
+                break
+            sequence.table.grow(pool, sequence.limit)
+            joining.append(waiting.popleft())
+            tokens += prompt
+        return joining

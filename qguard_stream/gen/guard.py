@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from qguard_stream.config import GuardConfig, read_config_json
-from qguard_stream.gen.causal_lm import CausalLM, greedy_generate
-from qguard_stream.gen.decode import batch_greedy_generate
+from qguard_stream.gen.causal_lm import CausalLM
+from qguard_stream.gen.decode import Decoder
 from qguard_stream.gen.parse import GenVerdict, parse_gen_output
 from qguard_stream.loader import (
     CheckpointError,
@@ -34,7 +34,10 @@ EosIds = int | Sequence[int] | None
 class GenGuard:
     """A Qwen3Guard-Gen model: moderate prompts and responses by generating a verdict."""
 
-    def __init__(self, lm: CausalLM, tokenizer: Any, eos_token_ids: Sequence[int] = ()) -> None:
+    def __init__(self, lm: CausalLM, tokenizer: Any, eos_token_ids: Sequence[int] = (),
+                 kv_memory_gb: float | None = None) -> None:
+        """`kv_memory_gb`: the decoding KV pool (default 2 GiB on CUDA, 4 on the CPU, committed
+        there only as used); sequences wait for room in it (see gen/decode.py)."""
         if tokenizer is None:
             raise CheckpointError("a Gen checkpoint needs its tokenizer files (none were found)")
         if not getattr(tokenizer, "chat_template", None):
@@ -47,12 +50,15 @@ class GenGuard:
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         ids = [*eos_token_ids, *([im_end] if isinstance(im_end, int) else [])]
         self.stop_ids = frozenset(i for i in ids if i is not None)
+        self.decoder = Decoder(lm, kv_memory_gb)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str],
                         device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> GenGuard:
-        """Load a Qwen3ForCausalLM checkpoint directory or hub id (bf16 on CUDA, fp32 on CPU)."""
+                        dtype: torch.dtype | None = None,
+                        kv_memory_gb: float | None = None) -> GenGuard:
+        """Load a Qwen3ForCausalLM checkpoint directory or hub id (bf16 on CUDA, fp32 on CPU);
+        `kv_memory_gb` as in the constructor."""
         directory = resolve_checkpoint(path_or_id)
         raw = read_config_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -60,7 +66,8 @@ class GenGuard:
             lm = CausalLM(backbone_config(raw))
         fill_model(lm, directory, target, dtype or default_dtype(target))
         lm.tie_weights()
-        return cls(lm, load_tokenizer(directory), _eos_list(raw.get("eos_token_id")))
+        return cls(lm, load_tokenizer(directory), _eos_list(raw.get("eos_token_id")),
+                   kv_memory_gb)
 
     # ---- decoding -------------------------------------------------------------------------
     def generate_ids(self, token_ids: Sequence[int], max_new_tokens: int = 128,
@@ -70,8 +77,8 @@ class GenGuard:
 
     def generate_ids_batch(self, batch: Sequence[Sequence[int]], max_new_tokens: int = 128,
                            eos_token_id: EosIds = None) -> list[list[int]]:
-        """generate_ids for many sequences decoded together: left-padded into one KV buffer,
-        one forward per step for the whole batch; each row equals its single-sequence result."""
+        """generate_ids for many sequences decoded together (continuous batching on the paged
+        runner, see gen/decode.py); each row equals its single-sequence result."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -79,9 +86,7 @@ class GenGuard:
         if not prompts:
             return []
         stop = self.stop_ids if eos_token_id is None else frozenset(_eos_list(eos_token_id))
-        if len(prompts) == 1:
-            return greedy_generate(self.lm, prompts, max_new_tokens, stop)
-        return batch_greedy_generate(self.lm, prompts, max_new_tokens, stop)
+        return self.decoder.generate(prompts, max_new_tokens, stop)
 
     def _check_ids(self, token_ids: Sequence[int], row: int) -> list[int]:
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)

@@ -1,3 +1,2 @@
-"""KV storage: one growing buffer per StreamGuard session on CPU (session.py) and the paged block
-pool (paged.py) that the engine, and StreamGuard on CUDA, share between sessions. Knows nothing of
-heads, roles or verdicts."""
+"""KV storage: the paged block pool (paged.py), the one KV store every session lives in, for
+StreamGuard, the engine and Gen decoding alike. Knows nothing of heads, roles or verdicts."""

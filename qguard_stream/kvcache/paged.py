@@ -1,14 +1,19 @@
 """The paged KV pool: one tensor of fixed-size blocks shared by every session, plus block tables.
 
-The pool is sized by a memory budget (bytes or tokens), never by sessions x max length. A session's
-positions live in the blocks of its BlockTable: position p sits in slot
-`table[p // block_size] * block_size + p % block_size` of the flat slot axis. This module owns the
-free list and the slot arithmetic; it knows nothing of models, roles or verdicts.
+The one KV store of every path (StreamGuard sessions, the engine, Gen decoding). The pool is sized
+by a memory budget (bytes or tokens), never by sessions x max length. A session's positions live
+in the blocks of its BlockTable: position p sits in block `table[p // block_size]` at offset
+`p % block_size` (its "slot" is block * block_size + offset). Inside a block the layout is
+head-major, [kv_heads, block_size, head_dim], so one KV head's rows of a block are contiguous (the
+CPU attention streams them; on the GPU a tile of keys is one contiguous read); every reader takes
+the logical view [num_blocks, block_size, kv_heads, head_dim] from `layer()`. On the CPU the pool
+is left uninitialized, so the operating system commits its pages only as blocks are first written
+(nothing reads a slot before it is written), and freed blocks are reused last-freed first, so
+resident memory follows the blocks in use, not the budget. This module owns the free list and the
+slot arithmetic; it knows nothing of models, roles or verdicts.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 import torch
 
@@ -50,7 +55,8 @@ def blocks_for_budget(config: GuardConfig, dtype: torch.dtype, block_size: int,
 
 
 class BlockPool:
-    """Fixed-size KV blocks: `kv[layer, 0|1]` is [num_blocks * block_size, kv_heads, head_dim]."""
+    """Fixed-size KV blocks: `kv[layer, 0|1]` is [num_blocks, kv_heads, block_size, head_dim]
+    (keys, values); `layer(i)` gives them as [num_blocks, block_size, kv_heads, head_dim]."""
 
     def __init__(self, config: GuardConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -58,10 +64,10 @@ class BlockPool:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, "
                              f"{block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.kv = torch.zeros(config.num_hidden_layers, 2, num_blocks * block_size,
-                              config.num_key_value_heads, config.head_dim,
-                              device=device, dtype=dtype)
-        self._free: deque[int] = deque(range(num_blocks))
+        make = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+        self.kv = make(config.num_hidden_layers, 2, num_blocks, config.num_key_value_heads,
+                       block_size, config.head_dim, device=device, dtype=dtype)
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is taken first
 
     @property
     def free_blocks(self) -> int:
@@ -74,16 +80,36 @@ class BlockPool:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values as [num_blocks, block_size, kv_heads, head_dim]
+        views (strided: head-major in memory)."""
+        return self.kv[index, 0].transpose(1, 2), self.kv[index, 1].transpose(1, 2)
+
+    def write(self, index: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store k, v [n, kv_heads, head_dim] at (blocks[i], offsets[i]) of layer `index`."""
+        keys, values = self.layer(index)
+        keys[blocks, offsets] = k
+        values[blocks, offsets] = v
+
+    def read(self, index: int, blocks: torch.Tensor, offsets: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at (blocks[i], offsets[i]) of layer `index`, [kv_heads, n, head_dim]."""
+        keys, values = self.layer(index)
+        return keys[blocks, offsets].transpose(0, 1), values[blocks, offsets].transpose(0, 1)
+
     def allocate(self, count: int) -> list[int]:
         """Take `count` blocks, or raise PoolExhaustedError taking none."""
         if count > len(self._free):
             raise PoolExhaustedError(
                 f"KV pool exhausted: need {count} block(s) of {self.block_size} tokens, "
                 f"{len(self._free)} of {self.num_blocks} free")
-        return [self._free.popleft() for _ in range(count)]
+        taken = self._free[len(self._free) - count:]
+        del self._free[len(self._free) - count:]
+        return taken[::-1]
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        self._free.extend(reversed(blocks))
 
 
 class BlockTable:
@@ -115,6 +141,31 @@ class BlockTable:
 
     def slots(self, start: int, end: int) -> torch.Tensor:
         """Flat slot index of every position in start..end-1 (a CPU int64 tensor)."""
+        blocks, offsets = self.locate(start, end)
+        return blocks * self.block_size + offsets
+
+    def locate(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset in block) of every position in start..end-1 (CPU int64 tensors)."""
         positions = torch.arange(start, end)
         blocks = torch.tensor(self.blocks, dtype=torch.int64)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+        return blocks, positions % self.block_size
+
+
+class LayerView:
+    """One layer of one session's K/V in the pool, as the reference model (models/qwen3.py)
+    reads it: `write` stores new K/V in the session's slots and returns its whole context
+    gathered, [kv_heads, length, head_dim]. The table must already hold the new positions."""
+
+    __slots__ = ("layer", "pool", "table")
+
+    def __init__(self, pool: BlockPool, layer: int, table: BlockTable) -> None:
+        self.pool, self.layer, self.table = pool, layer, table
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [new, kv_heads, head_dim] at positions start..; returns keys, values 0..end."""
+        device, end = self.pool.kv.device, start + k.shape[0]
+        blocks, offsets = self.table.locate(start, end)
+        self.pool.write(self.layer, blocks.to(device), offsets.to(device), k, v)
+        blocks, offsets = self.table.locate(0, end)
+        return self.pool.read(self.layer, blocks.to(device), offsets.to(device))

@@ -8,12 +8,24 @@ same function faster; this module stays the parity oracle and the source of the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qguard_stream.config import GuardConfig
-from qguard_stream.kvcache.session import LayerCache
+
+
+class LayerCache(Protocol):
+    """One layer of one sequence's KV cache (kvcache.paged.LayerView is the one we ship)."""
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v ([new, kv_heads, head_dim]) at start..; return keys/values
+        [kv_heads, start + new, head_dim]."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -126,7 +138,7 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
 
-    def forward(self, token_ids: torch.Tensor, caches: list[LayerCache],
+    def forward(self, token_ids: torch.Tensor, caches: Sequence[LayerCache],
                 start: int) -> torch.Tensor:
         """token_ids: [T] at positions start..start+T-1; returns final hidden states [T, hidden]."""
         x = self.embed_tokens(token_ids)

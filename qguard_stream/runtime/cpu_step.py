@@ -1,165 +1,173 @@
-"""The decode step for fp32 CPU sessions: the eager step's math (runtime/fused.py) in C.
+"""The paged runner's step for fp32 CPU: runtime/layer.py's decoder layer with the non-GEMM work
+in C (kernels/cpu_step.c), K/V read and written in the paged pool through the block tables.
 
-One new token: each layer is one C call (qg_decode_layer: norms, the projections as C GEMVs,
-q/k norm + RoPE + KV write, attention, SiLU), instead of ~45 eager ops. Two to MAX_TOKENS tokens:
-per layer C RMSNorm -> torch.mm (qkv) -> C q/k norm + RoPE + KV write -> C attention (up to
-C_ATTENTION_TOKENS new tokens; attention.attend beyond) -> torch.addmm (o_proj + residual) -> C
-RMSNorm -> torch.mm (gate_up) -> C SiLU*up -> torch.addmm (down + residual), the GEMMs staying in
-PyTorch's BLAS. Used when kernels/cpu_step.c builds on this machine (see
-qguard_stream.kernels.cpu_step); longer steps and other devices or dtypes take the eager layers.
-Scratch tensors are per thread and per step size, so sessions scored concurrently on different
-threads never share them. This module owns no session state and no weights: it reads
-weights.FusedWeights.
+The step's rows are the new tokens of one or many sessions, packed (at most MAX_TOKENS per
+session). One row (one session feeding one token, the stream's common case): each layer is one C
+call, qg_decode_layer (norms, the projections as C GEMVs, q/k norm + RoPE + the K/V store,
+attention, SiLU). More rows: per layer C RMSNorm -> torch.mm (qkv) -> C q/k norm + RoPE + store
+into the rows' pool slots -> C attention of every session over its blocks in one call ->
+torch.addmm (o_proj + residual) -> C RMSNorm -> torch.mm (gate_up) -> C SiLU*up -> torch.addmm
+(down + residual), the GEMMs staying in PyTorch's BLAS, which reads each weight once for all rows.
+The metadata (positions, slots, block tables) is packed with array.array, not tensors: for one
+token that costs microseconds, where a tensor per field costs more than the token's arithmetic.
+Not thread-safe: the runner's lock serializes steps. Owns no session state and no weights.
 """
 
 from __future__ import annotations
 
 import ctypes
-import threading
-from typing import NamedTuple
+from array import array
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from qguard_stream.kernels.cpu_step import pointer
-from qguard_stream.runtime.attention import attend
+from qguard_stream.kvcache.paged import BlockPool
 from qguard_stream.runtime.weights import FusedWeights
 
-# Up to this many new tokens per step: the steps a stream makes. Longer ones (prompts) take the
-# eager step, whose GEMMs and SDPA prefill are already compute-bound there.
+if TYPE_CHECKING:
+    from qguard_stream.runtime.paged import Chunk
+
+# New tokens per session served by the C step (longer chunks, prompts, take the runner's eager
+# torch step, whose GEMMs and SDPA prefill are compute-bound there).
 MAX_TOKENS = 16
-# Up to this many, the C attention; beyond, attention.attend (batched GEMMs), which wins once the
-# queries are many enough to make the per-key dot products compute-bound (measured: at context
-# 4096, 8 new tokens took 5.4 ms with the C attention and 4.7 ms eager).
-C_ATTENTION_TOKENS = 4
 MAX_HEAD_DIM = 1024  # cpu_step.c's stack row
 
 
-class CpuDecodeStep:
-    """FastBackbone's forward for fp32 CPU steps of up to MAX_TOKENS tokens, through `library`."""
+class HostMeta(NamedTuple):
+    """A step's metadata as int32 arrays (addresses for the C calls)."""
 
-    def __init__(self, fast: FusedWeights, library: ctypes.CDLL) -> None:
-        config = fast.config
+    positions: array  # [rows]
+    slots: array  # [rows] pool slot of each new token
+    tables: array  # [sessions, width] block tables, zero-padded
+    width: int
+    q_start: array  # [sessions] first row of each session
+    q_len: array  # [sessions]
+    ctx_len: array  # [sessions] length after the step
+
+
+def host_meta(chunks: Sequence[Chunk], block_size: int) -> HostMeta:
+    """Pack the chunks' positions, slots and block tables (their tables already hold blocks for
+    the new positions)."""
+    positions, slots = array("i"), array("i")
+    q_start, q_len, ctx_len = array("i"), array("i"), array("i")
+    width = max(len(chunk.table.blocks) for chunk in chunks)
+    tables = array("i", bytes(4 * width * len(chunks)))
+    for index, chunk in enumerate(chunks):
+        blocks, start = chunk.table.blocks, chunk.start
+        end = start + chunk.token_ids.shape[0]
+        q_start.append(len(positions))
+        q_len.append(end - start)
+        ctx_len.append(end)
+        positions.extend(range(start, end))
+        slots.extend(blocks[p // block_size] * block_size + p % block_size
+                     for p in range(start, end))
+        tables[index * width:index * width + len(blocks)] = array("i", blocks)
+    return HostMeta(positions, slots, tables, width, q_start, q_len, ctx_len)
+
+
+def _address(values: array) -> int:
+    return values.buffer_info()[0]
+
+
+class CpuStep:
+    """Final hidden states of a packed fp32 CPU step over `pool`, through `library`."""
+
+    def __init__(self, weights: FusedWeights, pool: BlockPool, library: ctypes.CDLL) -> None:
+        config = weights.config
         if config.head_dim > MAX_HEAD_DIM:
             raise ValueError(f"the C step handles head_dim <= {MAX_HEAD_DIM}, got "
                              f"{config.head_dim}")
-        self.library = library
+        self.library, self.pool = library, pool
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.hidden = config.head_dim, config.hidden_size
         self.intermediate = config.intermediate_size
         self.eps = float(config.rms_norm_eps)
-        self.embed = fast.embed
-        self.key_positions = fast.key_positions
-        self.cos, self.sin = pointer(fast.cos), pointer(fast.sin)  # [positions, 1, head_dim]
-        self.final_norm = pointer(fast.final_norm)
+        self.embed = weights.embed
+        self.cos, self.sin = pointer(weights.cos), pointer(weights.sin)  # [positions, 1, D]
+        self.final_norm = pointer(weights.final_norm)
+        # Each layer's key and value pools: kv[layer, 0] and kv[layer, 1], [blocks, KV, page, D].
+        base, pool_bytes = pointer(pool.kv), pool.kv[0, 0].numel() * 4
+        self.kv = [(base + 2 * index * pool_bytes, base + (2 * index + 1) * pool_bytes)
+                   for index in range(len(weights.layers))]
         self.layers = [(pointer(w.input_norm), pointer(w.qk_norm), pointer(w.post_norm),
-                        *w.transposed) for w in fast.layers]
-        # One token: each layer is one C call (projections as C GEMVs over the [out, in] weights).
+                        *w.transposed) for w in weights.layers]
+        # One row: each layer is one C call (projections as C GEMVs over the [out, in] weights).
         self.single = [(pointer(w.input_norm), pointer(w.qkv), pointer(w.qk_norm), pointer(w.o),
                         pointer(w.post_norm), pointer(w.gate_up), pointer(w.down))
-                       for w in fast.layers]
-        self.scratch = threading.local()
+                       for w in weights.layers]
+        widths = (self.hidden, self.hidden, self.hidden,
+                  (self.heads + 2 * self.kv_heads) * self.head_dim,
+                  self.heads * self.head_dim, self.heads * self.head_dim,
+                  2 * self.intermediate, self.intermediate)
+        self.widths = widths
+        self.scratch: tuple[torch.Tensor, ...] = ()  # grown to the largest step seen
+        floats = (2 * self.hidden + (self.heads + 2 * self.kv_heads) * self.head_dim
+                  + 2 * self.heads * self.head_dim + 3 * self.intermediate)
+        self.layer_scratch = torch.empty(floats, dtype=torch.float32)
 
     @torch.inference_mode()  # the scratch tensors are inference tensors, written in place
-    def __call__(self, token_ids: torch.Tensor, buffer: torch.Tensor, start: int
-                 ) -> torch.Tensor:
-        """Same contract as FastBackbone.__call__: token_ids [new] (new <= MAX_TOKENS) at
-        positions start..; buffer [layers, 2, kv_heads, capacity, head_dim], contiguous fp32.
-        Returns the final hidden states [new, hidden]."""
-        new, dim = token_ids.shape[0], self.head_dim
-        capacity, base = buffer.shape[3], pointer(buffer)
-        if start + new > capacity:  # C writes where it is told: never past the buffer
-            raise ValueError(f"positions {start}..{start + new} exceed the KV buffer's capacity "
-                             f"{capacity}")
-        tensors, addresses = self._buffers(new)
+    def __call__(self, token_ids: torch.Tensor, meta: HostMeta) -> torch.Tensor:
+        """token_ids [rows] (CPU int64) with their metadata -> final hidden [rows, hidden]."""
+        rows = token_ids.shape[0]
+        tensors = self._buffers(rows)
         x = tensors[0]
         torch.index_select(self.embed, 0, token_ids, out=x)
-        kv_bytes = self.kv_heads * capacity * dim * 4  # one layer's K (or V) block
-        where = _Where(start, capacity * dim, kv_bytes, self.cos + start * dim * 4,
-                       self.sin + start * dim * 4,
-                       [base + 2 * index * kv_bytes for index in range(len(self.layers))])
-        if new == 1:
-            self._one_token(addresses[0], where)
+        if rows == 1:
+            self._one_token(x.data_ptr(), meta)
         else:
-            self._few_tokens(new, buffer, tensors, addresses, where)
+            self._rows(rows, tensors, meta)
         hidden = torch.empty_like(x)
-        self.library.qg_rms_norm(addresses[0], self.final_norm, hidden.data_ptr(), new,
+        self.library.qg_rms_norm(x.data_ptr(), self.final_norm, hidden.data_ptr(), rows,
                                  self.hidden, self.eps)
         return hidden
 
-    def _one_token(self, x: int, where: _Where) -> None:
+    def _one_token(self, x: int, meta: HostMeta) -> None:
         """One C call per layer; x (the residual stream's address) updated in place."""
-        scratch = self._layer_scratch()
-        for (input_norm, qkv, qk_norm, o, post_norm, gate_up, down), k_cache in \
-                zip(self.single, where.k_caches):
-            if self.library.qg_decode_layer(
-                    x, input_norm, qkv, qk_norm, where.cos, where.sin, k_cache,
-                    k_cache + where.kv_bytes, where.head_stride, where.start, o, post_norm,
-                    gate_up, down, self.heads, self.kv_heads, self.head_dim, self.hidden,
-                    self.intermediate, self.eps, scratch):
-                raise _out_of_memory(where.start + 1)
+        lib, scratch, page = self.library, self.layer_scratch.data_ptr(), self.pool.block_size
+        table, position = _address(meta.tables), meta.positions[0]
+        for (input_norm, qkv, qk_norm, o, post_norm, gate_up, down), (keys, values) in \
+                zip(self.single, self.kv):
+            if lib.qg_decode_layer(x, input_norm, qkv, qk_norm, self.cos, self.sin, keys, values,
+                                   table, page, position, o, post_norm, gate_up, down,
+                                   self.heads, self.kv_heads, self.head_dim, self.hidden,
+                                   self.intermediate, self.eps, scratch):
+                raise _out_of_memory(position + 1)
 
-    def _few_tokens(self, new: int, buffer: torch.Tensor, tensors: tuple[torch.Tensor, ...],
-                    addresses: tuple[int, ...], where: _Where) -> None:
+    def _rows(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
         """GEMMs in torch.mm, the rest in C; the result is left in tensors[0]."""
         lib, dim = self.library, self.head_dim
-        x, x_next, normed, qkv, q, attended, gate_up, act = tensors
-        x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = addresses
-        for index, ((input_norm, qk_norm, post_norm, qkv_t, o_t, gate_up_t, down_t), k_cache) in \
-                enumerate(zip(self.layers, where.k_caches)):
-            v_cache = k_cache + where.kv_bytes
-            lib.qg_rms_norm(x_p, input_norm, normed_p, new, self.hidden, self.eps)
+        x, x_next, normed, qkv, _, attended, gate_up, act = tensors
+        x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = \
+            (t.data_ptr() for t in tensors)
+        positions, slots, tables = _address(meta.positions), _address(meta.slots), \
+            _address(meta.tables)
+        q_start, q_len, ctx_len = _address(meta.q_start), _address(meta.q_len), \
+            _address(meta.ctx_len)
+        sessions, page = len(meta.q_len), self.pool.block_size
+        for (input_norm, qk_norm, post_norm, qkv_t, o_t, gate_up_t, down_t), (keys, values) in \
+                zip(self.layers, self.kv):
+            lib.qg_rms_norm(x_p, input_norm, normed_p, rows, self.hidden, self.eps)
             torch.mm(normed, qkv_t, out=qkv)
-            lib.qg_qk_rope_store(qkv_p, qk_norm, where.cos, where.sin, q_p, k_cache, v_cache,
-                                 where.head_stride, where.start, new, self.heads, self.kv_heads,
-                                 dim, self.eps)
-            if new > C_ATTENTION_TOKENS:
-                prefix = buffer[index].narrow(2, 0, where.start + new)
-                attended = attend(q.view(new, self.heads, dim), prefix[0], prefix[1],
-                                  where.start, self.key_positions)
-            elif lib.qg_attend(q_p, k_cache, v_cache, where.head_stride, where.start, new,
-                               self.heads, self.kv_heads, dim, attended_p):
-                raise _out_of_memory(where.start + new)
+            lib.qg_qk_rope_store(qkv_p, qk_norm, self.cos, self.sin, positions, slots, q_p, keys,
+                                 values, page, rows, self.heads, self.kv_heads, dim, self.eps)
+            if lib.qg_attend_paged(q_p, keys, values, tables, meta.width, page, q_start, q_len,
+                                   ctx_len, sessions, self.heads, self.kv_heads, dim,
+                                   attended_p):
+                raise _out_of_memory(max(meta.ctx_len))
             torch.addmm(x, attended, o_t, out=x_next)  # the residual add fused into the GEMM
-            lib.qg_rms_norm(x_next_p, post_norm, normed_p, new, self.hidden, self.eps)
+            lib.qg_rms_norm(x_next_p, post_norm, normed_p, rows, self.hidden, self.eps)
             torch.mm(normed, gate_up_t, out=gate_up)
-            lib.qg_silu_mul(gate_up_p, act_p, new, self.intermediate)
+            lib.qg_silu_mul(gate_up_p, act_p, rows, self.intermediate)
             torch.addmm(x_next, act, down_t, out=x)
 
-    def _layer_scratch(self) -> int:
-        """The address of this thread's scratch for qg_decode_layer."""
-        scratch = getattr(self.scratch, "layer", None)
-        if scratch is None:
-            floats = (2 * self.hidden + (self.heads + 2 * self.kv_heads) * self.head_dim
-                      + 2 * self.heads * self.head_dim + 3 * self.intermediate)
-            scratch = self.scratch.layer = torch.empty(floats, dtype=torch.float32)
-        return scratch.data_ptr()
-
-    def _buffers(self, new: int) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
-        """This thread's scratch for a step of `new` tokens (allocated once per size) and the
-        tensors' addresses."""
-        cached = getattr(self.scratch, "by_size", None)
-        if cached is None:
-            cached = self.scratch.by_size = {}
-        buffers = cached.get(new)
-        if buffers is None:
-            widths = (self.hidden, self.hidden, self.hidden,
-                      (self.heads + 2 * self.kv_heads) * self.head_dim,
-                      self.heads * self.head_dim, self.heads * self.head_dim,
-                      2 * self.intermediate, self.intermediate)
-            tensors = tuple(torch.empty(new, width, dtype=torch.float32) for width in widths)
-            buffers = cached[new] = (tensors, tuple(t.data_ptr() for t in tensors))
-        return buffers
-
-
-class _Where(NamedTuple):
-    """Where a step reads and writes: positions, the KV buffer's layout, the RoPE rows."""
-
-    start: int
-    head_stride: int  # floats between two KV heads' rows (capacity * head_dim)
-    kv_bytes: int  # bytes of one layer's K block (V follows it)
-    cos: int  # address of the RoPE rows at `start`
-    sin: int
-    k_caches: list[int]  # each layer's K block address
+    def _buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Scratch views for `rows` rows (the buffers grow to the largest step seen)."""
+        if not self.scratch or self.scratch[0].shape[0] < rows:
+            self.scratch = tuple(torch.empty(rows, width, dtype=torch.float32)
+                                 for width in self.widths)
+        return tuple(t[:rows] for t in self.scratch)
 
 
 def _out_of_memory(positions: int) -> MemoryError:

@@ -3,9 +3,10 @@
 `decoder_layer(x, w, norm, attend, act)`: RMSNorm -> the fused q/k/v projection -> `attend(qkv)`
 (q/k norm, RoPE, the K/V write and attention, whatever the cache) -> o_proj with the residual
 fused into the GEMM -> RMSNorm -> gate/up -> `act` (SiLU * up) -> down with the residual. The
-eager single-session step (fused.py) and the paged runner (paged.py: StreamGuard on CUDA and the
-engine everywhere) all call it; they differ only in the ops they pass. The torch ops are here; the
-Triton ones are kernels/decode_ops.py. The module-by-module model (models/) stays the reference.
+paged runner (paged.py: StreamGuard, the engine and Gen decoding) calls it with the torch ops of
+this module or the Triton ones of kernels/decode_ops.py; cpu_step.py runs the same sequence with
+the non-GEMM ops in C. FastHead is the guard head over fused weights. The module-by-module model
+(models/) stays the reference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qguard_stream.runtime.weights import FusedLayer
+from qguard_stream.models.guard import GuardHead
+from qguard_stream.runtime.weights import FusedLayer, fuse_linears
 
 NormFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, weight) -> normed x
 AttendFn = Callable[[torch.Tensor], torch.Tensor]  # qkv [T, (H + 2 KV) D] -> [T, H D]
@@ -58,3 +60,24 @@ def qk_norm_rope(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor, si
     normed = rms_norm(qk, qk_norm, eps)
     torch.addcmul(normed * cos, normed.roll(dim // 2, -1), sin, out=qk)
     return qk[:, :heads], qkv[:, heads * dim:].view(rows, 2, kv_heads, dim)
+
+
+class FastHead:
+    """One guard path's probabilities on the hot path: the formula of
+    kernels.reference.guard_head_reference with the risk and category heads fused into one GEMM
+    (the modules' weights become views of it) and no winners (Verdicts finds them lazily)."""
+
+    def __init__(self, head: GuardHead) -> None:
+        self.pre_t = head.pre.weight.t()
+        self.norm = head.layernorm.weight
+        self.eps = torch.tensor(head.layernorm.eps, dtype=torch.float32, device=self.norm.device)
+        self.num_risk = head.risk.weight.shape[0]
+        self.scores_t = fuse_linears(head.risk, head.category).t()
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [k, hidden_size] -> (risk_probs [k, R], category_probs [k, C]), fp32."""
+        inner = rms_norm(torch.mm(hidden, self.pre_t), self.norm, self.eps)
+        logits = torch.mm(inner, self.scores_t)
+        risk, category = logits[:, :self.num_risk], logits[:, self.num_risk:]
+        return (torch.softmax(risk, -1, dtype=torch.float32),
+                torch.softmax(category, -1, dtype=torch.float32))

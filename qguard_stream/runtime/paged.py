@@ -9,14 +9,16 @@ copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows 
   tokens per session; longer chunks gather their context and run SDPA), SiLU * up. On CUDA, steps
   of up to `max_graph_tokens` rows replay a CUDA graph captured at warm-up for their token bucket
   (1, 2, 4, 8, then multiples of 8); padding rows write nowhere and padding sessions do nothing.
-- torch (CPU): the same formulas as eager ops; for fp32 steps of up to 4 new tokens per session,
-  attention runs in C over the pool through the block tables, all sessions in one call
-  (kernels/cpu_step.c, qg_attend_paged); otherwise each session's context is gathered.
+- C (fp32 CPU, up to 16 new tokens per session: every stream step): cpu_step.CpuStep, the same
+  layer with its non-GEMM work in C, attention over the pool through the block tables, all
+  sessions in one call; a single token is one C call per layer.
+- torch (any other CPU step: prompts, other dtypes, no C compiler): the same formulas as eager
+  ops, each session's context gathered from the pool for attention.
 
-Both guard heads run over every row (as plain GEMMs) and each row keeps its role's, so one
-captured graph serves any mix of roles. The step's probabilities come back to the host in one
-copy (pinned, on CUDA). `forward` is thread-safe (one step at a time). This module owns no
-session bookkeeping.
+What a step returns is its `output` (outputs.py): guard scores for every row (StreamGuard, the
+engine) or next-token logits for each session's last row (Gen decoding). The step's result comes
+back to the host in one copy (pinned, on CUDA). `forward` is thread-safe (one step at a time).
+This module owns no session bookkeeping.
 """
 
 from __future__ import annotations
@@ -25,18 +27,17 @@ import threading
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from qguard_stream.kernels import triton_available
 from qguard_stream.kernels.cpu_step import load as cpu_step_library
-from qguard_stream.kernels.cpu_step import pointer
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
-from qguard_stream.models.guard import GuardHead
 from qguard_stream.runtime.attention import attend
-from qguard_stream.runtime.cpu_step import C_ATTENTION_TOKENS
-from qguard_stream.runtime.fused import FastHead
+from qguard_stream.runtime.cpu_step import MAX_TOKENS as C_STEP_TOKENS
+from qguard_stream.runtime.cpu_step import CpuStep, host_meta
 from qguard_stream.runtime.layer import (
     ActFn,
     NormFn,
@@ -45,10 +46,10 @@ from qguard_stream.runtime.layer import (
     rms_norm,
     silu_mul,
 )
+from qguard_stream.runtime.outputs import StepOutput
 from qguard_stream.runtime.weights import FusedWeights
 
 MAX_QUERIES = 16  # new tokens per session served by the paged-attention kernel (and graphs)
-Probs = tuple[torch.Tensor, torch.Tensor]
 KvStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 PoolAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -159,18 +160,14 @@ class PagedRunner:
 
     `use_triton` (default: on CUDA when triton imports) picks the Triton ops; `use_graphs`
     (default: on CUDA with the Triton ops) captures CUDA graphs for steps of up to
-    `max_graph_tokens` rows, at construction.
+    `max_graph_tokens` rows, at construction; `use_c_step` (default: on an fp32 CPU pool when
+    kernels/cpu_step.c builds here) runs steps of up to 16 tokens per session in C.
     """
 
-    def __init__(self, weights: FusedWeights, heads: dict[str, GuardHead], pool: BlockPool,
+    def __init__(self, weights: FusedWeights, output: StepOutput, pool: BlockPool,
                  use_triton: bool | None = None, use_graphs: bool | None = None,
-                 max_graph_tokens: int = 256, use_c_attention: bool | None = None) -> None:
-        self.w, self.pool = weights, pool
-        self.query_head, self.response_head = heads["user"], heads["assistant"]
-        # The heads as plain GEMMs (FastHead): at decode sizes cuBLAS spreads the projection over
-        # the GPU, where the fused head kernel streams it through one multiprocessor.
-        self.scorers = {"user": FastHead(self.query_head),
-                        "assistant": FastHead(self.response_head)}
+                 max_graph_tokens: int = 256, use_c_step: bool | None = None) -> None:
+        self.w, self.output, self.pool = weights, output, pool
         self.device = weights.embed.device
         self.triton = (self.device.type == "cuda" and triton_available()) \
             if use_triton is None else use_triton
@@ -179,9 +176,6 @@ class PagedRunner:
             raise ValueError("CUDA graphs need a CUDA model and the Triton ops")
         config = weights.config
         self.max_blocks = -(-config.max_position_embeddings // pool.block_size)
-        self.num_risk = self.response_head.risk.weight.shape[0]
-        self.num_classes = self.num_risk + max(self.query_head.category.weight.shape[0],
-                                               self.response_head.category.weight.shape[0])
         self.lock = threading.Lock()
         if self.triton:
             from qguard_stream.kernels import decode_ops
@@ -201,12 +195,12 @@ class PagedRunner:
             self.attention = PagedAttention(
                 config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                 pool.block_size, max(max_graph_tokens, 256), self.device)
-        self.c_attention = None  # the C library, for fp32 CPU steps with torch ops
+        self.cpu_step: CpuStep | None = None  # the C step, for fp32 CPU steps
         if not self.triton and self.device.type == "cpu" and pool.kv.dtype == torch.float32 \
-                and use_c_attention is not False:
-            self.c_attention = cpu_step_library()
-        if use_c_attention and self.c_attention is None:
-            raise ValueError("use_c_attention=True needs an fp32 CPU pool, the torch ops and "
+                and use_c_step is not False and (library := cpu_step_library()) is not None:
+            self.cpu_step = CpuStep(weights, pool, library)
+        if use_c_step and self.cpu_step is None:
+            raise ValueError("use_c_step=True needs an fp32 CPU pool, the torch ops and "
                              "kernels/cpu_step.c built on this machine")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
@@ -214,18 +208,24 @@ class PagedRunner:
 
     # ---- public ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, chunks: list[Chunk]) -> list[Probs]:
-        """(risk_probs [k, R], category_probs [k, C]) fp32 on the host for every chunk, in
-        order. Each chunk's table must already hold blocks for its new positions."""
+    def forward(self, chunks: list[Chunk]) -> list[Any]:
+        """The output's result for every chunk, in order, on the host (GuardScores: (risk_probs
+        [k, R], category_probs [k, C]) fp32). Each chunk's table must already hold blocks for
+        its new positions."""
         rows = sum(chunk.token_ids.shape[0] for chunk in chunks)
         longest = max(chunk.token_ids.shape[0] for chunk in chunks)
         with self.lock:
+            if self.cpu_step is not None and longest <= C_STEP_TOKENS:
+                ids = chunks[0].token_ids if len(chunks) == 1 else \
+                    torch.cat([chunk.token_ids for chunk in chunks])
+                hidden = self.cpu_step(ids, host_meta(chunks, self.pool.block_size))
+                return self.output.on_host(hidden, chunks)
             bucket = self._bucket(rows) if longest <= MAX_QUERIES else None
             if bucket is not None:
                 probs = self._replay(chunks, bucket)
             else:
                 probs = self._eager(chunks, rows, longest)
-        return self._split(probs, chunks)
+        return self.output.split(probs, chunks)
 
     @property
     def captured(self) -> list[int]:
@@ -234,8 +234,8 @@ class PagedRunner:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self, meta: StepMeta, max_queries: int | None) -> torch.Tensor:
-        """Scores [rows, R + C] (fp32; category columns past a head's count are 0) for the rows
-        of `meta` (device views). `max_queries`: the longest chunk when the paged-attention
+        """The output's [rows or sessions, width] fp32 result for the rows of `meta` (device
+        views). `max_queries`: the longest chunk when the paged-attention
         kernel serves the step, None when attention runs on the host metadata (C or gathered).
         What does not depend on the layer (RoPE rows, write slots, the attention backend) is
         settled once here, not per layer."""
@@ -244,14 +244,14 @@ class PagedRunner:
         attention = self._attention(meta, max_queries)
         x = F.embedding(meta.token_ids, w.embed)
         for index, layer in enumerate(w.layers):
-            keys, values = pool.kv[index, 0], pool.kv[index, 1]  # [slots, KV, D]
+            keys, values = pool.layer(index)  # [blocks, page, KV, D] views
 
             def attend(qkv: torch.Tensor, qk_norm: torch.Tensor = layer.qk_norm,
                        keys: torch.Tensor = keys, values: torch.Tensor = values) -> torch.Tensor:
                 return attention(store(qkv, qk_norm, keys, values), keys, values)
 
             x = decoder_layer(x, layer, self.norm, attend, self.silu_mul)
-        return self._heads(self.norm(x, w.final_norm), meta.user)
+        return self.output.on_device(self.norm(x, w.final_norm), meta)
 
     def _kv_store(self, meta: StepMeta) -> KvStore:
         """(qkv, qk_norm, keys, values) -> q: q/k norm, RoPE, and the new K/V into the pool."""
@@ -271,49 +271,32 @@ class PagedRunner:
         sin = w.sin.index_select(0, meta.positions)
         written = meta.slots >= 0
         slots = meta.slots[written].long()
+        blocks, offsets = slots // self.pool.block_size, slots % self.pool.block_size
 
         def store_torch(qkv: torch.Tensor, qk_norm: torch.Tensor, keys: torch.Tensor,
                         values: torch.Tensor) -> torch.Tensor:
             q, new_kv = qk_norm_rope(qkv, qk_norm, cos, sin, w.eps, w.heads, w.kv_heads)
-            keys.index_copy_(0, slots, new_kv[written, 0])
-            values.index_copy_(0, slots, new_kv[written, 1])
+            keys[blocks, offsets] = new_kv[written, 0]
+            values[blocks, offsets] = new_kv[written, 1]
             return q
 
         return store_torch
 
     def _attention(self, meta: StepMeta, max_queries: int | None) -> PoolAttention:
-        """(q, keys, values) -> [rows, H * D] for this step: the Triton paged kernel, the C one
-        (fp32 CPU, <= 4 tokens per session) or each session's context gathered."""
+        """(q, keys, values) -> [rows, H * D] for this step: the Triton paged kernel, or each
+        session's context gathered."""
         if max_queries is not None:
             assert self.attention is not None
-            pool, w, launch = self.pool, self.w, self.attention
-            shape = (pool.num_blocks, pool.block_size, w.kv_heads, w.head_dim)
+            launch = self.attention
 
             def paged(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
                 out = torch.empty_like(q)
-                launch(q, keys.view(shape), values.view(shape), meta.block_tables, meta.q_start,
+                launch(q, keys, values, meta.block_tables, meta.q_start,
                        meta.q_len, meta.ctx_len, meta.row_seq, out, max_queries=max_queries)
                 return out.view(q.shape[0], -1)
 
             return paged
-        if self.c_attention is not None and int(meta.q_len.max()) <= C_ATTENTION_TOKENS:
-            return lambda q, keys, values: self._c_attention(q, keys, values, meta)
         return lambda q, keys, values: self._gathered_attention(q, keys, values, meta)
-
-    def _c_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     meta: StepMeta) -> torch.Tensor:
-        """Every session's attention over the pool in one C call (host metadata, fp32 CPU)."""
-        q = q.contiguous()
-        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype)
-        tables = meta.block_tables.contiguous()
-        failed = self.c_attention.qg_attend_paged(
-            pointer(q), pointer(keys), pointer(values), pointer(tables, torch.int32),
-            tables.stride(0), self.pool.block_size, pointer(meta.q_start, torch.int32),
-            pointer(meta.q_len, torch.int32), pointer(meta.ctx_len, torch.int32),
-            tables.shape[0], q.shape[1], self.w.kv_heads, q.shape[2], pointer(out))
-        if failed:
-            raise MemoryError("the C paged attention could not allocate its scores")
-        return out
 
     def _gathered_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             meta: StepMeta) -> torch.Tensor:
@@ -326,22 +309,13 @@ class PagedRunner:
                 continue
             first, end = int(meta.q_start[s]), int(meta.ctx_len[s])
             positions = torch.arange(end, device=meta.block_tables.device)
-            slots = (meta.block_tables[s].long()[positions // block] * block + positions % block)
-            slots = slots.to(keys.device)
-            context_keys = keys.index_select(0, slots).transpose(0, 1)  # [KV, ctx, D]
-            context_values = values.index_select(0, slots).transpose(0, 1)
+            blocks = meta.block_tables[s].long()[positions // block].to(keys.device)
+            offsets = (positions % block).to(keys.device)
+            context_keys = keys[blocks, offsets].transpose(0, 1)  # [KV, ctx, D]
+            context_values = values[blocks, offsets].transpose(0, 1)
             out[first:first + new] = attend(q[first:first + new], context_keys, context_values,
                                             end - new, self.w.key_positions)
         return out
-
-    def _heads(self, hidden: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        """Both guard paths over every row; each row keeps its role's: [rows, R + C] fp32."""
-        scores = []
-        for role in ("user", "assistant"):
-            risk, category = self.scorers[role](hidden)
-            missing = self.num_classes - self.num_risk - category.shape[1]
-            scores.append(torch.cat((risk, F.pad(category, (0, missing))), dim=1))
-        return torch.where((user != 0)[:, None], scores[0], scores[1])
 
     # ---- eager and replayed steps ------------------------------------------------------------
     def _eager(self, chunks: list[Chunk], rows: int, longest: int) -> torch.Tensor:
@@ -367,7 +341,8 @@ class PagedRunner:
         self.meta_device = torch.zeros(StepMeta.size(largest, largest, self.max_blocks),
                                        dtype=torch.int32, device=self.device)
         self.meta_host = torch.zeros_like(self.meta_device, device="cpu").pin_memory()
-        self.out_host = torch.zeros(largest, self.num_classes, dtype=torch.float32).pin_memory()
+        self.out_host = torch.zeros(largest, self.output.width,
+                                    dtype=torch.float32).pin_memory()
         self.copied = torch.cuda.Event()
         memory = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
@@ -400,13 +375,3 @@ class PagedRunner:
         self.copied.record()
         self.copied.synchronize()
         return host.clone()
-
-    def _split(self, probs: torch.Tensor, chunks: list[Chunk]) -> list[Probs]:
-        results, row, r = [], 0, self.num_risk
-        for chunk in chunks:
-            new = chunk.token_ids.shape[0]
-            head = self.query_head if chunk.role == "user" else self.response_head
-            categories = head.category.weight.shape[0]
-            results.append((probs[row:row + new, :r], probs[row:row + new, r:r + categories]))
-            row += new
-        return results

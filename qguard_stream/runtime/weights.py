@@ -77,8 +77,8 @@ def rope_tables(config: GuardConfig, inv_freq: torch.Tensor, dtype: torch.dtype
 
 class FusedWeights:
     """Everything a decode step reads, prepared once: fused layer weights, RoPE tables, the
-    embedding and the final norm. The eager step (fused.FastBackbone), the CUDA-graph step and
-    the C step all read these."""
+    embedding and the final norm. Every step of the paged runner (torch, Triton, CUDA graphs, C)
+    reads these."""
 
     def __init__(self, backbone: Backbone, config: GuardConfig) -> None:
         self.config = config
