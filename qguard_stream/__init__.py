@@ -54,7 +54,7 @@ from qguard_stream.policy import (
     consecutive_unsafe,
 )
 from qguard_stream.stream import StreamGuard, StreamState
-from qguard_stream.verdicts import StreamClosedError, Verdicts
+from qguard_stream.verdicts import ForeignSessionError, StreamClosedError, Verdicts
 
 __version__ = "0.1.0"
 
@@ -65,6 +65,7 @@ __all__ = [
     "ConversationVerdict",
     "Decision",
     "FlagEvent",
+    "ForeignSessionError",
     "GenGuard",
     "GenVerdict",
     "GuardConfig",

@@ -30,6 +30,7 @@ from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import FusedWeights
 from qguard_stream.verdicts import (
+    ForeignSessionError,
     StreamClosedError,
     TokenIds,
     Verdicts,
@@ -61,6 +62,7 @@ class StreamState:
     last_verdicts: Verdicts | None = None
     monitor: Monitor | None = None  # policy + callbacks (qguard_stream.hooks); None: no dispatch
     release: weakref.finalize | None = field(default=None, repr=False)  # frees paged blocks
+    owner: Any = field(default=None, repr=False)  # the StreamGuard whose pool holds the blocks
 
     @property
     def length(self) -> int:
@@ -125,13 +127,14 @@ class StreamGuard:
         """A new, empty session (it holds no KV blocks until fed)."""
         pool = self.paged_runtime()[0]
         table = BlockTable(pool.block_size)
-        state = StreamState(cache=table)
+        state = StreamState(cache=table, owner=self)
         # A session dropped without close_stream still gives its blocks back.
         state.release = weakref.finalize(state, self._release, table)
         return state
 
     def close_stream(self, state: StreamState) -> None:
         """Free the session's memory; using it again raises StreamClosedError."""
+        self._check_owner(state)
         if state.release is not None:
             state.release()
         state.cache = None
@@ -220,11 +223,17 @@ class StreamGuard:
                 table.shrink(pool, start)
                 raise
 
-    @staticmethod
-    def _check_open(state: StreamState) -> None:
+    def _check_open(self, state: StreamState) -> None:
+        self._check_owner(state)
+        state.check_open()
+
+    def _check_owner(self, state: StreamState) -> None:
         if not isinstance(state, StreamState):
             raise TypeError(f"expected a StreamState, got {type(state).__name__}")
-        state.check_open()
+        if state.owner is not self:
+            raise ForeignSessionError(
+                f"stream {state.id} was opened by another StreamGuard; a session can only be "
+                f"used with the guard whose open_stream made it")
 
     # ---- guarding token iterators (qguard_stream.integrations.watch) ----------------------------
     def watch(self, tokens: Any, **options: Any) -> Any:

@@ -9,7 +9,8 @@ message, and a verdict reads the same, whichever way it was scored. Nothing here
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import operator
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -24,6 +25,11 @@ TokenIds = int | Sequence[int] | torch.Tensor
 
 class StreamClosedError(RuntimeError):
     """A closed session was used again."""
+
+
+class ForeignSessionError(ValueError):
+    """A session was passed to a guard or engine other than the one that opened it (its KV
+    blocks live in the other's pool); refused before anything runs."""
 
 
 _session_ids = itertools.count()
@@ -108,12 +114,19 @@ class Verdicts:
 
 def validate_token_ids(token_ids: TokenIds, vocab_size: int) -> torch.Tensor:
     """Token ids as a 1-D int64 CPU tensor, or TypeError / ValueError naming the offending value:
-    a bool, a float or nested sequence, an empty input, or an id outside [0, vocab_size)."""
+    a bool, a float or nested sequence, a dict or set (no order: refused), an empty input, or an
+    id outside [0, vocab_size). An int, a numpy integer scalar, a sequence, a numpy array or an
+    integer tensor are accepted."""
     if isinstance(token_ids, bool):
         raise TypeError(f"token ids must be integers, got {token_ids!r}")
+    if _is_numpy_integer_scalar(token_ids):
+        token_ids = operator.index(token_ids)
     if isinstance(token_ids, int):
         _check_range(token_ids, token_ids, vocab_size)
         return torch.tensor([token_ids])
+    if isinstance(token_ids, (Mapping, Set)):
+        raise TypeError(f"token ids must be an ordered sequence, got a {type(token_ids).__name__} "
+                        f"(a dict's keys or a set's members have no token order)")
     if isinstance(token_ids, torch.Tensor):
         if token_ids.is_floating_point() or token_ids.is_complex() or \
                 token_ids.dtype == torch.bool:
@@ -122,7 +135,7 @@ def validate_token_ids(token_ids: TokenIds, vocab_size: int) -> torch.Tensor:
             raise ValueError(f"token ids must be 0-D or 1-D, got shape {tuple(token_ids.shape)}")
         ids = token_ids.reshape(-1).to("cpu", torch.int64)
     else:
-        ids = _ids_from_sequence(token_ids)
+        ids = _ids_from_sequence(token_ids, vocab_size)
     if ids.numel() == 0:
         raise ValueError("token ids are empty: nothing to moderate")
     if ids.numel() == 1:  # the per-token case: one host read instead of two reductions
@@ -139,7 +152,13 @@ def _check_range(low: int, high: int, vocab_size: int) -> None:
         raise ValueError(f"token id {bad} is out of range [0, {vocab_size}) (vocab_size)")
 
 
-def _ids_from_sequence(token_ids: Any) -> torch.Tensor:
+def _is_numpy_integer_scalar(value: Any) -> bool:
+    """A numpy integer scalar or 0-d integer array (numpy itself is not imported for this)."""
+    dtype = getattr(value, "dtype", None)
+    return getattr(value, "ndim", None) == 0 and getattr(dtype, "kind", None) in ("i", "u")
+
+
+def _ids_from_sequence(token_ids: Any, vocab_size: int) -> torch.Tensor:
     try:
         values = list(token_ids)
     except TypeError:
@@ -150,7 +169,11 @@ def _ids_from_sequence(token_ids: Any) -> torch.Tensor:
                 hasattr(value, "__index__") and not isinstance(value, float))):
             kind = "nested sequences (2-D)" if isinstance(value, (list, tuple)) else repr(value)
             raise TypeError(f"token ids must be integers, got {kind}")
-    return torch.tensor([int(v) for v in values], dtype=torch.int64)
+    ints = [int(v) for v in values]
+    for value in ints:
+        if not 0 <= value < vocab_size:  # before int64 packing, which overflows past 2**63
+            _check_range(value, value, vocab_size)
+    return torch.tensor(ints, dtype=torch.int64)
 
 
 def build_verdicts(config: GuardConfig, role: str, start: int, token_ids: torch.Tensor,

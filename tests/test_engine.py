@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from qguard_stream import StreamClosedError, StreamGuard
+from qguard_stream import ForeignSessionError, StreamClosedError, StreamGuard
 from qguard_stream.engine import (
     AsyncEngine,
     Engine,
@@ -366,3 +366,26 @@ def test_async_engine_survives_a_new_event_loop(engine: Engine, tiny_guard: Stre
     assert_same_verdicts(first, reference(tiny_guard, [([1, 2, 3], "user")])[0])
     assert_same_verdicts(second, reference(tiny_guard, [([4, 5], "user")])[0])
     asyncio.run(runtime.aclose())
+
+
+def test_a_session_from_another_engine_is_refused_before_anything_runs(
+        engine: Engine, tiny_guard: StreamGuard) -> None:
+    """engine_b.moderate(session_of_a) used to score it against b's pool (corrupting a third
+    session's K/V) and close() once left a block twice in b's free list."""
+    other = Engine(tiny_guard, EngineSettings(max_tokens=256))
+    theirs = other.open()
+    other.moderate(theirs, [1, 2, 3], "user")
+    mine = engine.open()
+    engine.moderate(mine, [4, 5], "user")
+    free = (engine.pool.free_blocks, other.pool.free_blocks)
+    for call in (lambda: engine.moderate(theirs, [6], "assistant"),
+                 lambda: engine.submit(theirs, [6], "assistant"),
+                 lambda: engine.rollback(theirs, 1), lambda: engine.close(theirs)):
+        with pytest.raises(ForeignSessionError, match="another Engine"):
+            call()
+    assert (engine.pool.free_blocks, other.pool.free_blocks) == free
+    assert theirs.token_ids == [1, 2, 3] and not theirs.closed
+    assert other.moderate(theirs, [6], "assistant").token_ids == (6,)
+    other.close(theirs)
+    engine.close(mine)
+    assert other.pool.used_blocks == 0

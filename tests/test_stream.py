@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from qguard_stream import StreamClosedError, StreamGuard
+from qguard_stream import ForeignSessionError, StreamClosedError, StreamGuard
 
 TOL = 1e-5
 
@@ -146,6 +147,9 @@ def test_card_api_returns_rounded_winning_probabilities(tiny_guard):
         (torch.tensor([1.0, 2.0]), TypeError, "float"),
         ("12", TypeError, "'1'"),
         (True, TypeError, "True"),
+        ({1: 2, 3: 4}, TypeError, "dict"),  # keys would become ids
+        ({1, 2}, TypeError, "set"),  # no order
+        ([1, 2**70], ValueError, str(2**70)),  # named, not "Overflow when unpacking long long"
     ],
 )
 def test_bad_token_ids_raise_clearly_and_leave_state_usable(tiny_guard, bad, error, message):
@@ -204,10 +208,40 @@ def test_rollback_past_the_end_raises_and_keeps_state(tiny_guard, length):
 
 
 def test_ids_accept_int_list_and_tensors_alike(tiny_guard):
-    forms = [7, [7], (7,), torch.tensor(7), torch.tensor([7], dtype=torch.int32)]
+    forms = [7, [7], (7,), torch.tensor(7), torch.tensor([7], dtype=torch.int32), np.int64(7),
+             np.uint16(7), np.array(7), np.array([7], dtype=np.int32), [np.int64(7)]]
     outputs = []
     for form in forms:
         state = tiny_guard.open_stream()
         outputs.append(tiny_guard.moderate(state, form, "assistant").risk_probs)
         tiny_guard.close_stream(state)
     assert all(torch.equal(out, outputs[0]) for out in outputs)
+
+
+def test_a_state_from_another_guard_is_refused_before_any_kernel_runs(tiny_guard, tmp_path):
+    """A state opened by one guard and fed to another of a different shape used to return
+    verdicts and then abort the process (the C step wrote through the other guard's buffer)."""
+    from dataclasses import replace
+
+    from qguard_stream.checkpoints import SHAPES, make_random_checkpoint
+
+    shape = replace(SHAPES["tiny"], layers=3, hidden=96)  # another shape
+    other = StreamGuard.from_pretrained(make_random_checkpoint(tmp_path, shape, seed=5),
+                                        device="cpu")
+    theirs = other.open_stream()
+    other.moderate(theirs, [1, 2, 3], "user")
+    mine = tiny_guard.open_stream()
+    tiny_guard.moderate(mine, [4, 5], "user")
+    pools = (tiny_guard.paged_runtime()[0], other.paged_runtime()[0])
+    free = [pool.free_blocks for pool in pools]
+    for call in (lambda: tiny_guard.moderate(theirs, [6], "assistant"),
+                 lambda: tiny_guard.stream_moderate_from_ids([6], "assistant", theirs),
+                 lambda: tiny_guard.rollback(theirs, 1),
+                 lambda: tiny_guard.close_stream(theirs)):
+        with pytest.raises(ForeignSessionError, match="another StreamGuard"):
+            call()
+    assert [pool.free_blocks for pool in pools] == free
+    assert theirs.token_ids == [1, 2, 3] and not theirs.closed
+    assert other.moderate(theirs, [6], "assistant").positions == range(3, 4)
+    other.close_stream(theirs)
+    tiny_guard.close_stream(mine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -31,6 +32,7 @@ from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import FusedWeights
 from qguard_stream.stream import StreamGuard
 from qguard_stream.verdicts import (
+    ForeignSessionError,
     StreamClosedError,
     TokenIds,
     Verdicts,
@@ -62,6 +64,8 @@ class Engine:
                                   max_graph_tokens=self.settings.max_graph_tokens)
         self.scheduler = Scheduler(self.settings.max_batch_tokens)
         self.sessions: dict[int, Session] = {}
+        # Every table this engine made, closed sessions' too (weakly held): ownership checks.
+        self._tables: weakref.WeakSet[BlockTable] = weakref.WeakSet()
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self._lock = threading.Condition(threading.RLock())
         self._tokens_scored = 0
@@ -80,11 +84,13 @@ class Engine:
         with self._lock:
             session = Session(BlockTable(self.pool.block_size))
             self.sessions[session.id] = session
+            self._tables.add(session.table)
             return session
 
     def close(self, session: Session) -> None:
         """Free the session's blocks and cancel its queued chunks (idempotent)."""
         with self._lock:
+            self._check_owner(session)
             if session.closed:
                 return
             for request in self.scheduler.remove_session(session):
@@ -236,9 +242,15 @@ class Engine:
         session.table.shrink(self.pool, session.length)
         self._lock.notify_all()
 
-    @staticmethod
-    def _check_open(session: Session) -> None:
-        if not isinstance(session, Session):
-            raise TypeError(f"expected an engine Session, got {type(session).__name__}")
+    def _check_open(self, session: Session) -> None:
+        self._check_owner(session)
         if session.closed:
             raise StreamClosedError(f"session {session.id} is closed; open a new one")
+
+    def _check_owner(self, session: Session) -> None:
+        if not isinstance(session, Session):
+            raise TypeError(f"expected an engine Session, got {type(session).__name__}")
+        if session.table not in self._tables:
+            raise ForeignSessionError(
+                f"session {session.id} was opened by another Engine; a session can only be used "
+                f"with the engine whose open() made it")

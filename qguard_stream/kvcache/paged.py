@@ -115,7 +115,7 @@ class BlockPool:
 class BlockTable:
     """The blocks holding one session's positions, in order."""
 
-    __slots__ = ("block_size", "blocks")
+    __slots__ = ("__weakref__", "block_size", "blocks")
 
     def __init__(self, block_size: int) -> None:
         self.blocks: list[int] = []
