@@ -54,7 +54,12 @@ from qguard_stream.policy import (
     consecutive_unsafe,
 )
 from qguard_stream.stream import StreamGuard, StreamState
-from qguard_stream.verdicts import ForeignSessionError, StreamClosedError, Verdicts
+from qguard_stream.verdicts import (
+    ForeignSessionError,
+    NonFiniteScoresError,
+    StreamClosedError,
+    Verdicts,
+)
 
 __version__ = "0.1.0"
 
@@ -71,6 +76,7 @@ __all__ = [
     "GuardConfig",
     "Hooks",
     "Monitor",
+    "NonFiniteScoresError",
     "Policy",
     "PoolExhaustedError",
     "ProbabilityThreshold",

@@ -128,17 +128,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(directory: Path, config: GuardConfig, device: torch.device,
-               dtype: torch.dtype) -> GuardModel:
+               dtype: torch.dtype, check_finite: bool = True) -> GuardModel:
     """Build a GuardModel on the meta device and fill it from the checkpoint in `directory`."""
     with torch.device("meta"):
         model = GuardModel(config)
-    return fill_model(model, directory, device, dtype)
+    return fill_model(model, directory, device, dtype, check_finite)
 
 
 def fill_model(model: nn.Module, directory: Path, device: torch.device,
-               dtype: torch.dtype) -> nn.Module:
+               dtype: torch.dtype, check_finite: bool = True) -> nn.Module:
     """Fill a meta-device model from `directory`. The model provides `config`, `model` (the
-    Backbone), `expected_shapes()` and `parameter_for(name)`; every expected tensor is checked."""
+    Backbone), `expected_shapes()` and `parameter_for(name)`; every expected tensor is checked
+    for presence and shape, and (`check_finite`, default on; one pass over the weights) for
+    NaN/Inf after the cast to `dtype`, which raises CheckpointError naming the tensor."""
     config = model.config
     expected = model.expected_shapes()
     files = weight_files(directory)
@@ -146,7 +148,7 @@ def fill_model(model: nn.Module, directory: Path, device: torch.device,
     shards = sorted({files[name] for name in expected})
     for file in tqdm(shards, desc="loading shards", unit="shard", disable=len(shards) < 2):
         names = [name for name in expected if files[name] == file]
-        _assign(model, file, names, device, dtype)
+        _assign(model, file, names, device, dtype, check_finite)
     model.model.rotary = Rotary(config.head_dim, config.rope_theta).to(device)
     return model.eval()
 
@@ -175,7 +177,7 @@ def model_from_tensors(config: GuardConfig, tensors: dict[str, torch.Tensor],
 
 
 def _assign(model: nn.Module, file: Path, names: Iterable[str], device: torch.device,
-            dtype: torch.dtype) -> None:
+            dtype: torch.dtype, check_finite: bool) -> None:
     # Read on the CPU (memory-mapped) and move once; safe_open's own device path would
     # materialise in the file's dtype on the device first.
     with _open(file) as handle:
@@ -186,7 +188,18 @@ def _assign(model: nn.Module, file: Path, names: Iterable[str], device: torch.de
                 raise CheckpointError(f"cannot read tensor {name} from {file}: {err}") from None
             module, attr = model.parameter_for(name)
             value = tensor.to(device=device, dtype=dtype)
+            if check_finite:
+                check_finite_tensor(value, f"tensor {name} in {file}")
             setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def check_finite_tensor(value: torch.Tensor, what: str) -> None:
+    """CheckpointError naming `what` if `value` holds NaN or Inf."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise CheckpointError(
+            f"{what} has {bad} non-finite value(s) (NaN/Inf) in {value.dtype}: the model would "
+            f"score garbage. Fix the checkpoint, or pass check_finite=False to skip this check")
 
 
 def load_tokenizer(directory: Path):

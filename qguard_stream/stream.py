@@ -112,13 +112,16 @@ class StreamGuard:
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, fast_path: bool = True,
                         use_cuda_graphs: bool | None = None,
-                        kv_memory_gb: float | None = None) -> StreamGuard:
+                        kv_memory_gb: float | None = None,
+                        check_finite: bool = True) -> StreamGuard:
         """Load a checkpoint directory or Hugging Face repo id (default: bf16 on CUDA, fp32 on
-        CPU); the other options are the constructor's."""
+        CPU); `check_finite`: refuse weights holding NaN/Inf (one pass over them at load); the
+        other options are the constructor's."""
         directory = resolve_checkpoint(path_or_id)
         config = GuardConfig.from_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_model(directory, config, target, dtype or default_dtype(target))
+        model = load_model(directory, config, target, dtype or default_dtype(target),
+                           check_finite)
         return cls(model, load_tokenizer(directory), fast_path=fast_path,
                    use_cuda_graphs=use_cuda_graphs, kv_memory_gb=kv_memory_gb)
 

@@ -9,6 +9,7 @@ message, and a verdict reads the same, whichever way it was scored. Nothing here
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -25,6 +26,11 @@ TokenIds = int | Sequence[int] | torch.Tensor
 
 class StreamClosedError(RuntimeError):
     """A closed session was used again."""
+
+
+class NonFiniteScoresError(RuntimeError):
+    """The model produced NaN or infinite probabilities (non-finite weights or activations):
+    no label is made from them. The session is left as it was before the call."""
 
 
 class ForeignSessionError(ValueError):
@@ -179,7 +185,15 @@ def _ids_from_sequence(token_ids: Any, vocab_size: int) -> torch.Tensor:
 def build_verdicts(config: GuardConfig, role: str, start: int, token_ids: torch.Tensor,
                    risk_probs: torch.Tensor, category_probs: torch.Tensor) -> Verdicts:
     """The Verdicts of `token_ids` scored at positions start.. with `role`'s heads (labels from
-    the checkpoint's config)."""
+    the checkpoint's config). Raises NonFiniteScoresError if a probability is NaN or infinite
+    (a NaN logit makes its whole softmax row NaN, so the sums show it with one host read)."""
+    if not math.isfinite(float(risk_probs.sum()) + float(category_probs.sum())):
+        bad = ~(torch.isfinite(risk_probs).all(1) & torch.isfinite(category_probs).all(1))
+        positions = [start + int(i) for i in bad.nonzero().flatten()[:8]]
+        raise NonFiniteScoresError(
+            f"the model produced non-finite {role} probabilities at positions {positions}: its "
+            f"weights or activations hold NaN/Inf (load with check_finite=True to find the "
+            f"tensor); no verdict was made")
     user = role == "user"
     return Verdicts(
         role=role, positions=range(start, start + token_ids.shape[0]),

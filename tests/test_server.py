@@ -31,10 +31,11 @@ VOCAB = 151936
 
 
 class LiveServer:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, **app_options) -> None:
         self.engine = engine
-        config = uvicorn.Config(create_app(engine, api_key=API_KEY), host="127.0.0.1", port=0,
-                                log_level="warning", ws_ping_interval=None)
+        config = uvicorn.Config(create_app(engine, api_key=API_KEY, **app_options),
+                                host="127.0.0.1", port=0, log_level="warning",
+                                ws_ping_interval=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -332,7 +333,8 @@ def test_moderate_matches_moderate_conversation(live: LiveServer,
 ])
 def test_moderate_rejects_bad_bodies_with_400(live: LiveServer, content: bytes,
                                               reason: str) -> None:
-    reply = httpx.post(f"{live.http}/v1/moderate", content=content, headers=AUTH, timeout=30)
+    reply = httpx.post(f"{live.http}/v1/moderate", content=content, timeout=30,
+                       headers={**AUTH, "Content-Type": "application/json"})
     assert reply.status_code == 400
     assert reason in reply.json()["error"]
 

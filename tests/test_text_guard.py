@@ -142,3 +142,59 @@ def test_failed_feed_keeps_the_text_pending(short_guard, tokenizer):
         assert text_guard.token_ids == scored
         assert text_guard.pending_text == pending
         assert text_guard.state.length == len(scored)
+
+
+def test_a_raising_callback_leaves_the_text_guard_in_step(tokenizer, tmp_path):
+    """A transition callback that raises used to leave the session holding the new ids while
+    token_ids stayed empty; later text was then scored as the wrong tokens."""
+    from qguard_stream import Hooks
+
+    guard = StreamGuard.from_pretrained(make_random_checkpoint(tmp_path, "tiny", seed=1),
+                                        device="cpu")
+    guard.hooks = Hooks(errors="raise")
+    calls = []
+
+    def explode(event):
+        calls.append(event)
+        raise RuntimeError("callback failed")
+
+    guard.hooks.on_token(explode)
+    text_guard = TextStreamGuard(guard)
+    pieces = chunks(RESPONSE, 7)
+    for delta in pieces:
+        try:
+            text_guard.feed(delta)
+        except RuntimeError as error:
+            assert "callback failed" in str(error)
+    try:
+        text_guard.flush()
+    except RuntimeError:
+        pass
+    assert calls, "the callback never ran, so nothing was tested"
+    expected = ids_of(tokenizer, RESPONSE)
+    assert text_guard.token_ids == expected
+    assert text_guard.state.token_ids == expected  # the session holds exactly those ids
+
+
+def test_text_rollback_keeps_tokenizer_and_session_in_step(tiny_guard, tokenizer):
+    text_guard = TextStreamGuard(tiny_guard)
+    text_guard.feed("The quick brown fox jumps over the lazy dog and then some")
+    kept = text_guard.token_ids[:4]
+    dropped = text_guard.rollback(4)
+    assert dropped == " some"  # the held-back word is returned, never scored
+    assert text_guard.token_ids == kept and text_guard.state.length == 4
+    streamed = [text_guard.feed(" runs away"), text_guard.flush()]
+    continuation = ids_of(tokenizer, " runs away")
+    assert text_guard.token_ids == kept + continuation
+    reference = direct(tiny_guard, [(kept + continuation, "assistant")])[0]
+    torch.testing.assert_close(probs(streamed)[0], reference.risk_probs[len(kept):],
+                               atol=1e-5, rtol=0)
+    # a raw guard.rollback is followed, not silently desynchronised
+    tiny_guard.rollback(text_guard.state, 2)
+    text_guard.feed(" again")
+    text_guard.flush()
+    assert text_guard.token_ids == kept[:2] + ids_of(tokenizer, " again")
+    assert text_guard.state.token_ids == text_guard.token_ids
+    with pytest.raises(ValueError, match="response tokens"):
+        text_guard.rollback(99)
+    text_guard.close()

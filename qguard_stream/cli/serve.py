@@ -33,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info")
+    limits = parser.add_argument_group("limits per frame or request (errors: 'too_large', 413)")
+    limits.add_argument("--max-frame-bytes", type=int, default=1 << 20,
+                        help="WebSocket frame or HTTP body (default 1 MiB)")
+    limits.add_argument("--max-json-depth", type=int, default=32)
+    limits.add_argument("--max-feed-text", type=int, default=256 * 1024,
+                        help="characters of text per feed, or of an open's messages")
+    limits.add_argument("--max-feed-tokens", type=int, default=16384,
+                        help="token ids scored by one frame or request")
+    limits.add_argument("--max-pending-text", type=int, default=16384,
+                        help="characters held back between text feeds (an unfinished word)")
+    parser.add_argument("--open-docs", action="store_true",
+                        help="with an API key, serve /docs, /redoc and /openapi.json anyway")
 
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
@@ -62,9 +74,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.torch_threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     guard = StreamGuard.from_pretrained(args.model, device=args.device, dtype=dtype)
+    from qguard_stream.server.protocol import ServerLimits
+
+    limits = ServerLimits(args.max_frame_bytes, args.max_json_depth, args.max_feed_text,
+                          args.max_feed_tokens, args.max_pending_text)
     app = create_app(Engine(guard, settings_from_args(args)),
-                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, limits=limits,
+                     open_docs=args.open_docs)
+    # Frames over --max-frame-bytes get a 'too_large' error frame; past uvicorn's own bound
+    # (16 MiB, or the limit if larger) the WebSocket layer closes the connection (1009).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                ws_max_size=max(16 << 20, args.max_frame_bytes + 1))
     return 0
 
 

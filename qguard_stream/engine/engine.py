@@ -140,7 +140,9 @@ class Engine:
             return request.future
 
     def step(self) -> int:
-        """Run one batched forward over queued chunks; returns how many chunks it scored."""
+        """Run one batched forward over queued chunks; returns how many chunks it took. A failure
+        goes to the futures of the chunks it concerns (and their sessions' later chunks), never
+        out of step(), so a caller draining the queue never receives another session's error."""
         with self._lock:
             batch = self.scheduler.next_batch()
             if not batch:
@@ -149,12 +151,21 @@ class Engine:
             chunks = [Chunk(r.session.table, r.start, r.token_ids, r.role) for r in batch]
             try:
                 scores = self.runner.forward(chunks)
-            except Exception as error:
+            except Exception as error:  # each chunk's future gets it; no caller gets another's
                 for request in batch:
                     self._fail(request, error)
-                raise
+                return len(batch)
+            failed: dict[int, Exception] = {}
             for request, (risk_probs, category_probs) in zip(batch, scores):
-                self._complete(request, risk_probs, category_probs)
+                if request.session.id in failed:  # an earlier chunk of its session failed
+                    if not request.future.done():
+                        request.future.set_exception(failed[request.session.id])
+                    continue
+                try:
+                    self._complete(request, risk_probs, category_probs)
+                except Exception as error:  # e.g. NonFiniteScoresError: this session only
+                    failed[request.session.id] = error
+                    self._fail(request, error)
             stats = StepStats(len(batch), sum(r.num_tokens for r in batch),
                               time.perf_counter() - began, self.pool.used_blocks,
                               self.pool.num_blocks)

@@ -56,15 +56,16 @@ class GenGuard:
     def from_pretrained(cls, path_or_id: str | os.PathLike[str],
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None,
-                        kv_memory_gb: float | None = None) -> GenGuard:
+                        kv_memory_gb: float | None = None,
+                        check_finite: bool = True) -> GenGuard:
         """Load a Qwen3ForCausalLM checkpoint directory or hub id (bf16 on CUDA, fp32 on CPU);
-        `kv_memory_gb` as in the constructor."""
+        `kv_memory_gb` as in the constructor; `check_finite` as StreamGuard.from_pretrained's."""
         directory = resolve_checkpoint(path_or_id)
         raw = read_config_json(directory / "config.json")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with torch.device("meta"):
             lm = CausalLM(backbone_config(raw))
-        fill_model(lm, directory, target, dtype or default_dtype(target))
+        fill_model(lm, directory, target, dtype or default_dtype(target), check_finite)
         lm.tie_weights()
         return cls(lm, load_tokenizer(directory), _eos_list(raw.get("eos_token_id")),
                    kv_memory_gb)

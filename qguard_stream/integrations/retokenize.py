@@ -39,6 +39,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 Delta = str | bytes | bytearray | memoryview
 
 
+RELEASE_GIL_CHARS = 4096
+
+
 class UnsupportedTokenizerError(ValueError):
     """The tokenizer's pipeline is not the one whose stability this module can prove."""
 
@@ -176,6 +179,13 @@ class IncrementalTokenizer:
         self._window = snapshot[0]
         self._decoder.setstate(snapshot[1])
 
+    def reset(self) -> str:
+        """Drop the held-back text (and any partial UTF-8 character); return the text dropped."""
+        dropped = self._window
+        self._window = ""
+        self._decoder.reset()
+        return dropped
+
     def push(self, delta: Delta) -> list[int]:
         """Append a delta; return the ids that became final (possibly none)."""
         self._window += self._decode(delta)
@@ -222,6 +232,9 @@ class IncrementalTokenizer:
         backend = self._backend
         if backend.truncation is None and backend.padding is None and \
                 not backend.encode_special_tokens:
+            if len(text) >= RELEASE_GIL_CHARS:  # encode_batch runs without the GIL, so a long
+                # text tokenized in a worker thread does not stall the caller's event loop
+                return backend.encode_batch([text], add_special_tokens=False)[0].ids
             return backend.encode(text, add_special_tokens=False).ids  # same ids, less overhead
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -61,15 +61,27 @@ class TextStreamGuard:
 
     def feed(self, delta: Delta) -> Verdicts | None:
         """Add a text delta; score the ids it made final. None when all of it is held back."""
-        self._check_open()
+        self._check_in_step()
         snapshot = self._retokenizer.snapshot()
         return self._score(self._retokenizer.push(delta), snapshot)
 
     def flush(self) -> Verdicts | None:
         """End of the response text: score the held-back tail. Later feeds start a new text."""
-        self._check_open()
+        self._check_in_step()
         snapshot = self._retokenizer.snapshot()
         return self._score(self._retokenizer.flush(), snapshot)
+
+    def rollback(self, tokens: int) -> str:
+        """Keep the first `tokens` response tokens (as a generator that resamples from there);
+        the held-back text is dropped and returned. Text fed next continues after them."""
+        self._check_open()
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or \
+                not 0 <= tokens <= len(self._response_ids):
+            raise ValueError(f"cannot roll back to {tokens!r} response tokens: "
+                             f"{len(self._response_ids)} are scored")
+        self.guard.rollback(self.state, self.response_start + tokens)
+        del self._response_ids[tokens:]
+        return self._retokenizer.reset()
 
     def close(self) -> Verdicts | None:
         """Flush, then free the session. Returns the tail's verdicts (None when there was none)."""
@@ -87,10 +99,14 @@ class TextStreamGuard:
     def _score(self, ids: list[int], snapshot: Any) -> Verdicts | None:
         if not ids:
             return None
+        before = self.state.length
         try:
             verdicts = self.guard.moderate(self.state, ids, "assistant")
         except Exception:
-            self._retokenizer.restore(snapshot)  # the text stays pending, as before the call
+            if self.state.length == before:  # nothing scored: the text stays pending
+                self._retokenizer.restore(snapshot)
+            else:  # scored, then a callback raised: the ids are the session's now
+                self._response_ids.extend(ids)
             raise
         self._response_ids.extend(ids)
         return verdicts
@@ -98,6 +114,17 @@ class TextStreamGuard:
     def _check_open(self) -> None:
         if self.state.closed:
             raise StreamClosedError(f"text stream {self.state.id} is closed; open a new one")
+
+    def _check_in_step(self) -> None:
+        """Open, and the session's length is the prompt plus our response ids."""
+        self._check_open()
+        scored = self.response_start + len(self._response_ids)
+        if self.state.length != scored:  # the session was rolled back with guard.rollback
+            if self.state.length < self.response_start:
+                raise ValueError(
+                    f"the session was rolled back into the prompt (to {self.state.length} < "
+                    f"{self.response_start}); use TextStreamGuard.rollback, or open a new one")
+            self.rollback(self.state.length - self.response_start)  # back in step
 
 
 def prompt_token_ids(tokenizer: Any, prompt: Prompt | None) -> tuple[list[int], list[int]]:

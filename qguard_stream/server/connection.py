@@ -7,6 +7,8 @@ error frame and leaves every session as it was.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,15 +16,25 @@ from qguard_stream.engine import AsyncEngine, PoolExhaustedError, Session, Sessi
 from qguard_stream.hooks import Monitor, token_verdicts
 from qguard_stream.integrations.retokenize import IncrementalTokenizer
 from qguard_stream.policy import ConsecutiveUnsafe, decision_json, flag_json
-from qguard_stream.server.protocol import Command, ProtocolError, parse_command
+from qguard_stream.server.protocol import (
+    Command,
+    ProtocolError,
+    ServerLimits,
+    TooLargeError,
+    parse_command,
+)
 from qguard_stream.server.text import prompt_and_header_ids, text_stream
 from qguard_stream.verdicts import (
+    NonFiniteScoresError,
     StreamClosedError,
     Verdicts,
     empty_verdicts_json,
     last_verdict_json,
     verdicts_json,
 )
+
+log = logging.getLogger(__name__)
+OFF_LOOP_BYTES = 64 * 1024  # frames larger than this are parsed in a worker thread
 
 
 @dataclass(eq=False)
@@ -70,9 +82,11 @@ def error_frame(message: str, code: str, command: Command | None) -> dict[str, A
 class Connection:
     """The sessions of one WebSocket connection."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Any) -> None:
+    def __init__(self, engine: AsyncEngine, tokenizer: Any,
+                 limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.limits = limits or ServerLimits()
         self.sessions: dict[int, LiveSession] = {}
         self._next_id = 1
 
@@ -80,24 +94,37 @@ class Connection:
         """Answer one client frame: a reply, or an error frame naming what was wrong."""
         command = None
         try:
-            command = parse_command(frame)
+            if len(frame) > OFF_LOOP_BYTES:  # parsing a large frame leaves the event loop
+                command = await asyncio.to_thread(parse_command, frame, self.limits)
+            else:
+                command = parse_command(frame, self.limits)
             handler = {"open": self.open, "feed": self.feed, "rollback": self.rollback,
                        "close": self.close}[command.type]
             reply = await handler(command)
         except PoolExhaustedError as error:
             return error_frame(str(error), "pool_exhausted", command)
+        except TooLargeError as error:
+            return error_frame(str(error), "too_large", command)
+        except NonFiniteScoresError as error:
+            return error_frame(str(error), "model_error", command)
         except (ProtocolError, ValueError, TypeError, StreamClosedError,
                 SessionBusyError) as error:
             return error_frame(str(error), "bad_request", command)
+        except Exception as error:  # never a silent close: the client learns what failed
+            log.exception("frame failed")
+            return error_frame(f"internal error: {type(error).__name__}: {error}", "internal",
+                               command)
         if command.request_id is not None:
             reply["id"] = command.request_id
         return reply
 
     async def open(self, command: Command) -> dict[str, Any]:
         prompt_ids = header_ids = None
-        if command.messages is not None:  # tokenize first: a bad body opens nothing
-            prompt_ids, header_ids = prompt_and_header_ids(self.tokenizer, command.messages)
+        if command.messages is not None:  # tokenize first (off the loop): a bad body opens nothing
+            prompt_ids, header_ids = await asyncio.to_thread(
+                prompt_and_header_ids, self.tokenizer, command.messages)
             opened_length = len(prompt_ids) + len(header_ids)
+            self.limits.check_tokens(opened_length, "the templated 'messages'")
         else:
             opened_length = len(command.token_ids or [])
         # The policy judges what is fed after the open, not the prompt or header scored here.
@@ -134,8 +161,16 @@ class Connection:
         if live.text is None:
             live.text = text_stream(self.tokenizer)
         saved = live.text.snapshot()
-        try:  # a refused step (pool full, bad length) must not lose the delta
-            ids = live.text.push(command.text) + (live.text.flush() if command.final else [])
+        try:  # a refused step (pool full, bad length, too much text) must not lose the delta
+            ids = await asyncio.to_thread(self._push_text, live.text, command.text,
+                                          command.final)
+            self.limits.check_tokens(len(ids), "the text fed")
+            if len(live.pending_text()) > self.limits.max_pending_chars:
+                raise TooLargeError(
+                    f"{len(live.pending_text())} characters would be held back (an unfinished "
+                    f"word or character); the server holds at most "
+                    f"{self.limits.max_pending_chars} (max_pending_chars): send \"final\": "
+                    f"true or break the text")
             if ids:
                 reply = await self._score(session_id, live, ids, command.role)
             else:
@@ -147,6 +182,10 @@ class Connection:
             live.text.restore(saved)
             raise
         return {**reply, "pending_text": live.pending_text()}
+
+    @staticmethod
+    def _push_text(text: IncrementalTokenizer, delta: str, final: bool) -> list[int]:
+        return text.push(delta) + (text.flush() if final else [])
 
     async def _score(self, session_id: int, live: LiveSession, ids: list[int],
                      role: str) -> dict[str, Any]:
@@ -160,9 +199,11 @@ class Connection:
         session_id, live = self._find(command)
         assert command.length is not None
         await self.engine.rollback(live.session, command.length)
+        dropped = live.pending_text()
         live.rollback(command.length)
+        # text held back (never scored) is dropped with the rollback: the reply says which
         return {"type": "rolled_back", "session": session_id, "length": command.length,
-                "decision": live.decision()}
+                "dropped_text": dropped, "decision": live.decision()}
 
     async def close(self, command: Command) -> dict[str, Any]:
         session_id, live = self._find(command)

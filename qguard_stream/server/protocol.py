@@ -12,13 +12,16 @@ Client frames (JSON objects; "id" is optional and echoed back):
   {"type": "rollback", "session": 1, "length": 42}
   {"type": "close", "session": 1}
 "session" may be left out while the connection holds exactly one session.
-This module validates shapes only; values (ranges, lengths) are checked where they are used.
+This module validates shapes and sizes (ServerLimits: frame bytes and JSON nesting here; text and
+tokens per feed and held-back text where they are used); values (ranges) are checked where used.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 from typing import Any
 
 from qguard_stream.verdicts import ROLES
@@ -28,6 +31,65 @@ COMMAND_TYPES = ("open", "feed", "rollback", "close")
 
 class ProtocolError(ValueError):
     """A malformed client frame; the message is sent back in an error frame."""
+
+
+class TooLargeError(ProtocolError):
+    """A frame, body, feed or held-back text over a ServerLimits bound (error code "too_large",
+    HTTP 413); refused before the work it would cost."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on what one client can ask of the server in one frame or request."""
+
+    max_frame_bytes: int = 1 << 20  # a WebSocket frame or an HTTP body
+    max_json_depth: int = 32  # nesting of objects and arrays in a frame
+    max_feed_text_chars: int = 256 * 1024  # text of one feed, or of an open's messages together
+    max_feed_tokens: int = 16384  # token ids scored by one frame (given, or from its text)
+    max_pending_chars: int = 16384  # text held back (an unfinished word) between text feeds
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerLimits.{item.name} must be a positive int, got "
+                                 f"{value!r}")
+
+    def check_tokens(self, count: int, what: str) -> None:
+        if count > self.max_feed_tokens:
+            raise TooLargeError(f"{what} has {count} tokens; the server takes at most "
+                                f"{self.max_feed_tokens} per frame (max_feed_tokens)")
+
+    def check_text(self, chars: int, what: str) -> None:
+        if chars > self.max_feed_text_chars:
+            raise TooLargeError(f"{what} has {chars} characters; the server takes at most "
+                                f"{self.max_feed_text_chars} per frame (max_feed_text_chars)")
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def load_json(frame: str | bytes, limits: ServerLimits) -> Any:
+    """Parse a frame or body as JSON within the limits' size and nesting depth (checked before
+    the parser, whose recursion a deeply nested frame would exhaust)."""
+    if len(frame) > limits.max_frame_bytes:
+        raise TooLargeError(f"frame of {len(frame)} bytes exceeds the server's limit of "
+                            f"{limits.max_frame_bytes} (max_frame_bytes)")
+    if isinstance(frame, bytes):
+        try:
+            frame = frame.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ProtocolError(f"frame is not valid UTF-8: {error}") from None
+    brackets = _BRACKETS.findall(_STRINGS.sub("", frame))
+    depth = max(itertools.accumulate(1 if b in "[{" else -1 for b in brackets), default=0)
+    if depth > limits.max_json_depth:
+        raise ProtocolError(f"frame is nested {depth} levels deep; the server takes at most "
+                            f"{limits.max_json_depth} (max_json_depth)")
+    try:
+        return json.loads(frame)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ProtocolError(f"frame is not valid JSON: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -43,12 +105,10 @@ class Command:
     final: bool = False  # text feeds: flush the held-back tail after this delta
 
 
-def parse_command(frame: str | bytes) -> Command:
-    """Parse one client frame, or raise ProtocolError naming what is wrong."""
-    try:
-        raw = json.loads(frame)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ProtocolError(f"frame is not valid JSON: {error}") from None
+def parse_command(frame: str | bytes, limits: ServerLimits | None = None) -> Command:
+    """Parse one client frame, or raise ProtocolError (TooLargeError) naming what is wrong."""
+    limits = limits or ServerLimits()
+    raw = load_json(frame, limits)
     if not isinstance(raw, dict):
         raise ProtocolError(f"frame must be a JSON object, got {type(raw).__name__}")
     kind = raw.get("type")
@@ -62,6 +122,14 @@ def parse_command(frame: str | bytes) -> Command:
         final=raw.get("final", False),
     )
     _check(command)
+    if command.token_ids is not None:
+        limits.check_tokens(len(command.token_ids), "'token_ids'")
+    if command.text is not None:
+        limits.check_text(len(command.text), "'text'")
+    if isinstance(command.messages, list):
+        limits.check_text(sum(len(m.get("content", "")) for m in command.messages
+                              if isinstance(m, dict) and isinstance(m.get("content"), str)),
+                          "'messages'")
     return command
 
 
