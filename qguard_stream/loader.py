@@ -68,7 +68,9 @@ def _from_hub(repo_id: str) -> Path:
             tried.append(f"{where}: {type(err).__name__}: {err}".splitlines()[0])
     raise CheckpointError(
         f"checkpoint {repo_id!r} is not a local directory and could not be fetched; tried "
-        + "; ".join(tried)
+        + "; ".join(tried) + ". Offline, pass a checkpoint directory instead (one downloaded "
+        f"elsewhere with `huggingface-cli download {repo_id}`); `qguard-stream demo` runs "
+        "without one"
     )
 
 
@@ -209,4 +211,10 @@ def load_tokenizer(directory: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as error:  # tokenizers raises bare Exceptions for malformed files
+        files = sorted(p.name for p in directory.iterdir()
+                       if p.name.startswith(("tokenizer", "vocab", "merges", "special")))
+        raise CheckpointError(f"cannot load the tokenizer in {directory} (files {files}): "
+                              f"{type(error).__name__}: {error}") from None

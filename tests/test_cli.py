@@ -83,3 +83,26 @@ def test_unknown_options_of_an_available_subcommand_are_still_refused():
     with pytest.raises(SystemExit) as done:
         cli.main(["demo", "--no-such-option"])
     assert done.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["serve", "moderate", "demo"])
+def test_a_missing_checkpoint_is_one_line_not_a_traceback(tmp_path, capsys, command):
+    from qguard_stream.cli import main
+
+    argv = [command, "--model", str(tmp_path / "missing")]
+    if command == "moderate":
+        argv += ["--prompt", "hi"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_malformed_vocab_json_names_the_tokenizer_files(tmp_path):
+    from qguard_stream import CheckpointError, StreamGuard
+    from qguard_stream.checkpoints import make_random_checkpoint
+
+    path = make_random_checkpoint(tmp_path, "tiny", seed=1)
+    (path / "vocab.json").write_text('{"a": 1, ')
+    with pytest.raises(CheckpointError, match=r"tokenizer in .*vocab\.json"):
+        StreamGuard.from_pretrained(path, device="cpu")

@@ -11,6 +11,9 @@ import argparse
 import importlib
 import sys
 
+from qguard_stream.config import ConfigError
+from qguard_stream.loader import CheckpointError
+
 # subcommand -> (module, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("qguard_stream.cli.demo", "stream a conversation through the guard, live"),
@@ -51,4 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "accepts_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except (CheckpointError, ConfigError) as error:  # a user's path or file: one line, no trace
+        print(f"error: {error}", file=sys.stderr)
+        return 2
