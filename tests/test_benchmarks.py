@@ -64,3 +64,16 @@ def test_engine_benchmark_quick_reports_every_cell(tmp_path: Path) -> None:
     for row in report["rows"]:
         assert row["engine_tokens_per_s"] > 0 and row["fraction_of_roofline"] > 0
         assert row["roofline_tokens_per_s"] > row["engine_tokens_per_s"]
+
+
+def test_soak_benchmark_runs_and_checks_itself(tmp_path: Path) -> None:
+    """A few seconds of the soak run: abuse answered with the right codes, nothing unexpected,
+    the pool empty at the end, closed sessions equal to the reference."""
+    from benchmarks import soak
+
+    assert soak.main(["--clients", "2", "--minutes", "0.1", "--sample-every", "1",
+                      "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "soak_tiny.json").read_text())
+    assert report["unexpected"] == 0 and report["kv_blocks_used_at_end"] == 0
+    assert report["reference"]["checked"] > 0 and report["reference"]["mismatched"] == 0
+    assert set(report["error_codes"]) <= {"too_large", "bad_request", "pool_exhausted"}
