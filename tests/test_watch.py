@@ -214,3 +214,26 @@ def test_split_prompt():
                                                                       [3, 4])
     assert split_prompt_ids([1, 2], IM_END) == ([1, 2], [])
     assert split_prompt_ids([1, IM_END, 2], None) == ([1, IM_END, 2], [])
+
+
+def test_a_raising_callback_keeps_the_watch_in_step(guard):
+    """A token callback that raises after its token was scored: the token counts as scored
+    (released), it is not lost nor fed again."""
+    from qguard_stream import Hooks
+
+    hooks = Hooks(errors="raise")
+    calls = []
+
+    def boom(event):
+        calls.append(event)
+        raise RuntimeError("callback failed")
+
+    hooks.on_token(boom)
+    state = guard.open_stream()
+    watch = guard.watch(iter(CLEAN), prompt=PROMPT, state=state, hooks=hooks)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        list(watch)
+    assert len(calls) == 1
+    assert state.token_ids == PROMPT + CLEAN[:1]
+    assert watch.result.released == CLEAN[:1]
+    guard.close_stream(state)

@@ -110,7 +110,13 @@ class _CareLoop:
                 ids = ids[: self.max_tokens - len(self.response)]
             if not ids:
                 break
-            self.guard.moderate(self.state, ids, "assistant")
+            before = self.state.length
+            try:
+                self.guard.moderate(self.state, ids, "assistant")
+            except Exception:
+                if self.state.length != before:  # scored, then a callback raised: keep in step
+                    self.response += ids
+                raise
             self.response += ids
             produced += ids
             decision = self.state.monitor.stop_decision

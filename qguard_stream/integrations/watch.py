@@ -143,8 +143,20 @@ class _Watcher:
             self.guard.close_stream(self.state)
 
     def _score(self) -> list[GuardedToken]:
-        ids, self.pending = self.pending, []
-        self.guard.moderate(self.state, ids, "assistant")
+        """Score the pending ids. If moderate raises before scoring (pool full...), they stay
+        pending; if it raises after (a callback), they are held like any scored tokens."""
+        before = self.state.length
+        try:
+            self.guard.moderate(self.state, self.pending, "assistant")
+        except Exception:
+            if self.state.length != before:
+                self.pending = []
+                self._take_scored()
+            raise
+        self.pending = []
+        return self._take_scored()
+
+    def _take_scored(self) -> list[GuardedToken]:
         self.held += [GuardedToken(t.token_id, t) for t in self.monitor.last_tokens]
         self.result.decisions = list(self.monitor.decisions)
         decision = self.monitor.stop_decision
