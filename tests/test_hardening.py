@@ -325,3 +325,32 @@ def test_server_rollback_says_which_held_back_text_it_dropped(limited: LiveServe
 
     reply = asyncio.run(run())
     assert reply["type"] == "rolled_back" and reply["dropped_text"] == " wor"
+
+
+def test_an_unexpected_failure_is_an_error_frame_not_a_closed_socket(
+        limited: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RuntimeError in the step (as a CUDA out-of-memory would raise; injected here, the CPU
+    cannot produce one) used to close the socket without a word; now it is an error frame with
+    a code, and the session and connection carry on."""
+    runner = limited.engine.runner
+    real_forward = runner.forward
+
+    async def run() -> tuple[dict, dict]:
+        async with websockets.connect(limited.ws, additional_headers=AUTH) as ws:
+            async def ask(frame: dict) -> dict:
+                await ws.send(json.dumps(frame))
+                return strict_json(await asyncio.wait_for(ws.recv(), timeout=30))
+
+            await ask({"type": "open", "token_ids": GOOD})
+            monkeypatch.setattr(runner, "forward", out_of_memory)
+            failed = await ask({"type": "feed", "token_ids": [14]})
+            monkeypatch.setattr(runner, "forward", real_forward)
+            return failed, await ask({"type": "feed", "token_ids": [14]})
+
+    def out_of_memory(chunks):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    failed, after = asyncio.run(run())
+    assert failed["type"] == "error" and failed["code"] == "internal"
+    assert "CUDA out of memory" in failed["error"]
+    assert after["type"] == "verdicts" and after["start"] == len(GOOD)
