@@ -18,6 +18,7 @@ from qguard_stream.loader import CheckpointError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("qguard_stream.cli.demo", "stream a conversation through the guard, live"),
     "serve": ("qguard_stream.cli.serve", "serve sessions over WebSocket/HTTP (batched engine)"),
+    "proxy": ("qguard_stream.cli.proxy", "guard any OpenAI-compatible LLM (an OpenAI proxy)"),
     "eval": ("qguard_stream.cli.eval", "evaluate a Stream or Gen model on Qwen3GuardTest JSONL"),
     "moderate": ("qguard_stream.cli.moderate", "moderate one prompt (and response) from the shell"),
     "bench": ("qguard_stream.cli.bench", "latency vs the card loop and transformers (a checkout)"),

@@ -1,0 +1,409 @@
+"""The guard proxy: an OpenAI-compatible server in front of any OpenAI-compatible upstream.
+
+POST /v1/chat/completions (stream and non-stream) and GET /v1/models are forwarded to the upstream
+with the request body unchanged; upstream errors come back with the upstream's status and body.
+Before forwarding, the prompt (the last user turn) is scored with the query heads: a flagged
+prompt never reaches the upstream and gets an OpenAI-shaped `content_filter` answer (or a 400,
+`prompt_flag="error"`). A streamed response is guarded per choice (guard.ResponseGuard): text
+reaches the client only after `holdback` later tokens were scored; on a flag the proxy stops
+reading the upstream, sends a last chunk with finish_reason "content_filter" and the verdict in
+`qguard`, then `data: [DONE]`. Non-streamed choices are checked whole. Every request's sessions
+live on one shared engine (batched). If the guard itself fails, the request fails closed (503,
+or a `content_filter` end mid-stream) unless `fail_open`. Also /health and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.background import BackgroundTask
+
+from qguard_stream.engine import AsyncEngine, Engine, Session
+from qguard_stream.proxy.guard import (
+    GuardPolicy,
+    ResponseGuard,
+    TokenText,
+    open_prompt,
+    text_messages,
+)
+from qguard_stream.server.app import PROMETHEUS_TYPE, is_authorized
+from qguard_stream.server.protocol import ServerLimits, TooLargeError, load_json
+from qguard_stream.verdicts import Verdicts
+
+log = logging.getLogger(__name__)
+FORWARDED_HEADERS = ("openai-organization", "openai-project")
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("qguard_proxy_requests", "Chat completion requests by outcome",
+                                ["outcome"], registry=r)
+        self.flags = Counter("qguard_proxy_flags", "Flags by stage and category",
+                             ["stage", "category"], registry=r)
+        self.tokens = Counter("qguard_proxy_tokens_scored", "Response tokens scored", registry=r)
+        self.added = Histogram("qguard_proxy_added_seconds_per_chunk",
+                               "Time the guard adds to each upstream chunk", registry=r,
+                               buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, 1))
+
+
+def openai_error(message: str, status: int, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": code}}, status_code=status)
+
+
+def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
+                     upstream_api_key: str | None = None, holdback: int = 2,
+                     policy: str = "official", prompt_flag: str = "completion",
+                     fail_open: bool = False, limits: ServerLimits | None = None,
+                     upstream_timeout_s: float = 600.0) -> FastAPI:
+    """The proxy app over `engine` (its guard's tokenizer re-tokenizes the upstream's text)."""
+    default_policy = GuardPolicy.parse(policy)
+    if prompt_flag not in ("completion", "error"):
+        raise ValueError(f"prompt_flag must be 'completion' or 'error', got {prompt_flag!r}")
+    if isinstance(holdback, bool) or not isinstance(holdback, int) or holdback < 0:
+        raise ValueError(f"holdback must be an int >= 0, got {holdback!r}")
+    tokenizer = engine.guard.tokenizer
+    if tokenizer is None:
+        raise ValueError("the proxy needs the checkpoint's tokenizer (none was found)")
+    limits = limits or ServerLimits()
+    runtime = AsyncEngine(engine)
+    token_text = TokenText(tokenizer)
+    metrics = ProxyMetrics()
+    base = upstream.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    client = httpx.AsyncClient(timeout=httpx.Timeout(upstream_timeout_s, connect=10.0))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+        await runtime.aclose()
+
+    app = FastAPI(title="qguard-stream proxy", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    def upstream_headers(request: Request) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if upstream_api_key:
+            headers["authorization"] = f"Bearer {upstream_api_key}"
+        elif api_key is None and "authorization" in request.headers:
+            headers["authorization"] = request.headers["authorization"]  # the client's own key
+        for name in FORWARDED_HEADERS:
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        return headers
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        if not is_authorized(request.headers, api_key):
+            return openai_error("missing or wrong bearer token", 401, "authentication_error")
+        return Response(generate_latest(metrics.registry), media_type=PROMETHEUS_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        if not is_authorized(request.headers, api_key):
+            return openai_error("missing or wrong bearer token", 401, "authentication_error")
+        reply = await client.get(f"{base}/v1/models", headers=upstream_headers(request))
+        return Response(reply.content, status_code=reply.status_code,
+                        media_type=reply.headers.get("content-type"))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        if not is_authorized(request.headers, api_key):
+            return openai_error("missing or wrong bearer token", 401, "authentication_error")
+        raw = await request.body()
+        try:
+            body = load_json(raw, limits)
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            messages = text_messages(body.get("messages"))
+            chosen = GuardPolicy.parse(request.headers["x-qguard-policy"]) \
+                if "x-qguard-policy" in request.headers else default_policy
+        except TooLargeError as error:
+            return openai_error(str(error), 413)
+        except ValueError as error:
+            return openai_error(str(error), 400, param="messages")
+        try:
+            session, prompt, header_ids = await open_prompt(runtime, tokenizer, messages)
+        except ValueError as error:  # e.g. the last message is not the user's
+            return openai_error(str(error), 400, param="messages")
+        except Exception as error:
+            return await guard_failed(error, request, raw)
+        headers = {"x-qguard-prompt-risk": prompt.risk_level[-1],
+                   "x-qguard-prompt-category": prompt.category[-1]}
+        if chosen.prompt_flagged(prompt):
+            await runtime.close(session)
+            metrics.requests.labels("prompt_flagged").inc()
+            metrics.flags.labels("prompt", prompt.category[-1]).inc()
+            return prompt_refusal(body, prompt, headers)
+        sessions = [session]
+        try:
+            await runtime.moderate(session, header_ids, "assistant")
+            reply = await client.send(client.build_request(
+                "POST", f"{base}/v1/chat/completions", content=raw,
+                headers=upstream_headers(request)), stream=True)
+        except BaseException as error:
+            await close_all(sessions)
+            if isinstance(error, httpx.HTTPError):
+                return openai_error(f"upstream unreachable: {error}", 502, "upstream_error")
+            if isinstance(error, Exception):
+                return await guard_failed(error, request, raw)
+            raise
+        if reply.status_code != 200:  # passed back as the upstream sent it
+            content = await reply.aread()
+            await reply.aclose()
+            await close_all(sessions)
+            metrics.requests.labels("upstream_error").inc()
+            return Response(content, status_code=reply.status_code,
+                            media_type=reply.headers.get("content-type"))
+        guards = Guards(runtime, tokenizer, token_text, chosen, holdback, session, messages,
+                        metrics, fail_open)
+        if body.get("stream") is True:  # cleanup also as a background task: it runs even when
+            # the client leaves before the stream starts (then the generator never runs)
+            return StreamingResponse(guarded_stream(reply, guards), headers=headers,
+                                     media_type="text/event-stream",
+                                     background=BackgroundTask(release, reply, guards))
+        try:
+            data = json.loads(await reply.aread())
+            await guards.check_completion(data)
+        finally:
+            await reply.aclose()
+            await guards.close()
+        metrics.requests.labels("completed").inc()
+        return JSONResponse(data, headers=headers)
+
+    async def guard_failed(error: Exception, request: Request, raw: bytes) -> Response:
+        log.exception("the guard failed")
+        if not fail_open:
+            metrics.requests.labels("guard_error").inc()
+            return openai_error(f"the guard is unavailable ({type(error).__name__}: {error}); "
+                                f"failing closed", 503, "guard_error")
+        reply = await client.post(f"{base}/v1/chat/completions", content=raw,
+                                  headers=upstream_headers(request))
+        return Response(reply.content, status_code=reply.status_code,
+                        media_type=reply.headers.get("content-type"))
+
+    def prompt_refusal(body: dict, prompt: Verdicts, headers: dict[str, str]) -> Response:
+        verdict = {"stage": "prompt", "risk_level": prompt.risk_level[-1],
+                   "category": prompt.category[-1], "position": prompt.positions[-1]}
+        if prompt_flag == "error":
+            return JSONResponse({"error": {
+                "message": f"the prompt was flagged {verdict['risk_level']} "
+                           f"({verdict['category']}) by Qwen3Guard-Stream",
+                "type": "content_filter", "param": "messages", "code": "content_filter"},
+                "qguard": verdict}, status_code=400, headers=headers)
+        ident, created = f"chatcmpl-qguard-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.get("stream") is True:
+            chunk = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                     "model": body.get("model"), "choices": [{
+                         "index": 0, "delta": {"role": "assistant", "content": ""},
+                         "finish_reason": "content_filter"}], "qguard": verdict}
+            events = [f"data: {json.dumps(chunk)}\n\n", "data: [DONE]\n\n"]
+            return StreamingResponse(iter(events), headers=headers,
+                                     media_type="text/event-stream")
+        return JSONResponse({
+            "id": ident, "object": "chat.completion", "created": created,
+            "model": body.get("model"), "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": ""},
+                "finish_reason": "content_filter"}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "qguard": verdict}, headers=headers)
+
+    async def close_all(sessions: list[Session]) -> None:
+        for session in sessions:
+            await runtime.close(session)
+
+    return app
+
+
+class Guards:
+    """The response guards of one request, one per choice index (choice 0 continues the prompt's
+    session; others open their own, the prompt scored again)."""
+
+    def __init__(self, runtime: AsyncEngine, tokenizer: Any, token_text: TokenText,
+                 policy: GuardPolicy, holdback: int, first: Session,
+                 messages: list[dict[str, str]], metrics: ProxyMetrics, fail_open: bool) -> None:
+        self.runtime, self.tokenizer, self.token_text = runtime, tokenizer, token_text
+        self.policy, self.holdback, self.messages = policy, holdback, messages
+        self.metrics, self.fail_open = metrics, fail_open
+        self.first: Session | None = first
+        self.by_choice: dict[int, ResponseGuard] = {}
+        self.done: set[int] = set()
+
+    async def get(self, index: int) -> ResponseGuard:
+        guard = self.by_choice.get(index)
+        if guard is None:
+            if self.first is not None:
+                session, self.first = self.first, None
+            else:
+                session, _, header_ids = await open_prompt(self.runtime, self.tokenizer,
+                                                           self.messages)
+                await self.runtime.moderate(session, header_ids, "assistant")
+            guard = ResponseGuard(self.runtime, session, self.tokenizer, self.token_text,
+                                  self.policy.response_policy(), self.holdback)
+            self.by_choice[index] = guard
+        return guard
+
+    def flag(self, guard: ResponseGuard) -> dict[str, Any]:
+        decision = guard.decision
+        assert decision is not None
+        self.metrics.flags.labels("response", decision.category).inc()
+        return {"stage": "response", "risk_level": decision.label,
+                "category": decision.category, "position": decision.position}
+
+    async def check_completion(self, data: dict[str, Any]) -> None:
+        """Guard a non-streamed completion in place: a flagged choice's content is withheld and
+        its finish_reason becomes content_filter."""
+        for choice in data.get("choices") or []:
+            message = choice.get("message") or {}
+            content = message.get("content")
+            if not isinstance(content, str) or not content:
+                continue
+            guard = await self.get(int(choice.get("index", 0)))
+            released = await guard.push(content) + await guard.finish()
+            self.metrics.tokens.inc(guard.tokens_scored)
+            if guard.decision is not None:
+                message["content"] = released
+                choice["finish_reason"] = "content_filter"
+                choice["qguard"] = self.flag(guard)
+
+    async def close(self) -> None:
+        """Close every session of the request (idempotent)."""
+        sessions = [guard.session for guard in self.by_choice.values()]
+        if self.first is not None:
+            sessions.append(self.first)
+        self.by_choice, self.first = {}, None
+        for session in sessions:
+            await self.runtime.close(session)
+
+
+async def guarded_stream(reply: httpx.Response, guards: Guards) -> AsyncIterator[str]:
+    """The upstream's SSE events with each choice's text released as its guard allows."""
+    metrics = guards.metrics
+    outcome = "completed"
+    try:
+        async for line in reply.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            began = time.perf_counter()
+            out = await guard_chunk(chunk, guards)
+            metrics.added.observe(time.perf_counter() - began)
+            if out is not None:
+                yield f"data: {json.dumps(out)}\n\n"
+            if guards.by_choice and len(guards.done) == len(guards.by_choice) and all(
+                    g.decision is not None for g in guards.by_choice.values()):
+                outcome = "response_flagged"
+                break  # every choice was flagged: stop reading the upstream
+        for index, guard in sorted(guards.by_choice.items()):  # upstream ended without finish
+            if index not in guards.done:
+                tail = await guard.finish()
+                guards.done.add(index)
+                yield f"data: {json.dumps(end_chunk(index, tail, guard, guards, 'stop'))}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as error:  # the guard or the upstream failed mid-stream
+        log.exception("guarded stream failed")
+        outcome = "error"
+        failure = {"object": "chat.completion.chunk", "choices": [
+            {"index": index, "delta": {}, "finish_reason": "content_filter"}
+            for index in sorted(guards.by_choice) or [0]],
+            "qguard": {"stage": "response", "error": f"{type(error).__name__}: {error}"}}
+        yield f"data: {json.dumps(failure)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        for guard in guards.by_choice.values():
+            metrics.tokens.inc(guard.tokens_scored)
+            if guard.decision is not None and outcome == "completed":
+                outcome = "response_flagged"
+        metrics.requests.labels(outcome).inc()
+        cleanup = asyncio.ensure_future(release(reply, guards))
+        try:  # a client that hangs up cancels us here: the cleanup finishes regardless
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            pass
+
+
+async def release(reply: httpx.Response, guards: Guards) -> None:
+    """Close the upstream response and the request's sessions (idempotent)."""
+    await reply.aclose()
+    await guards.close()
+
+
+async def guard_chunk(chunk: dict[str, Any], guards: Guards) -> dict[str, Any] | None:
+    """One upstream chunk with each choice's delta replaced by the text its guard releases; None
+    when nothing is left to send."""
+    choices = chunk.get("choices")
+    if not choices:  # e.g. the usage chunk of stream_options.include_usage: passed as is
+        return chunk
+    out_choices = []
+    for choice in choices:
+        index = int(choice.get("index", 0))
+        if index in guards.done:
+            continue
+        guard = await guards.get(index)
+        delta = dict(choice.get("delta") or {})
+        content = delta.get("content")
+        released = await guard.push(content) if isinstance(content, str) and content else ""
+        finish = choice.get("finish_reason")
+        if guard.decision is not None:
+            guards.done.add(index)
+            out_choices.append(end_choice(index, released, guard, guards))
+            continue
+        if finish is not None:
+            released += await guard.finish()
+            guards.done.add(index)
+            if guard.decision is not None:
+                out_choices.append(end_choice(index, released, guard, guards))
+                continue
+        if "content" in delta or released:
+            delta["content"] = released
+        if not delta and finish is None:
+            continue
+        out_choices.append({**choice, "delta": delta})
+    if not out_choices:
+        return None
+    out = {**chunk, "choices": out_choices}
+    flagged = next((c["qguard"] for c in out_choices if "qguard" in c), None)
+    if flagged is not None:
+        out["qguard"] = flagged
+    return out
+
+
+def end_choice(index: int, released: str, guard: ResponseGuard, guards: Guards
+               ) -> dict[str, Any]:
+    return {"index": index, "delta": {"content": released} if released else {},
+            "finish_reason": "content_filter", "qguard": guards.flag(guard)}
+
+
+def end_chunk(index: int, tail: str, guard: ResponseGuard, guards: Guards, finish: str
+              ) -> dict[str, Any]:
+    if guard.decision is not None:
+        choice = end_choice(index, tail, guard, guards)
+    else:
+        choice = {"index": index, "delta": {"content": tail}, "finish_reason": finish}
+    out = {"object": "chat.completion.chunk", "choices": [choice]}
+    if "qguard" in choice:
+        out["qguard"] = choice["qguard"]
+    return out

@@ -1,0 +1,306 @@
+"""The guard proxy (`qguard-stream proxy`) between the official `openai` client and a fake
+OpenAI-compatible upstream, both real servers on loopback. The guard is a trigger checkpoint:
+Unsafe exactly at the tokens " bomb" and " fuse" (two adjacent: the official rule flags)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from qguard_stream import StreamGuard
+from qguard_stream.checkpoints import make_trigger_checkpoint
+from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.proxy.app import create_proxy_app
+
+BOMB, FUSE, IM_END = 12764, 31702, 151645
+CLEAN = "Mix flour and water — knead ten minutes; 日本語 café 👩‍👧, then bake."
+FLAGGED = "Mix flour and water. Light the bomb fuse now, then run."
+SAFE_PREFIX = "Mix flour and water. Light the"  # released: everything before the flagged run
+
+
+class Loopback:
+    """An ASGI app served by uvicorn on 127.0.0.1 (ephemeral port) in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        assert self.server.started
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class FakeUpstream:
+    """An OpenAI-compatible chat server streaming `text` in deltas of `sizes` characters
+    (cycled), counting requests; `fail_after` deltas it drops the stream; `status` errors."""
+
+    def __init__(self) -> None:
+        self.text, self.sizes, self.fail_after, self.status = CLEAN, [3], None, 200
+        self.pause = 0.0  # seconds between chunks
+        self.requests: list[dict] = []
+        self.sent_chunks = 0
+        app = FastAPI()
+
+        @app.get("/v1/models")
+        async def models() -> dict:
+            return {"object": "list", "data": [{"id": "fake", "object": "model",
+                                                "created": 0, "owned_by": "tests"}]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            self.requests.append(body)
+            if self.status != 200:
+                return JSONResponse({"error": {"message": "upstream says no", "type": "x",
+                                               "param": None, "code": "nope"}},
+                                    status_code=self.status)
+            n = body.get("n", 1)
+            if not body.get("stream"):
+                return {"id": "c1", "object": "chat.completion", "created": 1,
+                        "model": body["model"], "choices": [
+                            {"index": i, "message": {"role": "assistant", "content": self.text},
+                             "finish_reason": "stop"} for i in range(n)],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 5,
+                                  "total_tokens": 8}}
+            return StreamingResponse(self.stream(body, n), media_type="text/event-stream")
+
+        self.loop = Loopback(app)
+
+    def deltas(self) -> list[str]:
+        out, at, i = [], 0, 0
+        while at < len(self.text):
+            size = self.sizes[i % len(self.sizes)]
+            out.append(self.text[at:at + size])
+            at, i = at + size, i + 1
+        return out
+
+    async def stream(self, body: dict, n: int):
+        def chunk(choices: list, **extra) -> str:
+            return "data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk",
+                                          "created": 1, "model": body["model"],
+                                          "choices": choices, **extra}) + "\n\n"
+
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "finish_reason": None} for i in range(n)])
+        for number, delta in enumerate(self.deltas()):
+            if self.fail_after is not None and number >= self.fail_after:
+                raise RuntimeError("upstream died mid-stream")
+            self.sent_chunks += 1
+            yield chunk([{"index": i, "delta": {"content": delta}, "finish_reason": None}
+                         for i in range(n)])
+            await asyncio.sleep(self.pause)
+        yield chunk([{"index": i, "delta": {}, "finish_reason": "stop"} for i in range(n)])
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield chunk([], usage={"prompt_tokens": 3, "completion_tokens": 5,
+                                   "total_tokens": 8})
+        yield "data: [DONE]\n\n"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    yield fake
+    fake.loop.stop()
+
+
+@pytest.fixture(autouse=True)
+def reset(upstream: FakeUpstream) -> None:
+    upstream.text, upstream.sizes, upstream.fail_after, upstream.status = CLEAN, [3], None, 200
+    upstream.pause = 0.0
+    upstream.requests.clear()
+    upstream.sent_chunks = 0
+
+
+def trigger_guard(directory: Path, tokens: list[int]) -> StreamGuard:
+    return StreamGuard.from_pretrained(make_trigger_checkpoint(directory, tokens), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: FakeUpstream, tmp_path_factory) -> Iterator[Loopback]:
+    engine = Engine(trigger_guard(tmp_path_factory.mktemp("trig"), [BOMB, FUSE]),
+                    EngineSettings(max_tokens=65536))
+    served = Loopback(create_proxy_app(engine, f"{upstream.loop.url}/v1"))
+    served.engine = engine
+    yield served
+    served.stop()
+
+
+def client(proxy: Loopback) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
+
+
+def ask(text: str = "How do I bake bread?") -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def streamed(proxy: Loopback, **options) -> tuple[str, list]:
+    chunks = list(client(proxy).chat.completions.create(
+        model="fake", messages=ask(), stream=True, **options))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def wait_idle(proxy: Loopback) -> None:
+    for _ in range(200):
+        if proxy.engine.stats().active_sessions == 0:
+            return
+        time.sleep(0.05)
+    assert proxy.engine.stats().active_sessions == 0
+
+
+@pytest.mark.parametrize("sizes", [[1], [3], [2, 7, 1], [40]])
+def test_a_clean_stream_reaches_the_client_unchanged(proxy, upstream, sizes) -> None:
+    upstream.sizes = sizes  # deltas split inside words and multi-byte characters
+    text, chunks = streamed(proxy)
+    assert text == CLEAN
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    wait_idle(proxy)
+
+
+def test_a_flagged_stream_ends_with_content_filter_and_withholds_the_run(proxy,
+                                                                        upstream) -> None:
+    upstream.text, upstream.sizes = FLAGGED + " and more text after it." * 20, [4]
+    upstream.pause = 0.02  # a paced upstream: the proxy must hang up, not drain it
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", timeout=60, json={
+            "model": "fake", "messages": ask(), "stream": True}) as reply:
+        raw = b"".join(reply.iter_bytes())
+    assert b"bomb" not in raw and b"fuse" not in raw  # not one byte of the flagged run
+    events = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"][0]["finish_reason"] == "content_filter"
+    assert last["qguard"]["risk_level"] == "Unsafe" and last["qguard"]["stage"] == "response"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                   for e in events[:-1] if json.loads(e)["choices"])
+    assert text == SAFE_PREFIX
+    time.sleep(0.5)
+    assert upstream.sent_chunks < len(upstream.deltas()) // 2  # the proxy stopped reading
+    upstream.text, upstream.pause = FLAGGED, 0.0
+    wait_idle(proxy)
+    # the same through the openai client: content_filter, never the flagged words
+    text, chunks = streamed(proxy)
+    assert text == SAFE_PREFIX and chunks[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_non_streamed_completions_are_checked_whole(proxy, upstream) -> None:
+    clean = client(proxy).chat.completions.create(model="fake", messages=ask())
+    assert clean.choices[0].message.content == CLEAN
+    assert clean.choices[0].finish_reason == "stop" and clean.usage.total_tokens == 8
+    upstream.text = FLAGGED
+    flagged = client(proxy).chat.completions.create(model="fake", messages=ask(), n=2)
+    for choice in flagged.choices:
+        assert choice.finish_reason == "content_filter"
+        assert "bomb" not in (choice.message.content or "")
+    wait_idle(proxy)
+
+
+def test_n_choices_are_each_guarded_and_usage_passes(proxy, upstream) -> None:
+    _, chunks = streamed(proxy, n=2, stream_options={"include_usage": True})
+    by_choice = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            by_choice[choice.index] += choice.delta.content or ""
+    assert by_choice == {0: CLEAN, 1: CLEAN}
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 8
+    wait_idle(proxy)
+
+
+def test_upstream_errors_and_models_pass_through(proxy, upstream) -> None:
+    assert [m.id for m in client(proxy).models.list()] == ["fake"]
+    upstream.status = 429
+    with pytest.raises(openai.RateLimitError, match="upstream says no"):
+        client(proxy).chat.completions.create(model="fake", messages=ask(), stream=True)
+    wait_idle(proxy)
+
+
+def test_the_request_body_reaches_the_upstream_unchanged(proxy, upstream) -> None:
+    client(proxy).chat.completions.create(model="fake", messages=ask(), temperature=0.3,
+                                          extra_body={"top_k": 7, "vendor_field": [1, 2]})
+    assert upstream.requests[-1]["top_k"] == 7 and upstream.requests[-1]["vendor_field"] == [1, 2]
+    assert upstream.requests[-1]["temperature"] == 0.3
+
+
+def test_an_upstream_failing_mid_stream_ends_the_stream_cleanly(proxy, upstream) -> None:
+    upstream.fail_after = 3
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", timeout=60, json={
+            "model": "fake", "messages": ask(), "stream": True}) as reply:
+        raw = b"".join(reply.iter_bytes()).decode()
+    assert raw.rstrip().endswith("data: [DONE]")
+    wait_idle(proxy)
+
+
+def test_a_client_that_disconnects_frees_its_session(proxy, upstream) -> None:
+    upstream.sizes = [1]
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", timeout=60, json={
+            "model": "fake", "messages": ask(), "stream": True}) as reply:
+        next(reply.iter_bytes())  # read one piece, then hang up
+    wait_idle(proxy)
+    assert proxy.engine.pool.used_blocks == 0
+
+
+def test_concurrent_streams_share_one_engine(proxy, upstream) -> None:
+    async def one(client_: openai.AsyncOpenAI) -> str:
+        stream = await client_.chat.completions.create(model="fake", messages=ask(),
+                                                       stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def run() -> list[str]:
+        client_ = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(*(one(client_) for _ in range(32)))
+
+    steps = proxy.engine.stats().steps
+    assert asyncio.run(run()) == [CLEAN] * 32
+    chunks = 32 * len(upstream.deltas())
+    assert proxy.engine.stats().steps - steps < chunks  # batched: fewer steps than chunks
+    wait_idle(proxy)
+
+
+@pytest.fixture(scope="module")
+def prompt_proxies(upstream: FakeUpstream, tmp_path_factory) -> Iterator[dict[str, Loopback]]:
+    """Every prompt flags: <|im_end|>, where the prompt verdict is read, is a trigger."""
+    engine = Engine(trigger_guard(tmp_path_factory.mktemp("prompt"), [IM_END]),
+                    EngineSettings(max_tokens=4096))
+    served = {mode: Loopback(create_proxy_app(engine, f"{upstream.loop.url}/v1",
+                                              prompt_flag=mode))
+              for mode in ("completion", "error")}
+    yield served
+    for loop in served.values():
+        loop.stop()
+
+
+def test_a_flagged_prompt_never_reaches_the_upstream(prompt_proxies, upstream) -> None:
+    completion = client(prompt_proxies["completion"])
+    answer = completion.chat.completions.create(model="fake", messages=ask())
+    assert answer.choices[0].finish_reason == "content_filter"
+    chunks = list(completion.chat.completions.create(model="fake", messages=ask(),
+                                                     stream=True))
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    with pytest.raises(openai.BadRequestError, match="flagged"):
+        client(prompt_proxies["error"]).chat.completions.create(model="fake", messages=ask())
+    assert upstream.requests == []
+
+
+def test_a_bad_policy_header_is_a_400(proxy) -> None:
+    reply = httpx.post(f"{proxy.url}/v1/chat/completions", timeout=30,
+                       headers={"x-qguard-policy": "lenient"},
+                       json={"model": "fake", "messages": ask()})
+    assert reply.status_code == 400 and "policy" in reply.json()["error"]["message"]
