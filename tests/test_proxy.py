@@ -304,3 +304,15 @@ def test_a_bad_policy_header_is_a_400(proxy) -> None:
                        headers={"x-qguard-policy": "lenient"},
                        json={"model": "fake", "messages": ask()})
     assert reply.status_code == 400 and "policy" in reply.json()["error"]["message"]
+
+
+def test_metrics_count_requests_flags_and_the_added_latency(proxy, upstream) -> None:
+    streamed(proxy)
+    upstream.text = FLAGGED
+    streamed(proxy)
+    text = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+    assert 'qguard_proxy_requests_total{outcome="completed"}' in text
+    assert 'qguard_proxy_requests_total{outcome="response_flagged"}' in text
+    assert 'qguard_proxy_flags_total{category=' in text
+    assert "qguard_proxy_added_seconds_per_chunk_count" in text
+    assert httpx.get(f"{proxy.url}/health", timeout=10).json() == {"status": "ok"}
