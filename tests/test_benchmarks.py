@@ -77,3 +77,14 @@ def test_soak_benchmark_runs_and_checks_itself(tmp_path: Path) -> None:
     assert report["unexpected"] == 0 and report["kv_blocks_used_at_end"] == 0
     assert report["reference"]["checked"] > 0 and report["reference"]["mismatched"] == 0
     assert set(report["error_codes"]) <= {"too_large", "bad_request", "pool_exhausted"}
+
+
+def test_proxy_benchmark_runs_and_keeps_the_text(tmp_path: Path) -> None:
+    """One interleaved request pair: the proxy delivers the upstream's text unchanged (the
+    benchmark exits non-zero otherwise) and reports the added latency."""
+    from benchmarks import proxy
+
+    assert proxy.main(["--shape", "tiny", "--requests", "1", "--interval-ms", "1",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "proxy_tiny_cpu.json").read_text())
+    assert report["ttft_ms"]["proxy"]["p50"] > 0 and "p99" in report["added_per_char_ms"]
