@@ -254,6 +254,22 @@ static void attend_kv_head(const float* q, const KvRows* kv, float* scores, floa
     }
 }
 
+/* A per-thread scratch of at least `bytes`, kept between calls (grown, never shrunk): malloc and
+ * free of the scores at every call cost page faults whenever glibc trims its arena. NULL if it
+ * cannot be allocated. */
+static __thread void* tls_scratch = NULL;
+static __thread size_t tls_capacity = 0;
+
+static void* thread_scratch(size_t bytes) {
+    if (bytes > tls_capacity) {
+        free(tls_scratch);
+        const size_t grown = bytes > 2 * tls_capacity ? bytes : 2 * tls_capacity;
+        tls_scratch = malloc(grown);
+        tls_capacity = tls_scratch != NULL ? grown : 0;
+    }
+    return tls_scratch;
+}
+
 /* Causal grouped-query attention for many sessions at once, their K/V in the paged pool
  * [blocks, kv_heads, page, head_dim] (position p in block block_tables[s][p / page]). Session s owns
  * the packed query rows q_start[s] .. + q_len[s] of q [rows, heads, head_dim] (pre-scaled) at
@@ -261,35 +277,54 @@ static void attend_kv_head(const float* q, const KvRows* kv, float* scores, floa
  * q_len 0 skips a session. The (session, KV head) pairs are split over the OpenMP threads when
  * there is enough work to pay for the fork. Returns 0, or -1 if a scores' scratch could not be
  * allocated (out is then unspecified). */
+/* One (session, KV head) pair of qg_attend_paged; returns 0, or -1 without scratch. */
+static int attend_pair(const float* q, const float* k_pool, const float* v_pool,
+                       const int32_t* table, int64_t page, int64_t q_first, int64_t n_new,
+                       int64_t total, int64_t h, int64_t heads, int64_t kv_heads,
+                       int64_t head_dim, float* out) {
+    const int64_t group = heads / kv_heads, row_width = heads * head_dim;
+    if (n_new == 0) return 0;
+    /* one scratch: the scores, then the rows' offsets */
+    const int64_t count = n_new * group * total + (n_new * group * total) % 2;  /* even */
+    float* scores = thread_scratch((size_t)count * sizeof(float) +
+                                   (size_t)total * sizeof(int64_t));
+    if (scores == NULL) return -1;
+    int64_t* offsets = (int64_t*)(scores + count);  /* 8-byte aligned: count is even */
+    fill_offsets(table, page, kv_heads * page * head_dim, head_dim, total, offsets);
+    const KvRows kv = {k_pool + h * page * head_dim, v_pool + h * page * head_dim, offsets};
+    attend_kv_head(q + q_first * row_width, &kv, scores, out + q_first * row_width, h,
+                   total - n_new, n_new, heads, group, head_dim);
+    return 0;
+}
+
 int qg_attend_paged(const float* q, const float* k_pool, const float* v_pool,
                     const int32_t* block_tables, int64_t table_stride, int64_t page,
                     const int32_t* q_start, const int32_t* q_len, const int32_t* ctx_len,
                     int64_t sessions, int64_t heads, int64_t kv_heads, int64_t head_dim,
                     float* out) {
-    const int64_t group = heads / kv_heads, row_width = heads * head_dim;
     int64_t work = 0;  /* query-key dot products */
     for (int64_t s = 0; s < sessions; ++s) work += (int64_t)q_len[s] * ctx_len[s] * heads;
+    const int parallel = sessions * kv_heads > 1 && work >= 1024;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic) if (sessions * kv_heads > 1 && work >= 1024)
-    for (int64_t pair = 0; pair < sessions * kv_heads; ++pair) {
-        const int64_t s = pair / kv_heads, h = pair % kv_heads;
-        const int64_t n_new = q_len[s], total = ctx_len[s];
-        if (n_new == 0) continue;
-        /* one allocation: the scores, then the rows' offsets */
-        const int64_t count = n_new * group * total + (n_new * group * total) % 2;  /* even */
-        float* scores = malloc((size_t)count * sizeof(float) + (size_t)total * sizeof(int64_t));
-        if (scores == NULL) {
+    if (sessions == 1) {  /* one session: its KV heads split evenly, one per thread */
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t h = 0; h < kv_heads; ++h)
+            if (attend_pair(q, k_pool, v_pool, block_tables, page, q_start[0], q_len[0],
+                            ctx_len[0], h, heads, kv_heads, head_dim, out) != 0) {
 #pragma omp atomic write
-            failed = 1;
-            continue;
+                failed = 1;
+            }
+    } else {  /* many: contexts differ, so pairs go to whichever thread is free */
+#pragma omp parallel for schedule(dynamic) if (parallel)
+        for (int64_t pair = 0; pair < sessions * kv_heads; ++pair) {
+            const int64_t s = pair / kv_heads, h = pair % kv_heads;
+            if (attend_pair(q, k_pool, v_pool, block_tables + s * table_stride, page,
+                            q_start[s], q_len[s], ctx_len[s], h, heads, kv_heads, head_dim,
+                            out) != 0) {
+#pragma omp atomic write
+                failed = 1;
+            }
         }
-        int64_t* offsets = (int64_t*)(scores + count);  /* 8-byte aligned: count is even */
-        fill_offsets(block_tables + s * table_stride, page, kv_heads * page * head_dim, head_dim,
-                     total, offsets);
-        const KvRows kv = {k_pool + h * page * head_dim, v_pool + h * page * head_dim, offsets};
-        attend_kv_head(q + q_start[s] * row_width, &kv, scores, out + q_start[s] * row_width, h,
-                       total - n_new, n_new, heads, group, head_dim);
-        free(scores);
     }
     return failed ? -1 : 0;
 }
