@@ -92,6 +92,7 @@ class StepMeta:
     q_len: torch.Tensor  # [sessions] its new tokens; 0: an unused session slot
     ctx_len: torch.Tensor  # [sessions] its length after this step
     block_tables: torch.Tensor  # [sessions, max_blocks]
+    header: torch.Tensor  # every field before block_tables, as one view (written in one copy)
 
     @classmethod
     def view(cls, buffer: torch.Tensor, rows: int, sessions: int, max_blocks: int) -> StepMeta:
@@ -99,7 +100,7 @@ class StepMeta:
         parts = list(buffer[:sum(sizes) + sessions * max_blocks].split(
             [*sizes, sessions * max_blocks]))
         tables = parts.pop().view(sessions, max_blocks)
-        return cls(*parts, block_tables=tables)
+        return cls(*parts, block_tables=tables, header=buffer[:sum(sizes)])
 
     @staticmethod
     def size(rows: int, sessions: int, max_blocks: int) -> int:
@@ -108,7 +109,8 @@ class StepMeta:
 
 def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
     """Write the chunks' metadata into host views; rows and sessions past them are padding.
-    Built as Python lists and written with one copy per field (a step may hold 256 chunks)."""
+    Built as Python lists and written with two copies: every per-row and per-session field in
+    one, the blocks of the tables in one indexed write (a step may hold 256 chunks)."""
     rows, sessions = meta.token_ids.shape[0], meta.q_len.shape[0]
     token_ids: list[int] = []
     positions: list[int] = []
@@ -136,12 +138,11 @@ def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
                 for column in range(len(chunk.table.blocks))]
         meta.block_tables.view(-1)[_int64s(flat)] = _int32s(table_blocks)
     pad_rows, pad_sessions = rows - len(token_ids), sessions - len(chunks)
-    for view, values, fill in ((meta.token_ids, token_ids, 0), (meta.positions, positions, 0),
-                               (meta.slots, slots, -1), (meta.row_seq, row_seq, -1),
-                               (meta.user, user, 0)):
-        view.copy_(_int32s(values + [fill] * pad_rows))
-    for view, values in ((meta.q_start, q_start), (meta.q_len, q_len), (meta.ctx_len, ctx_len)):
-        view.copy_(_int32s(values + [0] * pad_sessions))
+    zeros, minus = [0] * pad_rows, [-1] * pad_rows  # padding rows write nowhere
+    no_sessions = [0] * pad_sessions
+    meta.header.copy_(_int32s(  # in StepMeta's field order
+        token_ids + zeros + positions + zeros + slots + minus + row_seq + minus + user + zeros
+        + q_start + no_sessions + q_len + no_sessions + ctx_len + no_sessions))
 
 
 def _int32s(values: list[int]) -> torch.Tensor:
@@ -203,6 +204,7 @@ class PagedRunner:
             raise ValueError("use_c_step=True needs an fp32 CPU pool, the torch ops and "
                              "kernels/cpu_step.c built on this machine")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.host_views: dict[int, StepMeta] = {}  # per bucket, over meta_host
         if graphs:
             self._capture_all()
 
@@ -365,8 +367,11 @@ class PagedRunner:
 
     def _replay(self, chunks: list[Chunk], bucket: int) -> torch.Tensor:
         size = StepMeta.size(bucket, bucket, self.max_blocks)
-        fill_meta(StepMeta.view(self.meta_host, bucket, bucket, self.max_blocks), chunks,
-                  self.pool.block_size)
+        views = self.host_views.get(bucket)
+        if views is None:
+            views = self.host_views[bucket] = StepMeta.view(self.meta_host, bucket, bucket,
+                                                            self.max_blocks)
+        fill_meta(views, chunks, self.pool.block_size)
         self.meta_device[:size].copy_(self.meta_host[:size], non_blocking=True)
         graph, out = self.graphs[bucket]
         graph.replay()
