@@ -43,6 +43,7 @@ from qguard_stream.gen.guard import GenGuard
 from qguard_stream.gen.parse import GenVerdict, parse_gen_output
 from qguard_stream.hooks import FlagEvent, Hooks, Monitor, TransitionEvent, attach
 from qguard_stream.integrations.text import TextStreamGuard
+from qguard_stream.integrations.watch import FlaggedError
 from qguard_stream.kvcache.paged import PoolExhaustedError
 from qguard_stream.loader import CheckpointError
 from qguard_stream.policy import (
@@ -70,6 +71,7 @@ __all__ = [
     "ConversationVerdict",
     "Decision",
     "FlagEvent",
+    "FlaggedError",
     "ForeignSessionError",
     "GenGuard",
     "GenVerdict",

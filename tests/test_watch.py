@@ -237,3 +237,9 @@ def test_a_raising_callback_keeps_the_watch_in_step(guard):
     assert state.token_ids == PROMPT + CLEAN[:1]
     assert watch.result.released == CLEAN[:1]
     guard.close_stream(state)
+
+
+def test_flagged_error_is_exported_at_the_top_level():
+    import qguard_stream
+
+    assert qguard_stream.FlaggedError is FlaggedError and "FlaggedError" in qguard_stream.__all__
