@@ -22,7 +22,14 @@ import torch
 from qguard_stream.config import GuardConfig
 from qguard_stream.conversation import ConversationVerdict, plan_conversation
 from qguard_stream.hooks import Hooks, Monitor, dispatch
-from qguard_stream.kvcache.paged import BlockPool, BlockTable, LayerView, blocks_for_budget
+from qguard_stream.kvcache.paged import (
+    BLOCK_TOKENS,
+    BlockPool,
+    BlockTable,
+    LayerView,
+    blocks_for_budget,
+    default_kv_gb,
+)
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.models.guard import GuardModel
 from qguard_stream.policy import Policy
@@ -39,16 +46,6 @@ from qguard_stream.verdicts import (
     next_session_id,
     validate_token_ids,
 )
-
-# The KV pool shared by a guard's sessions, in GiB: on CUDA reserved at the first open_stream; on
-# the CPU only address space until blocks are written (see kvcache/paged.py).
-DEFAULT_KV_GB = {"cuda": 2.0, "cpu": 4.0}
-PAGE_TOKENS = 16  # tokens per KV block of that pool
-
-
-def default_kv_gb(device: torch.device) -> float:
-    """The default KV pool budget of a StreamGuard on `device`."""
-    return DEFAULT_KV_GB.get(device.type, DEFAULT_KV_GB["cuda"])
 
 
 @dataclass(eq=False)
@@ -102,7 +99,7 @@ class StreamGuard:
         self.fast = FusedWeights(model.model, self.config) if fast_path else None
         self._use_cuda_graphs = use_cuda_graphs
         self._kv_memory_gb = default_kv_gb(self.device) if kv_memory_gb is None else kv_memory_gb
-        blocks_for_budget(self.config, self.dtype, PAGE_TOKENS, self._kv_memory_gb, None)  # check
+        blocks_for_budget(self.config, self.dtype, BLOCK_TOKENS, self._kv_memory_gb, None)  # check
         self.pool: BlockPool | None = None  # the paged pool and runner, made at the first open
         self.runner: PagedRunner | None = None
         self._paged_lock = threading.RLock()
@@ -148,9 +145,8 @@ class StreamGuard:
         (and on CUDA its graphs captured) once, at the first open_stream."""
         with self._paged_lock:
             if self.pool is None:
-                blocks = blocks_for_budget(self.config, self.dtype, PAGE_TOKENS,
-                                           self._kv_memory_gb, None)
-                pool = BlockPool(self.config, blocks, PAGE_TOKENS, self.device, self.dtype)
+                pool = BlockPool.for_budget(self.config, BLOCK_TOKENS, self.device, self.dtype,
+                                            self._kv_memory_gb)
                 if self.fast is not None:
                     heads = {"user": self.model.query, "assistant": self.model.response}
                     self.runner = PagedRunner(self.fast, GuardScores(heads), pool,

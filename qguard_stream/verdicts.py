@@ -170,15 +170,16 @@ def _ids_from_sequence(token_ids: Any, vocab_size: int) -> torch.Tensor:
     except TypeError:
         raise TypeError(f"token ids must be an int, a sequence of ints or a tensor, "
                         f"got {type(token_ids).__name__}") from None
+    ints = []
     for value in values:
         if isinstance(value, bool) or (not isinstance(value, int) and not (
                 hasattr(value, "__index__") and not isinstance(value, float))):
             kind = "nested sequences (2-D)" if isinstance(value, (list, tuple)) else repr(value)
             raise TypeError(f"token ids must be integers, got {kind}")
-    ints = [int(v) for v in values]
-    for value in ints:
+        value = int(value)
         if not 0 <= value < vocab_size:  # before int64 packing, which overflows past 2**63
             _check_range(value, value, vocab_size)
+        ints.append(value)
     return torch.tensor(ints, dtype=torch.int64)
 
 

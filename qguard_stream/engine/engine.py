@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -25,7 +24,6 @@ from qguard_stream.kvcache.paged import (
     BlockTable,
     PoolExhaustedError,
     PoolTooSmallError,
-    blocks_for_budget,
 )
 from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
@@ -53,10 +51,8 @@ class Engine:
         self.guard = guard
         self.settings = settings or EngineSettings()
         kv_memory_gb, max_tokens = self.settings.budget()
-        num_blocks = blocks_for_budget(guard.config, guard.dtype, self.settings.block_size,
-                                       kv_memory_gb, max_tokens)
-        self.pool = BlockPool(guard.config, num_blocks, self.settings.block_size, guard.device,
-                              guard.dtype)
+        self.pool = BlockPool.for_budget(guard.config, self.settings.block_size, guard.device,
+                                         guard.dtype, kv_memory_gb, max_tokens)
         weights = guard.fast or FusedWeights(guard.model.model, guard.config)
         heads = {"user": guard.model.query, "assistant": guard.model.response}
         self.runner = PagedRunner(weights, GuardScores(heads), self.pool,
@@ -64,8 +60,6 @@ class Engine:
                                   max_graph_tokens=self.settings.max_graph_tokens)
         self.scheduler = Scheduler(self.settings.max_batch_tokens)
         self.sessions: dict[int, Session] = {}
-        # Every table this engine made, closed sessions' too (weakly held): ownership checks.
-        self._tables: weakref.WeakSet[BlockTable] = weakref.WeakSet()
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self._lock = threading.Condition(threading.RLock())
         self._tokens_scored = 0
@@ -82,9 +76,8 @@ class Engine:
     def open(self) -> Session:
         """A new, empty session (holds no blocks until fed)."""
         with self._lock:
-            session = Session(BlockTable(self.pool.block_size))
+            session = Session(BlockTable(self.pool.block_size), owner=self)
             self.sessions[session.id] = session
-            self._tables.add(session.table)
             return session
 
     def close(self, session: Session) -> None:
@@ -261,7 +254,7 @@ class Engine:
     def _check_owner(self, session: Session) -> None:
         if not isinstance(session, Session):
             raise TypeError(f"expected an engine Session, got {type(session).__name__}")
-        if session.table not in self._tables:
+        if session.owner is not self:
             raise ForeignSessionError(
                 f"session {session.id} was opened by another Engine; a session can only be used "
                 f"with the engine whose open() made it")

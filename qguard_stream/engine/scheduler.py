@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ class Session:
     queued: int = 0  # requests queued and not yet scored
     closed: bool = False
     last_verdicts: Verdicts | None = None
+    owner: Any = field(default=None, repr=False)  # the Engine whose pool holds its blocks
 
     @property
     def length(self) -> int:

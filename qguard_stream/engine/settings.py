@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qguard_stream.kvcache.paged import BLOCK_TOKENS
+
 DEFAULT_MAX_TOKENS = 32768
 EXHAUSTION_MODES = ("error", "wait")
 
@@ -19,7 +21,7 @@ class EngineSettings:
     On CUDA, steps of up to `max_graph_tokens` tokens (every chunk <= 16 tokens) replay CUDA graphs
     captured when the engine is built (`use_cuda_graphs=False`: always eager)."""
 
-    block_size: int = 16
+    block_size: int = BLOCK_TOKENS
     kv_memory_gb: float | None = None
     max_tokens: int | None = None
     max_batch_tokens: int = 8192

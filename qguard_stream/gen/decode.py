@@ -21,18 +21,18 @@ import torch
 
 from qguard_stream.gen.causal_lm import CausalLM
 from qguard_stream.kvcache.paged import (
+    BLOCK_TOKENS,
     BlockPool,
     BlockTable,
     PoolTooSmallError,
     blocks_for_budget,
+    default_kv_gb,
 )
 from qguard_stream.runtime.outputs import NextTokenLogits
 from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import FusedWeights
 
-BLOCK_TOKENS = 16
 MAX_STEP_TOKENS = 4096  # prompt tokens prefilled in one step (sequences past it join next step)
-DEFAULT_KV_GB = {"cuda": 2.0, "cpu": 4.0}  # as StreamGuard's pool (committed lazily on the CPU)
 
 
 @dataclass
@@ -57,8 +57,7 @@ class Decoder:
         self.lm, self.config = lm, lm.config
         weight = lm.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.kv_memory_gb = DEFAULT_KV_GB.get(self.device.type, 2.0) \
-            if kv_memory_gb is None else kv_memory_gb
+        self.kv_memory_gb = default_kv_gb(self.device) if kv_memory_gb is None else kv_memory_gb
         blocks_for_budget(self.config, self.dtype, BLOCK_TOKENS, self.kv_memory_gb, None)
         self.use_cuda_graphs = use_cuda_graphs
         self.pool: BlockPool | None = None
@@ -67,9 +66,8 @@ class Decoder:
 
     def _runtime(self) -> tuple[BlockPool, PagedRunner]:
         if self.pool is None or self.runner is None:
-            blocks = blocks_for_budget(self.config, self.dtype, BLOCK_TOKENS, self.kv_memory_gb,
-                                       None)
-            self.pool = BlockPool(self.config, blocks, BLOCK_TOKENS, self.device, self.dtype)
+            self.pool = BlockPool.for_budget(self.config, BLOCK_TOKENS, self.device, self.dtype,
+                                             self.kv_memory_gb)
             weights = FusedWeights(self.lm.model, self.config)
             self.runner = PagedRunner(weights, NextTokenLogits(self.lm.lm_head.weight), self.pool,
                                       use_graphs=self.use_cuda_graphs, max_graph_tokens=64)

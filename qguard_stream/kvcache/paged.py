@@ -28,6 +28,17 @@ class PoolTooSmallError(PoolExhaustedError):
     """The request can never fit: it needs more blocks than the whole pool holds."""
 
 
+BLOCK_TOKENS = 16  # tokens per block, by default
+# The default KV budget in GiB: on CUDA reserved when the pool is made; on the CPU only address
+# space until blocks are written.
+DEFAULT_KV_GB = {"cuda": 2.0, "cpu": 4.0}
+
+
+def default_kv_gb(device: torch.device) -> float:
+    """The default KV pool budget on `device` (GiB)."""
+    return DEFAULT_KV_GB.get(torch.device(device).type, DEFAULT_KV_GB["cuda"])
+
+
 def bytes_per_token(config: GuardConfig, dtype: torch.dtype) -> int:
     """KV bytes one position costs across all layers (keys and values)."""
     element = torch.empty((), dtype=dtype).element_size()
@@ -57,6 +68,14 @@ def blocks_for_budget(config: GuardConfig, dtype: torch.dtype, block_size: int,
 class BlockPool:
     """Fixed-size KV blocks: `kv[layer, 0|1]` is [num_blocks, kv_heads, block_size, head_dim]
     (keys, values); `layer(i)` gives them as [num_blocks, block_size, kv_heads, head_dim]."""
+
+    @classmethod
+    def for_budget(cls, config: GuardConfig, block_size: int, device: torch.device,
+                   dtype: torch.dtype, kv_memory_gb: float | None = None,
+                   max_tokens: int | None = None) -> BlockPool:
+        """A pool of as many blocks as `kv_memory_gb` GiB or `max_tokens` positions hold."""
+        blocks = blocks_for_budget(config, dtype, block_size, kv_memory_gb, max_tokens)
+        return cls(config, blocks, block_size, device, dtype)
 
     def __init__(self, config: GuardConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -115,7 +134,7 @@ class BlockPool:
 class BlockTable:
     """The blocks holding one session's positions, in order."""
 
-    __slots__ = ("__weakref__", "block_size", "blocks")
+    __slots__ = ("block_size", "blocks")
 
     def __init__(self, block_size: int) -> None:
         self.blocks: list[int] = []
