@@ -30,7 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qguard_stream.verdicts import Verdicts
 
 SAFE, UNSAFE, CONTROVERSIAL = "Safe", "Unsafe", "Controversial"
 
@@ -240,3 +243,49 @@ class ProbabilityThreshold(Policy):
         if self._run == self.window and not self.decisions:
             return _decision(UNSAFE, index, self._run, token, True, self.rule)
         return None
+
+
+POLICIES = "official | strict | threshold:P (0 < P <= 1)"
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """A named decision policy, as servers and gateways take it in text: how prompts and
+    responses are judged."""
+
+    name: str
+    strict: bool = False
+    threshold: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> GuardPolicy:
+        """'official' (Unsafe flags; the official rule), 'strict' (Controversial flags too) or
+        'threshold:P' (P(Unsafe) >= P flags); ValueError naming the text otherwise."""
+        value = (text or "").strip().lower() if isinstance(text, str) else text
+        if value in ("official", "strict"):
+            return cls(value, strict=value == "strict")
+        if isinstance(value, str) and value.startswith("threshold:"):
+            try:
+                threshold = float(value.split(":", 1)[1])
+            except ValueError:
+                threshold = -1.0
+            if 0.0 < threshold <= 1.0:
+                return cls(value, threshold=threshold)
+        raise ValueError(f"policy must be {POLICIES}, got {text!r}")
+
+    def response_policy(self) -> Policy:
+        if self.threshold is not None:
+            return ProbabilityThreshold(self.threshold)
+        return ConsecutiveUnsafe(strict=self.strict)
+
+    def prompt_flagged(self, verdicts: Verdicts) -> bool:
+        """The prompt verdict (the query heads at the last user turn's <|im_end|>) flags?"""
+        level = verdicts.risk_level[-1]
+        if self.threshold is not None:
+            labels = verdicts.risk_labels
+            probs = verdicts.risk_probs[-1].tolist()
+            return UNSAFE in labels and probs[labels.index(UNSAFE)] >= self.threshold
+        return level == UNSAFE or (self.strict and level == CONTROVERSIAL)
+
+
+OFFICIAL = GuardPolicy("official")

@@ -2,7 +2,9 @@
 
 `IncrementalTokenizer.push(delta)` returns only ids that no continuation of the text can change;
 `flush()` returns the rest. Everything returned, concatenated, equals
-`tokenizer(full_text, add_special_tokens=False)["input_ids"]`.
+`tokenizer(full_text, add_special_tokens=False)["input_ids"]`. The way back, ids to text, is
+`TokenText` (each id's bytes through one UTF-8 decoder), and `HeldText` releases the text of scored
+ids only once `holdback` later ids were scored (what a guarded stream may show its reader).
 
 Why a cut is final. The tokenizer runs four stages; a cut c in the pending text is accepted only
 where every stage splits there whatever text comes later:
@@ -312,3 +314,92 @@ def _next_non_space(text: str) -> list[int]:
     for i in range(len(text) - 1, -1, -1):
         result[i] = result[i + 1] if _is_space(text[i]) else i
     return result
+
+
+class TokenText:
+    """Token ids -> text, incrementally: each id's bytes (byte-level BPE; added tokens by their
+    content) through one UTF-8 decoder, so a character split over tokens comes out whole. Qwen3's
+    byte-level BPE round-trips text exactly, up to the tokenizer's NFC normalization."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+        self.added = {index: token.content
+                      for index, token in tokenizer.added_tokens_decoder.items()}
+        self.cache: dict[int, bytes] = {}
+
+    def decoder(self) -> codecs.IncrementalDecoder:
+        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def bytes_of(self, token_id: int) -> bytes:
+        cached = self.cache.get(token_id)
+        if cached is None:
+            if token_id in self.added:
+                cached = self.added[token_id].encode()
+            else:
+                piece = self.tokenizer.convert_ids_to_tokens(token_id)
+                cached = bytes(self.byte_of[char] for char in piece)
+            self.cache[token_id] = cached
+        return cached
+
+
+class HeldText:
+    """The text of scored ids, released only once `holdback` later ids were scored.
+
+    With the official rule (two consecutive Unsafe tokens flag) and holdback 2, no token of a
+    flagged run is ever released: when a stop decision arrives, the text before its run is
+    released and everything from the run on is withheld for good.
+    """
+
+    def __init__(self, token_text: TokenText, holdback: int) -> None:
+        if isinstance(holdback, bool) or not isinstance(holdback, int) or holdback < 0:
+            raise ValueError(f"holdback must be an int >= 0, got {holdback!r}")
+        self.token_text, self.holdback = token_text, holdback
+        self.utf8 = token_text.decoder()
+        self.ids: list[int] = []  # scored, not yet released
+        self.end = 0  # the position after the last held id
+        self.stopped = False
+
+    def add(self, ids: list[int], end: int) -> None:
+        """Hold `ids`, scored at positions end - len(ids) .. end - 1."""
+        if not self.stopped:
+            self.ids += ids
+        self.end = end
+
+    def release(self, stop_start: int | None = None, final: bool = False) -> str:
+        """The text now safe to show: all held ids if `final`, else all but the last `holdback`;
+        with a stop decision whose flagged run starts at position `stop_start`, only the ids
+        before it (and nothing ever after)."""
+        if self.stopped:
+            return ""
+        if stop_start is not None:
+            count, final, self.stopped = stop_start - (self.end - len(self.ids)), True, True
+        else:
+            count = len(self.ids) if final else len(self.ids) - self.holdback
+        count = max(0, min(count, len(self.ids)))
+        released = self.ids[:count]
+        self.ids = [] if self.stopped else self.ids[count:]
+        data = b"".join(self.token_text.bytes_of(token) for token in released)
+        return self.utf8.decode(data, final=final) if data or final else ""
+
+    def truncate(self, length: int) -> None:
+        """Follow a rollback to `length` positions: held ids at or past it are dropped (released
+        text stays released); a stop made past `length` is undone."""
+        first = self.end - len(self.ids)
+        self.ids = self.ids[:max(0, length - first)]
+        self.end = min(self.end, length)
+        self.stopped = False
+        self.utf8.reset()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable-character table, which byte-level BPE tokens are spelt in."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))

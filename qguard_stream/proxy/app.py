@@ -4,7 +4,7 @@ POST /v1/chat/completions (stream and non-stream) and GET /v1/models are forward
 with the request body unchanged; upstream errors come back with the upstream's status and body.
 Before forwarding, the prompt (the last user turn) is scored with the query heads: a flagged
 prompt never reaches the upstream and gets an OpenAI-shaped `content_filter` answer (or a 400,
-`prompt_flag="error"`). A streamed response is guarded per choice (guard.ResponseGuard): text
+`prompt_flag="error"`). A streamed response is guarded per choice (guard.Guards): text
 reaches the client only after `holdback` later tokens were scored; on a flag the proxy stops
 reading the upstream, sends a last chunk with finish_reason "content_filter" and the verdict in
 `qguard`, then `data: [DONE]`. Non-streamed choices are checked whole. Every request's sessions
@@ -30,13 +30,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from starlette.background import BackgroundTask
 
 from qguard_stream.engine import AsyncEngine, Engine, Session
-from qguard_stream.proxy.guard import (
-    GuardPolicy,
-    ResponseGuard,
-    TokenText,
-    open_prompt,
-    text_messages,
-)
+from qguard_stream.integrations.retokenize import TokenText
+from qguard_stream.policy import GuardPolicy
+from qguard_stream.proxy.guard import Guards, ResponseGuard, open_prompt, text_messages
 from qguard_stream.server.app import PROMETHEUS_TYPE, is_authorized
 from qguard_stream.server.protocol import ServerLimits, TooLargeError, load_json
 from qguard_stream.verdicts import Verdicts
@@ -175,11 +171,27 @@ def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
             metrics.requests.labels("upstream_error").inc()
             return Response(content, status_code=reply.status_code,
                             media_type=reply.headers.get("content-type"))
-        guards = Guards(runtime, tokenizer, token_text, chosen, holdback, session, messages,
-                        metrics, fail_open)
+
+        def respond(session: Session) -> ResponseGuard:
+            return ResponseGuard(runtime, session, tokenizer, token_text,
+                                 chosen.response_policy(), holdback)
+
+        async def open_choice() -> ResponseGuard:
+            session, _, header_ids = await open_prompt(runtime, tokenizer, messages)
+            try:
+                await runtime.moderate(session, header_ids, "assistant")
+            except BaseException:
+                await runtime.close(session)
+                raise
+            return respond(session)
+
+        def on_flag(verdict: dict[str, Any]) -> None:
+            metrics.flags.labels("response", verdict["category"]).inc()
+
+        guards = Guards(open_choice, respond(session), on_flag)
         if body.get("stream") is True:  # cleanup also as a background task: it runs even when
             # the client leaves before the stream starts (then the generator never runs)
-            return StreamingResponse(guarded_stream(reply, guards), headers=headers,
+            return StreamingResponse(guarded_stream(reply, guards, metrics), headers=headers,
                                      media_type="text/event-stream",
                                      background=BackgroundTask(release, reply, guards))
         try:
@@ -187,6 +199,7 @@ def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
             await guards.check_completion(data)
         finally:
             await reply.aclose()
+            metrics.tokens.inc(guards.tokens_scored)
             await guards.close()
         metrics.requests.labels("completed").inc()
         return JSONResponse(data, headers=headers)
@@ -235,70 +248,9 @@ def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
     return app
 
 
-class Guards:
-    """The response guards of one request, one per choice index (choice 0 continues the prompt's
-    session; others open their own, the prompt scored again)."""
-
-    def __init__(self, runtime: AsyncEngine, tokenizer: Any, token_text: TokenText,
-                 policy: GuardPolicy, holdback: int, first: Session,
-                 messages: list[dict[str, str]], metrics: ProxyMetrics, fail_open: bool) -> None:
-        self.runtime, self.tokenizer, self.token_text = runtime, tokenizer, token_text
-        self.policy, self.holdback, self.messages = policy, holdback, messages
-        self.metrics, self.fail_open = metrics, fail_open
-        self.first: Session | None = first
-        self.by_choice: dict[int, ResponseGuard] = {}
-        self.done: set[int] = set()
-
-    async def get(self, index: int) -> ResponseGuard:
-        guard = self.by_choice.get(index)
-        if guard is None:
-            if self.first is not None:
-                session, self.first = self.first, None
-            else:
-                session, _, header_ids = await open_prompt(self.runtime, self.tokenizer,
-                                                           self.messages)
-                await self.runtime.moderate(session, header_ids, "assistant")
-            guard = ResponseGuard(self.runtime, session, self.tokenizer, self.token_text,
-                                  self.policy.response_policy(), self.holdback)
-            self.by_choice[index] = guard
-        return guard
-
-    def flag(self, guard: ResponseGuard) -> dict[str, Any]:
-        decision = guard.decision
-        assert decision is not None
-        self.metrics.flags.labels("response", decision.category).inc()
-        return {"stage": "response", "risk_level": decision.label,
-                "category": decision.category, "position": decision.position}
-
-    async def check_completion(self, data: dict[str, Any]) -> None:
-        """Guard a non-streamed completion in place: a flagged choice's content is withheld and
-        its finish_reason becomes content_filter."""
-        for choice in data.get("choices") or []:
-            message = choice.get("message") or {}
-            content = message.get("content")
-            if not isinstance(content, str) or not content:
-                continue
-            guard = await self.get(int(choice.get("index", 0)))
-            released = await guard.push(content) + await guard.finish()
-            self.metrics.tokens.inc(guard.tokens_scored)
-            if guard.decision is not None:
-                message["content"] = released
-                choice["finish_reason"] = "content_filter"
-                choice["qguard"] = self.flag(guard)
-
-    async def close(self) -> None:
-        """Close every session of the request (idempotent)."""
-        sessions = [guard.session for guard in self.by_choice.values()]
-        if self.first is not None:
-            sessions.append(self.first)
-        self.by_choice, self.first = {}, None
-        for session in sessions:
-            await self.runtime.close(session)
-
-
-async def guarded_stream(reply: httpx.Response, guards: Guards) -> AsyncIterator[str]:
+async def guarded_stream(reply: httpx.Response, guards: Guards,
+                         metrics: ProxyMetrics) -> AsyncIterator[str]:
     """The upstream's SSE events with each choice's text released as its guard allows."""
-    metrics = guards.metrics
     outcome = "completed"
     try:
         async for line in reply.aiter_lines():
@@ -309,34 +261,25 @@ async def guarded_stream(reply: httpx.Response, guards: Guards) -> AsyncIterator
                 break
             chunk = json.loads(payload)
             began = time.perf_counter()
-            out = await guard_chunk(chunk, guards)
+            out = await guards.chunk(chunk)
             metrics.added.observe(time.perf_counter() - began)
             if out is not None:
                 yield f"data: {json.dumps(out)}\n\n"
-            if guards.by_choice and len(guards.done) == len(guards.by_choice) and all(
-                    g.decision is not None for g in guards.by_choice.values()):
+            if guards.all_flagged:
                 outcome = "response_flagged"
                 break  # every choice was flagged: stop reading the upstream
-        for index, guard in sorted(guards.by_choice.items()):  # upstream ended without finish
-            if index not in guards.done:
-                tail = await guard.finish()
-                guards.done.add(index)
-                yield f"data: {json.dumps(end_chunk(index, tail, guard, guards, 'stop'))}\n\n"
+        for tail in await guards.tails():  # the upstream ended without finishing these
+            yield f"data: {json.dumps(tail)}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as error:  # the guard or the upstream failed mid-stream
         log.exception("guarded stream failed")
         outcome = "error"
-        failure = {"object": "chat.completion.chunk", "choices": [
-            {"index": index, "delta": {}, "finish_reason": "content_filter"}
-            for index in sorted(guards.by_choice) or [0]],
-            "qguard": {"stage": "response", "error": f"{type(error).__name__}: {error}"}}
-        yield f"data: {json.dumps(failure)}\n\n"
+        yield f"data: {json.dumps(guards.failure(error))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        for guard in guards.by_choice.values():
-            metrics.tokens.inc(guard.tokens_scored)
-            if guard.decision is not None and outcome == "completed":
-                outcome = "response_flagged"
+        metrics.tokens.inc(guards.tokens_scored)
+        if outcome == "completed" and any(g.flag is not None for g in guards.by_choice.values()):
+            outcome = "response_flagged"
         metrics.requests.labels(outcome).inc()
         cleanup = asyncio.ensure_future(release(reply, guards))
         try:  # a client that hangs up cancels us here: the cleanup finishes regardless
@@ -349,61 +292,3 @@ async def release(reply: httpx.Response, guards: Guards) -> None:
     """Close the upstream response and the request's sessions (idempotent)."""
     await reply.aclose()
     await guards.close()
-
-
-async def guard_chunk(chunk: dict[str, Any], guards: Guards) -> dict[str, Any] | None:
-    """One upstream chunk with each choice's delta replaced by the text its guard releases; None
-    when nothing is left to send."""
-    choices = chunk.get("choices")
-    if not choices:  # e.g. the usage chunk of stream_options.include_usage: passed as is
-        return chunk
-    out_choices = []
-    for choice in choices:
-        index = int(choice.get("index", 0))
-        if index in guards.done:
-            continue
-        guard = await guards.get(index)
-        delta = dict(choice.get("delta") or {})
-        content = delta.get("content")
-        released = await guard.push(content) if isinstance(content, str) and content else ""
-        finish = choice.get("finish_reason")
-        if guard.decision is not None:
-            guards.done.add(index)
-            out_choices.append(end_choice(index, released, guard, guards))
-            continue
-        if finish is not None:
-            released += await guard.finish()
-            guards.done.add(index)
-            if guard.decision is not None:
-                out_choices.append(end_choice(index, released, guard, guards))
-                continue
-        if "content" in delta or released:
-            delta["content"] = released
-        if not delta and finish is None:
-            continue
-        out_choices.append({**choice, "delta": delta})
-    if not out_choices:
-        return None
-    out = {**chunk, "choices": out_choices}
-    flagged = next((c["qguard"] for c in out_choices if "qguard" in c), None)
-    if flagged is not None:
-        out["qguard"] = flagged
-    return out
-
-
-def end_choice(index: int, released: str, guard: ResponseGuard, guards: Guards
-               ) -> dict[str, Any]:
-    return {"index": index, "delta": {"content": released} if released else {},
-            "finish_reason": "content_filter", "qguard": guards.flag(guard)}
-
-
-def end_chunk(index: int, tail: str, guard: ResponseGuard, guards: Guards, finish: str
-              ) -> dict[str, Any]:
-    if guard.decision is not None:
-        choice = end_choice(index, tail, guard, guards)
-    else:
-        choice = {"index": index, "delta": {"content": tail}, "finish_reason": finish}
-    out = {"object": "chat.completion.chunk", "choices": [choice]}
-    if "qguard" in choice:
-        out["qguard"] = choice["qguard"]
-    return out

@@ -1,74 +1,29 @@
-"""The proxy's per-request guarding: a prompt check and one guarded response per choice.
+"""Guarding OpenAI chat completions: a prompt check, and one guarded response per choice.
 
-A response arrives as text deltas. Each delta is re-tokenized incrementally (IncrementalTokenizer:
-the ids equal the tokenization of the whole text), the ids that became final are scored on the
-choice's engine session, and the policy (a Monitor) judges them. Text is released to the client
-only for tokens followed by `holdback` scored tokens, so with the official rule (two consecutive
-Unsafe tokens) and holdback 2 no token of a flagged run is ever released. Released text is the
-tokens' bytes decoded incrementally (Qwen3's byte-level BPE round-trips text exactly, up to the
-tokenizer's NFC normalization). This module knows nothing of HTTP or SSE (app.py).
+Shared by the guard proxy (app.py, over the engine in-process) and the LiteLLM guardrail (over a
+`qguard-stream serve` WebSocket or an in-process server connection). A choice's response arrives as
+text deltas; a `ChoiceGuard` re-tokenizes them incrementally (the ids equal the tokenization of
+the whole text), scores the ids that became final on the choice's session, lets the policy judge
+them, and releases text only for tokens followed by `holdback` scored tokens (HeldText), so with
+the official rule and holdback 2 no token of a flagged run is ever released. `Guards` holds one
+request's choice guards and rewrites OpenAI chunk and completion dicts. Nothing here knows HTTP
+or SSE.
 """
 
 from __future__ import annotations
 
-import codecs
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qguard_stream.engine import AsyncEngine, Session
 from qguard_stream.hooks import Monitor, token_verdicts
-from qguard_stream.integrations.retokenize import IncrementalTokenizer
-from qguard_stream.policy import (
-    CONTROVERSIAL,
-    UNSAFE,
-    ConsecutiveUnsafe,
-    Decision,
-    Policy,
-    ProbabilityThreshold,
-)
+from qguard_stream.integrations.retokenize import HeldText, IncrementalTokenizer, TokenText
+from qguard_stream.policy import Decision, GuardPolicy, Policy
 from qguard_stream.template import prompt_spans
 from qguard_stream.verdicts import Verdicts
 
-POLICIES = "official | strict | threshold:P (0 < P <= 1)"
-
-
-@dataclass(frozen=True)
-class GuardPolicy:
-    """A named decision policy: how prompts and responses are judged."""
-
-    name: str
-    strict: bool = False
-    threshold: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> GuardPolicy:
-        """'official' (Unsafe flags; the official rule), 'strict' (Controversial flags too) or
-        'threshold:P' (P(Unsafe) >= P flags); ValueError naming the text otherwise."""
-        value = (text or "").strip().lower()
-        if value in ("official", "strict"):
-            return cls(value, strict=value == "strict")
-        if value.startswith("threshold:"):
-            try:
-                threshold = float(value.split(":", 1)[1])
-            except ValueError:
-                threshold = -1.0
-            if 0.0 < threshold <= 1.0:
-                return cls(value, threshold=threshold)
-        raise ValueError(f"policy must be {POLICIES}, got {text!r}")
-
-    def response_policy(self) -> Policy:
-        if self.threshold is not None:
-            return ProbabilityThreshold(self.threshold)
-        return ConsecutiveUnsafe(strict=self.strict)
-
-    def prompt_flagged(self, verdicts: Verdicts) -> bool:
-        """The prompt verdict (the query heads at the last user turn's <|im_end|>) flags?"""
-        level = verdicts.risk_level[-1]
-        if self.threshold is not None:
-            labels = verdicts.risk_labels
-            probs = verdicts.risk_probs[-1].tolist()
-            return UNSAFE in labels and probs[labels.index(UNSAFE)] >= self.threshold
-        return level == UNSAFE or (self.strict and level == CONTROVERSIAL)
+if TYPE_CHECKING:
+    from qguard_stream.client import AsyncGuardClient
 
 
 def text_messages(messages: Any) -> list[dict[str, str]]:
@@ -95,79 +50,256 @@ def text_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-class TokenText:
-    """Token ids -> text, incrementally: each id's bytes (byte-level BPE; added tokens by their
-    content) through one UTF-8 decoder, so a character split over tokens comes out whole."""
+class ChoiceGuard(Protocol):
+    """One choice's guarded response: text deltas in, text safe to release out."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
-        self.added = {index: token.content
-                      for index, token in tokenizer.added_tokens_decoder.items()}
-        self.cache: dict[int, bytes] = {}
+    tokens_scored: int
 
-    def decoder(self) -> codecs.IncrementalDecoder:
-        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+    @property
+    def flag(self) -> dict[str, Any] | None:
+        """The stop decision once made ({"risk_level", "category", "position"}), else None;
+        after it nothing more is released."""
 
-    def bytes_of(self, token_id: int) -> bytes:
-        cached = self.cache.get(token_id)
-        if cached is None:
-            if token_id in self.added:
-                cached = self.added[token_id].encode()
-            else:
-                piece = self.tokenizer.convert_ids_to_tokens(token_id)
-                cached = bytes(self.byte_of[char] for char in piece)
-            self.cache[token_id] = cached
-        return cached
+    async def push(self, delta: str) -> str:
+        """Score the ids this delta made final; return the text now safe to release."""
+
+    async def finish(self) -> str:
+        """End of the response: score the held-back tail; return what is left to release."""
+
+    async def close(self) -> None:
+        """Free the choice's session (idempotent)."""
+
+
+def flag_of(decision: Decision) -> dict[str, Any]:
+    return {"risk_level": decision.label, "category": decision.category,
+            "position": decision.position}
 
 
 class ResponseGuard:
-    """One choice's response on its own engine session: text deltas in, released text out."""
+    """A ChoiceGuard on an engine session in this process."""
 
     def __init__(self, engine: AsyncEngine, session: Session, tokenizer: Any,
                  token_text: TokenText, policy: Policy, holdback: int) -> None:
-        self.engine, self.session, self.holdback = engine, session, holdback
+        self.engine, self.session = engine, session
         self.retokenizer = IncrementalTokenizer(tokenizer)
-        self.token_text = token_text
-        self.utf8 = token_text.decoder()
+        self.held = HeldText(token_text, holdback)
         self.monitor = Monitor(policy=policy, policy_start=session.length)
-        self.held: list[int] = []  # scored ids not yet released
         self.tokens_scored = 0
+        self.closed = False
 
     @property
     def decision(self) -> Decision | None:
         """The policy's stop decision, once made (then nothing more is released)."""
         return self.monitor.stop_decision
 
+    @property
+    def flag(self) -> dict[str, Any] | None:
+        decision = self.decision
+        return None if decision is None else flag_of(decision)
+
     async def push(self, delta: str) -> str:
-        """Score the ids this delta made final; return the text now safe to release."""
         return await self._score(self.retokenizer.push(delta), final=False)
 
     async def finish(self) -> str:
-        """End of the response: score the held-back tail and release what is left."""
         return await self._score(self.retokenizer.flush(), final=True)
 
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.engine.close(self.session)
+
     async def _score(self, ids: list[int], final: bool) -> str:
-        if self.decision is not None:  # decided earlier: nothing more is released
+        if self.decision is not None:  # decided earlier: nothing more is scored or released
             return ""
         if ids:
             verdicts = await self.engine.moderate(self.session, ids, "assistant")
             self.monitor.record(self.session.id, token_verdicts(verdicts))
             self.tokens_scored += len(ids)
-            self.held += ids
+            self.held.add(ids, self.session.length)
         decision = self.decision
-        if decision is not None:  # release what precedes the flagged run, withhold the rest
-            first_held = self.session.length - len(self.held)
-            count, final = decision.start_position - first_held, True
-        else:
-            count = len(self.held) if final else len(self.held) - self.holdback
-        if count <= 0:
-            self.held = [] if decision is not None else self.held
+        return self.held.release(None if decision is None else decision.start_position, final)
+
+
+class RemoteChoice:
+    """A ChoiceGuard on a guard server's session (`qguard-stream serve`, reached through an
+    AsyncGuardClient): the server re-tokenizes, judges with the session's policy and releases
+    text with the session's holdback."""
+
+    def __init__(self, client: AsyncGuardClient, session: int) -> None:
+        self.client, self.session = client, session
+        self.tokens_scored = 0
+        self._flag: dict[str, Any] | None = None
+        self.closed = False
+
+    @classmethod
+    async def open(cls, client: AsyncGuardClient, messages: list[dict[str, str]],
+                   policy: GuardPolicy, holdback: int) -> tuple[RemoteChoice, dict[str, Any]]:
+        """A session holding the prompt (scored) and the assistant header; and the prompt's
+        verdict ({"risk_level", "category", "position", "flagged", ...})."""
+        reply = await client.open(messages=messages, policy=policy.name, holdback=holdback)
+        return cls(client, reply["session"]), reply["prompt"]
+
+    @property
+    def flag(self) -> dict[str, Any] | None:
+        return self._flag
+
+    async def push(self, delta: str) -> str:
+        return await self._feed(delta, final=False)
+
+    async def finish(self) -> str:
+        return await self._feed("", final=True)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.client.close_session(self.session)
+
+    async def _feed(self, text: str, final: bool) -> str:
+        if self._flag is not None:
             return ""
-        released, self.held = self.held[:count], ([] if decision is not None
-                                                   else self.held[count:])
-        data = b"".join(self.token_text.bytes_of(token) for token in released)
-        return self.utf8.decode(data, final=final)
+        reply = await self.client.feed(self.session, text=text, final=final)
+        self.tokens_scored += len(reply["token_ids"])
+        stop = next((flag for flag in reply["flags"] if flag["stop"]), None)
+        if stop is not None:
+            self._flag = {key: stop[key] for key in ("risk_level", "category", "position")}
+        return reply["released"]
+
+
+class Guards:
+    """The choice guards of one request, by choice index. The first choice continues the
+    prompt's session (`first`); `open_choice` opens one for each further choice (the prompt
+    scored again). `on_flag` sees each flag as it is made."""
+
+    def __init__(self, open_choice: Callable[[], Awaitable[ChoiceGuard]],
+                 first: ChoiceGuard | None = None,
+                 on_flag: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.open_choice, self.first, self.on_flag = open_choice, first, on_flag
+        self.by_choice: dict[int, ChoiceGuard] = {}
+        self.done: set[int] = set()
+
+    async def get(self, index: int) -> ChoiceGuard:
+        guard = self.by_choice.get(index)
+        if guard is None:
+            if self.first is not None:
+                guard, self.first = self.first, None
+            else:
+                guard = await self.open_choice()
+            self.by_choice[index] = guard
+        return guard
+
+    @property
+    def all_flagged(self) -> bool:
+        """Every choice seen has ended flagged: nothing more is worth reading upstream."""
+        return bool(self.by_choice) and len(self.done) == len(self.by_choice) and all(
+            guard.flag is not None for guard in self.by_choice.values())
+
+    @property
+    def tokens_scored(self) -> int:
+        return sum(guard.tokens_scored for guard in self.by_choice.values())
+
+    def flag(self, guard: ChoiceGuard) -> dict[str, Any]:
+        flag = guard.flag
+        assert flag is not None
+        verdict = {"stage": "response", **flag}
+        if self.on_flag is not None:
+            self.on_flag(verdict)
+        return verdict
+
+    async def check_completion(self, data: dict[str, Any]) -> None:
+        """Guard a non-streamed completion (a dict) in place: a flagged choice's content keeps
+        only the text before the flagged run, its finish_reason becomes content_filter and the
+        verdict is in its `qguard` field (and the completion's, for the first flagged)."""
+        for choice in data.get("choices") or []:
+            message = choice.get("message") or {}
+            content = message.get("content")
+            if not isinstance(content, str) or not content:
+                continue
+            guard = await self.get(int(choice.get("index", 0)))
+            released = await guard.push(content) + await guard.finish()
+            if guard.flag is not None:
+                message["content"] = released
+                choice["finish_reason"] = "content_filter"
+                choice["qguard"] = self.flag(guard)
+                data.setdefault("qguard", choice["qguard"])
+
+    async def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """One streamed chunk (a dict) with each choice's delta replaced by the text its guard
+        releases; None when nothing is left to send."""
+        choices = chunk.get("choices")
+        if not choices:  # e.g. the usage chunk of stream_options.include_usage: passed as is
+            return chunk
+        out_choices = []
+        for choice in choices:
+            index = int(choice.get("index", 0))
+            if index in self.done:
+                continue
+            guard = await self.get(index)
+            delta = dict(choice.get("delta") or {})
+            content = delta.get("content")
+            released = await guard.push(content) if isinstance(content, str) and content else ""
+            finish = choice.get("finish_reason")
+            if guard.flag is not None:
+                self.done.add(index)
+                out_choices.append(self.end_choice(index, released, guard))
+                continue
+            if finish is not None:
+                released += await guard.finish()
+                self.done.add(index)
+                if guard.flag is not None:
+                    out_choices.append(self.end_choice(index, released, guard))
+                    continue
+            if "content" in delta or released:
+                delta["content"] = released
+            if not delta and finish is None:
+                continue
+            out_choices.append({**choice, "delta": delta})
+        if not out_choices:
+            return None
+        out = {**chunk, "choices": out_choices}
+        flagged = next((c["qguard"] for c in out_choices if "qguard" in c), None)
+        if flagged is not None:
+            out["qguard"] = flagged
+        return out
+
+    async def tails(self) -> list[dict[str, Any]]:
+        """The upstream ended without finishing some choices: their last chunks (the held-back
+        text released, or their flag)."""
+        out = []
+        for index, guard in sorted(self.by_choice.items()):
+            if index in self.done:
+                continue
+            tail = await guard.finish()
+            self.done.add(index)
+            if guard.flag is not None:
+                choice = self.end_choice(index, tail, guard)
+            else:
+                choice = {"index": index, "delta": {"content": tail}, "finish_reason": "stop"}
+            chunk: dict[str, Any] = {"object": "chat.completion.chunk", "choices": [choice]}
+            if "qguard" in choice:
+                chunk["qguard"] = choice["qguard"]
+            out.append(chunk)
+        return out
+
+    def failure(self, error: BaseException) -> dict[str, Any]:
+        """The last chunk when the guard or the upstream failed mid-stream: every open choice
+        ends with content_filter, the error named in `qguard`."""
+        return {"object": "chat.completion.chunk", "choices": [
+            {"index": index, "delta": {}, "finish_reason": "content_filter"}
+            for index in sorted(self.by_choice) or [0]],
+            "qguard": {"stage": "response", "error": f"{type(error).__name__}: {error}"}}
+
+    def end_choice(self, index: int, released: str, guard: ChoiceGuard) -> dict[str, Any]:
+        return {"index": index, "delta": {"content": released} if released else {},
+                "finish_reason": "content_filter", "qguard": self.flag(guard)}
+
+    async def close(self) -> None:
+        """Close every choice's session (idempotent)."""
+        guards = list(self.by_choice.values())
+        if self.first is not None:
+            guards.append(self.first)
+        self.by_choice, self.first = {}, None
+        for guard in guards:
+            await guard.close()
 
 
 async def open_prompt(engine: AsyncEngine, tokenizer: Any, messages: list[dict[str, str]]
@@ -182,16 +314,3 @@ async def open_prompt(engine: AsyncEngine, tokenizer: Any, messages: list[dict[s
         await engine.close(session)
         raise
     return session, verdicts, header_ids
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte <-> printable-character table, which byte-level BPE tokens are spelt in."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))

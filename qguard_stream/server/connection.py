@@ -14,8 +14,8 @@ from typing import Any
 
 from qguard_stream.engine import AsyncEngine, PoolExhaustedError, Session, SessionBusyError
 from qguard_stream.hooks import Monitor, token_verdicts
-from qguard_stream.integrations.retokenize import IncrementalTokenizer
-from qguard_stream.policy import ConsecutiveUnsafe, decision_json, flag_json
+from qguard_stream.integrations.retokenize import HeldText, IncrementalTokenizer, TokenText
+from qguard_stream.policy import decision_json, flag_json
 from qguard_stream.server.protocol import (
     Command,
     ProtocolError,
@@ -40,12 +40,15 @@ OFF_LOOP_BYTES = 64 * 1024  # frames larger than this are parsed in a worker thr
 @dataclass(eq=False)
 class LiveSession:
     """An engine session plus its Monitor: the library's one tracker of transitions and of the
-    official decision (policy.ConsecutiveUnsafe, loose), judging assistant tokens fed after the
-    session was opened (not the prompt or the assistant header an open scores)."""
+    session's decision policy (official by default), judging assistant tokens fed after the
+    session was opened (not the prompt or the assistant header an open scores); and the text of
+    text feeds, held back until it may be released (HeldText)."""
 
     session: Session
     monitor: Monitor
+    holdback: int = 0
     text: IncrementalTokenizer | None = None  # the running text of "text" feeds, once there is one
+    held: HeldText | None = None  # scored text-feed ids whose text is not released yet
 
     def record(self, verdicts: Verdicts) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Feed a scored call to the monitor; its transitions and flags, as JSON."""
@@ -63,10 +66,19 @@ class LiveSession:
         assert self.monitor.policy is not None
         return decision_json(self.monitor.policy.verdict())
 
+    def release(self, final: bool) -> str:
+        """The text of text-fed tokens now safe to show (see HeldText)."""
+        if self.held is None:
+            return ""
+        stop = self.monitor.stop_decision
+        return self.held.release(None if stop is None else stop.start_position, final)
+
     def rollback(self, length: int) -> None:
         """Forget positions >= length; text still held back (not yet scored) is dropped too."""
         self.monitor.truncate(length)
         self.text = None
+        if self.held is not None:
+            self.held.truncate(length)
 
     def pending_text(self) -> str:
         return self.text.pending_text if self.text is not None else ""
@@ -89,6 +101,7 @@ class Connection:
         self.limits = limits or ServerLimits()
         self.sessions: dict[int, LiveSession] = {}
         self._next_id = 1
+        self._token_text: TokenText | None = None
 
     async def handle_frame(self, frame: str | bytes) -> dict[str, Any]:
         """Answer one client frame: a reply, or an error frame naming what was wrong."""
@@ -129,14 +142,16 @@ class Connection:
             opened_length = len(command.token_ids or [])
         # The policy judges what is fed after the open, not the prompt or header scored here.
         live = LiveSession(await self.engine.open(),
-                           Monitor(policy=ConsecutiveUnsafe(), policy_start=opened_length))
+                           Monitor(policy=command.policy.response_policy(),
+                                   policy_start=opened_length), holdback=command.holdback)
         reply: dict[str, Any] = {"type": "opened"}
         try:
             if prompt_ids is not None and header_ids is not None:
                 prompt = await self.engine.moderate(live.session, prompt_ids, "user")
                 live.record(prompt)
                 live.record(await self.engine.moderate(live.session, header_ids, "assistant"))
-                reply["prompt"] = last_verdict_json(prompt)
+                reply["prompt"] = {**last_verdict_json(prompt),
+                                   "flagged": command.policy.prompt_flagged(prompt)}
             elif command.token_ids is not None:
                 verdicts = await self.engine.moderate(live.session, command.token_ids,
                                                       command.role)
@@ -152,14 +167,18 @@ class Connection:
     async def feed(self, command: Command) -> dict[str, Any]:
         session_id, live = self._find(command)
         if command.text is None:
-            if live.pending_text():
+            if live.pending_text() or (live.held is not None and live.held.ids):
                 raise ProtocolError(
-                    f"{len(live.pending_text())} characters of text are held back; end the text "
-                    "with a text feed carrying \"final\": true before feeding token_ids")
+                    "text fed earlier is held back (not yet tokenized or released); end the "
+                    "text with a text feed carrying \"final\": true before feeding token_ids")
             assert command.token_ids is not None
             return await self._score(session_id, live, command.token_ids, command.role)
         if live.text is None:
             live.text = text_stream(self.tokenizer)
+        if live.held is None:
+            if self._token_text is None:
+                self._token_text = TokenText(self.tokenizer)
+            live.held = HeldText(self._token_text, live.holdback)
         saved = live.text.snapshot()
         try:  # a refused step (pool full, bad length, too much text) must not lose the delta
             ids = await asyncio.to_thread(self._push_text, live.text, command.text,
@@ -181,7 +200,9 @@ class Connection:
         except BaseException:
             live.text.restore(saved)
             raise
-        return {**reply, "pending_text": live.pending_text()}
+        live.held.add(reply["token_ids"], live.session.length)
+        return {**reply, "pending_text": live.pending_text(),
+                "released": live.release(command.final)}
 
     @staticmethod
     def _push_text(text: IncrementalTokenizer, delta: str, final: bool) -> list[int]:

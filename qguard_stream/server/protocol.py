@@ -3,7 +3,8 @@ qguard_stream.verdicts).
 
 Client frames (JSON objects; "id" is optional and echoed back):
   {"type": "open", "messages": [...]}                 prompt scored with the query heads, then the
-                                                      assistant header fed; or
+                                                      assistant header fed (the reply's "prompt"
+                                                      verdict says if the policy flags it); or
   {"type": "open", "token_ids": [...], "role": "user"}  raw ids; or {"type": "open"} (empty)
   {"type": "feed", "session": 1, "token_ids": [...] | "text": "...", "role": "assistant"}
                                                       text: a delta of the session's running text,
@@ -11,6 +12,10 @@ Client frames (JSON objects; "id" is optional and echoed back):
                                                       waits for more text or "final": true
   {"type": "rollback", "session": 1, "length": 42}
   {"type": "close", "session": 1}
+An open may also set the session's "policy" ("official", the default, | "strict" |
+"threshold:P") and "holdback" (default 0): a text feed's reply carries "released", the text of
+the scored tokens that have `holdback` scored tokens after them, never a token of the policy's
+flagged run (nothing at all after it); "final": true releases the rest.
 "session" may be left out while the connection holds exactly one session.
 This module validates shapes and sizes (ServerLimits: frame bytes and JSON nesting here; text and
 tokens per feed and held-back text where they are used); values (ranges) are checked where used.
@@ -24,9 +29,11 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from qguard_stream.policy import OFFICIAL, GuardPolicy
 from qguard_stream.verdicts import ROLES
 
 COMMAND_TYPES = ("open", "feed", "rollback", "close")
+MAX_HOLDBACK = 64  # tokens a session may hold back before releasing their text
 
 
 class ProtocolError(ValueError):
@@ -103,6 +110,8 @@ class Command:
     role: str = "assistant"
     length: int | None = None
     final: bool = False  # text feeds: flush the held-back tail after this delta
+    policy: GuardPolicy = OFFICIAL  # open: the session's decision policy
+    holdback: int = 0  # open: scored tokens held back before their text is released
 
 
 def parse_command(frame: str | bytes, limits: ServerLimits | None = None) -> Command:
@@ -119,7 +128,8 @@ def parse_command(frame: str | bytes, limits: ServerLimits | None = None) -> Com
         type=kind, request_id=raw.get("id"), session=_optional_int(raw, "session"),
         messages=raw.get("messages"), token_ids=_optional_ids(raw), text=raw.get("text"),
         role=raw.get("role", default_role), length=_optional_int(raw, "length"),
-        final=raw.get("final", False),
+        final=raw.get("final", False), policy=_policy(raw, kind),
+        holdback=_holdback(raw, kind),
     )
     _check(command)
     if command.token_ids is not None:
@@ -146,6 +156,29 @@ def _check(command: Command) -> None:
         raise ProtocolError("'open' takes 'messages' or 'token_ids', not both")
     if command.type == "rollback" and command.length is None:
         raise ProtocolError("'rollback' needs an integer 'length'")
+
+
+def _policy(raw: dict[str, Any], kind: str) -> GuardPolicy:
+    if "policy" not in raw:
+        return OFFICIAL
+    if kind != "open":
+        raise ProtocolError(f"'policy' is set when a session opens, not in {kind!r}")
+    try:
+        return GuardPolicy.parse(raw["policy"])
+    except ValueError as error:
+        raise ProtocolError(f"'policy': {error}") from None
+
+
+def _holdback(raw: dict[str, Any], kind: str) -> int:
+    if "holdback" not in raw:
+        return 0
+    if kind != "open":
+        raise ProtocolError(f"'holdback' is set when a session opens, not in {kind!r}")
+    value = raw["holdback"]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_HOLDBACK:
+        raise ProtocolError(f"'holdback' must be an integer in [0, {MAX_HOLDBACK}], got "
+                            f"{value!r}")
+    return value
 
 
 def _optional_int(raw: dict[str, Any], key: str) -> int | None:
