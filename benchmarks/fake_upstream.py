@@ -17,10 +17,11 @@ CLEAN = "Mix flour and water — knead ten minutes; 日本語 café 👩‍👧,
 
 
 class Loopback:
-    """An ASGI app served by uvicorn on 127.0.0.1 (ephemeral port) in a background thread."""
+    """An ASGI app served by uvicorn on 127.0.0.1 (an ephemeral port, or `port`) in a background
+    thread."""
 
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+    def __init__(self, app, port: int = 0) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -120,7 +120,7 @@ def run_actions(server: LiveServer, tiny_guard: StreamGuard, actions: list[tuple
             reply = ask(conn, {"type": "feed", "session": session if session else 77,
                                "token_ids": chunk, "role": role})
             if session is None:
-                assert reply["type"] == "error" and reply["code"] == "bad_request"
+                assert reply["type"] == "error" and reply["code"] == "session_unknown"
                 continue
             history = model.sessions[conn][session]
             history.append((chunk, role))
@@ -151,6 +151,6 @@ def run_actions(server: LiveServer, tiny_guard: StreamGuard, actions: list[tuple
             del model.sessions[conn][session]
         else:
             reply = ask(conn, step[2])
-            assert reply["type"] == "error" and reply["code"] in ("bad_request",
-                                                                  "too_large"), reply
+            assert reply["type"] == "error" and reply["code"] in (
+                "bad_request", "too_large", "session_unknown"), reply
         assert server.engine.pool.used_blocks == model.blocks()

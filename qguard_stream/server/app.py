@@ -1,16 +1,23 @@
 """The moderation server: the FastAPI app (WebSocket streaming, one-shot HTTP, health, metrics).
 The `serve` subcommand that runs it is qguard_stream.cli.serve.
 
-Routes: WS /v1/stream (see protocol.py), POST /v1/moderate, GET /health, GET /metrics.
-Optional bearer-token auth on every route but /health. All model work goes through one AsyncEngine,
-so concurrent connections share batched steps.
+Routes: WS /v1/stream (see protocol.py), POST /v1/moderate, GET /health, GET /metrics, and the
+same sessions over HTTP for clients that cannot hold a WebSocket: POST /v1/sessions (header
+x-session-id names the session; the body is an open frame), POST /v1/sessions/{id}/feed and
+/rollback, DELETE /v1/sessions/{id}. Sessions idle longer than `session_ttl_s` are closed (their
+next frame gets "session_unknown", and a client holding the history resumes). Optional
+bearer-token auth on every route but /health. All model work goes through one AsyncEngine, so
+concurrent connections share batched steps. With `replica_id`, every HTTP response carries it in
+x-qguard-replica and every "opened" frame in "replica".
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +37,11 @@ from qguard_stream.verdicts import NonFiniteScoresError
 log = logging.getLogger(__name__)
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SESSION_HEADER = "x-session-id"
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ERROR_STATUS = {"bad_request": 400, "session_unknown": 404, "session_exists": 409,
+                "too_large": 413, "pool_exhausted": 503, "model_error": 500, "internal": 500}
+DEFAULT_SESSION_TTL_S = 600.0
 
 
 def is_authorized(headers: Mapping[str, str], api_key: str | None) -> bool:
@@ -41,21 +53,46 @@ def is_authorized(headers: Mapping[str, str], api_key: str | None) -> bool:
 
 
 def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None,
-               limits: ServerLimits | None = None, open_docs: bool = False) -> FastAPI:
+               limits: ServerLimits | None = None, open_docs: bool = False,
+               session_ttl_s: float | None = DEFAULT_SESSION_TTL_S,
+               replica_id: str | None = None) -> FastAPI:
     """The app over an Engine (or a StreamGuard, wrapped in an Engine with default settings);
     `limits` bound every frame and request (ServerLimits' defaults when None). With an
     `api_key`, /docs, /redoc and /openapi.json are served only if `open_docs` (they take no
-    key); without one they are served."""
+    key); without one they are served. Sessions idle for `session_ttl_s` seconds are closed
+    (None: never)."""
     limits = limits or ServerLimits()
+    if session_ttl_s is not None and not session_ttl_s > 0:
+        raise ValueError(f"session_ttl_s must be > 0 seconds or None, got {session_ttl_s!r}")
     engine = engine_or_guard if isinstance(engine_or_guard, Engine) else Engine(engine_or_guard)
     runtime = AsyncEngine(engine)
     metrics = ServerMetrics()
     engine.step_listeners.append(metrics.observe_step)
     tokenizer = engine.guard.tokenizer
+    connections: set[Connection] = set()  # every live one, for the TTL sweep
+    http = Connection(runtime, tokenizer, limits, replica_id)  # the HTTP API's sessions
+    connections.add(http)
+    http_ids: dict[str, int] = {}  # x-session-id -> session number in `http`
+
+    async def sweep() -> None:
+        assert session_ttl_s is not None
+        while True:
+            await asyncio.sleep(min(session_ttl_s / 4, 10.0))
+            for connection in list(connections):
+                stale = connection.expire(session_ttl_s)
+                if stale:
+                    metrics.sessions_expired.inc(len(stale))
+                    await connection.close_sessions(stale)
+            for key in [k for k, number in http_ids.items() if number not in http.sessions]:
+                del http_ids[key]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(sweep()) if session_ttl_s is not None else None
         yield
+        if sweeper is not None:
+            sweeper.cancel()
+        await http.close_all()
         await runtime.aclose()
 
     docs = {} if api_key is None or open_docs else \
@@ -66,6 +103,97 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
     def unauthorized() -> JSONResponse:
         return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
+
+    if replica_id is not None:
+        @app.middleware("http")
+        async def name_the_replica(request: Request, call_next: Any) -> Response:
+            response = await call_next(request)
+            response.headers["x-qguard-replica"] = replica_id
+            return response
+
+    def json_error(message: str, code: str) -> JSONResponse:
+        return JSONResponse({"error": message, "code": code}, status_code=ERROR_STATUS[code])
+
+    async def read_json(request: Request) -> Any:
+        """The body as JSON within the limits; a JSONResponse naming what is wrong instead."""
+        if not is_authorized(request.headers, api_key):
+            return unauthorized()
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return JSONResponse({"error": f"Content-Type must be application/json, got "
+                                          f"{media_type or 'none'!r}", "code": "bad_request"},
+                                status_code=415)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_frame_bytes:
+            return json_error(f"body of {declared} bytes exceeds the server's limit of "
+                              f"{limits.max_frame_bytes} (max_frame_bytes)", "too_large")
+        raw = await request.body()
+        try:
+            return (await asyncio.to_thread(load_json, raw, limits)
+                    if len(raw) > OFF_LOOP_BYTES else load_json(raw, limits))
+        except TooLargeError as error:
+            return json_error(str(error), "too_large")
+        except ValueError as error:
+            return json_error(str(error), "bad_request")
+
+    async def session_frame(request: Request, kind: str, key: str,
+                            body: Any = None) -> Response:
+        """Answer one HTTP session call as the WebSocket answers its frame."""
+        if not SESSION_ID.fullmatch(key):
+            return json_error(f"session id must match {SESSION_ID.pattern}, got {key[:140]!r}",
+                              "bad_request")
+        if body is None:
+            body = {}
+        elif not isinstance(body, dict):
+            return json_error("body must be a JSON object", "bad_request")
+        if kind == "open":
+            if key in http_ids:
+                return json_error(f"session {key!r} exists on this replica; feed it, or "
+                                  f"DELETE it first", "session_exists")
+        elif key not in http_ids:
+            return json_error(f"unknown session {key!r} on this replica (closed, expired, or "
+                              f"opened on another): open it again with its history (spans)",
+                              "session_unknown")
+        else:
+            body = {**body, "session": http_ids[key]}
+        reply = await http.handle_frame(json.dumps({**body, "type": kind}))
+        if reply["type"] == "error":
+            reply.pop("session", None)
+            return JSONResponse(reply, status_code=ERROR_STATUS.get(reply["code"], 500))
+        if kind == "open":
+            http_ids[key] = reply["session"]
+        elif kind == "close":
+            http_ids.pop(key, None)
+        return JSONResponse({**reply, "session": key})
+
+    @app.post("/v1/sessions")
+    async def open_session(request: Request) -> Response:
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        key = request.headers.get(SESSION_HEADER)
+        if key is None:
+            return json_error(f"the {SESSION_HEADER} header names the session to open",
+                              "bad_request")
+        return await session_frame(request, "open", key, body)
+
+    @app.post("/v1/sessions/{key}/feed")
+    async def feed_session(key: str, request: Request) -> Response:
+        body = await read_json(request)
+        return body if isinstance(body, Response) else \
+            await session_frame(request, "feed", key, body)
+
+    @app.post("/v1/sessions/{key}/rollback")
+    async def rollback_session(key: str, request: Request) -> Response:
+        body = await read_json(request)
+        return body if isinstance(body, Response) else \
+            await session_frame(request, "rollback", key, body)
+
+    @app.delete("/v1/sessions/{key}")
+    async def close_session(key: str, request: Request) -> Response:
+        if not is_authorized(request.headers, api_key):
+            return unauthorized()
+        return await session_frame(request, "close", key)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -79,22 +207,10 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
 
     @app.post("/v1/moderate")
     async def moderate(request: Request) -> Response:
-        if not is_authorized(request.headers, api_key):
-            return unauthorized()
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json":
-            return JSONResponse({"error": f"Content-Type must be application/json, got "
-                                          f"{media_type or 'none'!r}", "code": "bad_request"},
-                                status_code=415)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_frame_bytes:
-            return JSONResponse({"error": f"body of {declared} bytes exceeds the server's limit "
-                                          f"of {limits.max_frame_bytes} (max_frame_bytes)",
-                                 "code": "too_large"}, status_code=413)
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
         try:
-            raw = await request.body()
-            body = (await asyncio.to_thread(load_json, raw, limits)
-                    if len(raw) > OFF_LOOP_BYTES else load_json(raw, limits))
             return JSONResponse(await moderate_body(runtime, tokenizer, body, limits))
         except TooLargeError as error:
             return JSONResponse({"error": str(error), "code": "too_large"}, status_code=413)
@@ -115,11 +231,13 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
             await websocket.close(code=1008, reason="missing or wrong bearer token")
             return
         await websocket.accept()
-        connection = Connection(runtime, tokenizer, limits)
+        connection = Connection(runtime, tokenizer, limits, replica_id)
+        connections.add(connection)
         metrics.connections.inc()
         try:
             await serve_connection(websocket, connection)
         finally:
+            connections.discard(connection)
             await connection.close_all()
             metrics.connections.dec()
 

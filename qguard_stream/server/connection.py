@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from qguard_stream.engine import AsyncEngine, PoolExhaustedError, Session, SessionBusyError
@@ -20,6 +21,7 @@ from qguard_stream.server.protocol import (
     Command,
     ProtocolError,
     ServerLimits,
+    SessionUnknownError,
     TooLargeError,
     parse_command,
 )
@@ -49,6 +51,7 @@ class LiveSession:
     holdback: int = 0
     text: IncrementalTokenizer | None = None  # the running text of "text" feeds, once there is one
     held: HeldText | None = None  # scored text-feed ids whose text is not released yet
+    last_used: float = field(default_factory=time.monotonic)
 
     def record(self, verdicts: Verdicts) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Feed a scored call to the monitor; its transitions and flags, as JSON."""
@@ -95,8 +98,8 @@ class Connection:
     """The sessions of one WebSocket connection."""
 
     def __init__(self, engine: AsyncEngine, tokenizer: Any,
-                 limits: ServerLimits | None = None) -> None:
-        self.engine = engine
+                 limits: ServerLimits | None = None, replica: str | None = None) -> None:
+        self.engine, self.replica = engine, replica
         self.tokenizer = tokenizer
         self.limits = limits or ServerLimits()
         self.sessions: dict[int, LiveSession] = {}
@@ -118,6 +121,8 @@ class Connection:
             return error_frame(str(error), "pool_exhausted", command)
         except TooLargeError as error:
             return error_frame(str(error), "too_large", command)
+        except SessionUnknownError as error:
+            return error_frame(str(error), "session_unknown", command)
         except NonFiniteScoresError as error:
             return error_frame(str(error), "model_error", command)
         except (ProtocolError, ValueError, TypeError, StreamClosedError,
@@ -129,6 +134,8 @@ class Connection:
                                command)
         if command.request_id is not None:
             reply["id"] = command.request_id
+        if self.replica is not None and reply["type"] == "opened":
+            reply["replica"] = self.replica
         return reply
 
     async def open(self, command: Command) -> dict[str, Any]:
@@ -138,6 +145,8 @@ class Connection:
                 prompt_and_header_ids, self.tokenizer, command.messages)
             opened_length = len(prompt_ids) + len(header_ids)
             self.limits.check_tokens(opened_length, "the templated 'messages'")
+        elif command.spans is not None:
+            return await self.resume(command)
         else:
             opened_length = len(command.token_ids or [])
         # The policy judges what is fed after the open, not the prompt or header scored here.
@@ -160,9 +169,63 @@ class Connection:
         except BaseException:
             await self.engine.close(live.session)
             raise
+        if command.return_spans:
+            reply["spans"] = (
+                [{"role": "user", "token_ids": prompt_ids},
+                 {"role": "assistant", "token_ids": header_ids}] if prompt_ids is not None
+                else [{"role": command.role, "token_ids": command.token_ids}]
+                if command.token_ids is not None else [])
         session_id, self._next_id = self._next_id, self._next_id + 1
         self.sessions[session_id] = live
         return {**reply, "session": session_id, "length": live.session.length}
+
+    async def resume(self, command: Command) -> dict[str, Any]:
+        """Open a session from its history (spans rescored in order, adjacent spans of one role
+        in one step): the same KV, monitor and held-back text as the session it continues."""
+        assert command.spans is not None
+        total = sum(len(ids) for _, ids in command.spans)
+        judge_from = total if command.judge_from is None else command.judge_from
+        live = LiveSession(await self.engine.open(),
+                           Monitor(policy=command.policy.response_policy(),
+                                   policy_start=judge_from), holdback=command.holdback)
+        merged: list[tuple[str, list[int]]] = []
+        for role, ids in command.spans:
+            if merged and merged[-1][0] == role:
+                merged[-1][1].extend(ids)
+            else:
+                merged.append((role, list(ids)))
+        try:
+            for role, ids in merged:
+                live.record(await self.engine.moderate(live.session, ids, role))
+        except BaseException:
+            await self.engine.close(live.session)
+            raise
+        if command.held:
+            flat = [token for _, ids in merged for token in ids]
+            live.held = HeldText(self.token_text(), command.holdback)
+            live.held.add(flat[-command.held:], total)
+        session_id, self._next_id = self._next_id, self._next_id + 1
+        self.sessions[session_id] = live
+        return {"type": "opened", "session": session_id, "length": live.session.length,
+                "resumed": True, "decision": live.decision(), "held_tokens": command.held}
+
+    def token_text(self) -> TokenText:
+        if self._token_text is None:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: text cannot be released")
+            self._token_text = TokenText(self.tokenizer)
+        return self._token_text
+
+    def expire(self, idle_s: float, now: float | None = None) -> list[LiveSession]:
+        """Take out the sessions idle for more than `idle_s` seconds (the caller closes them:
+        `close_sessions`)."""
+        now = time.monotonic() if now is None else now
+        stale = [key for key, live in self.sessions.items() if now - live.last_used > idle_s]
+        return [self.sessions.pop(key) for key in stale]
+
+    async def close_sessions(self, sessions: list[LiveSession]) -> None:
+        for live in sessions:
+            await self.engine.close(live.session)
 
     async def feed(self, command: Command) -> dict[str, Any]:
         session_id, live = self._find(command)
@@ -176,9 +239,7 @@ class Connection:
         if live.text is None:
             live.text = text_stream(self.tokenizer)
         if live.held is None:
-            if self._token_text is None:
-                self._token_text = TokenText(self.tokenizer)
-            live.held = HeldText(self._token_text, live.holdback)
+            live.held = HeldText(self.token_text(), live.holdback)
         saved = live.text.snapshot()
         try:  # a refused step (pool full, bad length, too much text) must not lose the delta
             ids = await asyncio.to_thread(self._push_text, live.text, command.text,
@@ -201,8 +262,9 @@ class Connection:
             live.text.restore(saved)
             raise
         live.held.add(reply["token_ids"], live.session.length)
-        return {**reply, "pending_text": live.pending_text(),
-                "released": live.release(command.final)}
+        released = live.release(command.final)
+        return {**reply, "pending_text": live.pending_text(), "released": released,
+                "held_tokens": len(live.held.ids)}
 
     @staticmethod
     def _push_text(text: IncrementalTokenizer, delta: str, final: bool) -> list[int]:
@@ -235,8 +297,7 @@ class Connection:
     async def close_all(self) -> None:
         """Free every session of this connection (on disconnect)."""
         sessions, self.sessions = list(self.sessions.values()), {}
-        for live in sessions:
-            await self.engine.close(live.session)
+        await self.close_sessions(sessions)
 
     def _find(self, command: Command) -> tuple[int, LiveSession]:
         if command.session is None:
@@ -245,6 +306,8 @@ class Connection:
                                     f"{len(self.sessions)} sessions")
             return next(iter(self.sessions.items()))
         if command.session not in self.sessions:
-            raise ProtocolError(f"unknown session {command.session}: this connection holds "
-                                f"{sorted(self.sessions)}")
-        return command.session, self.sessions[command.session]
+            raise SessionUnknownError(f"unknown session {command.session}: this connection "
+                                      f"holds {sorted(self.sessions)[:16]}")
+        live = self.sessions[command.session]
+        live.last_used = time.monotonic()
+        return command.session, live

@@ -30,6 +30,8 @@ class ServerMetrics:
                                       buckets=BATCH_BUCKETS, registry=r)
         self.kv_blocks_used = Gauge("qguard_kv_blocks_used", "KV pool blocks in use", registry=r)
         self.kv_blocks_total = Gauge("qguard_kv_blocks_total", "KV pool blocks", registry=r)
+        self.sessions_expired = Counter("qguard_sessions_expired", "Idle sessions closed by "
+                                        "the TTL", registry=r)
         self.kv_pool_usage = Gauge("qguard_kv_pool_usage_ratio", "Used / total KV blocks",
                                    registry=r)
 

@@ -5,7 +5,13 @@ Client frames (JSON objects; "id" is optional and echoed back):
   {"type": "open", "messages": [...]}                 prompt scored with the query heads, then the
                                                       assistant header fed (the reply's "prompt"
                                                       verdict says if the policy flags it); or
-  {"type": "open", "token_ids": [...], "role": "user"}  raw ids; or {"type": "open"} (empty)
+  {"type": "open", "token_ids": [...], "role": "user"}  raw ids; or {"type": "open"} (empty); or
+  {"type": "open", "spans": [{"token_ids": [...], "role": "user"}, ...], "judge_from": N,
+   "held": K}                                         a session resumed from its history: the
+                                                      spans rescored in order, the policy judging
+                                                      positions >= judge_from (default: none of
+                                                      the spans), the last K ids' text held back
+  An open with "return_spans": true lists the ids it scored, by role, in the reply's "spans".
   {"type": "feed", "session": 1, "token_ids": [...] | "text": "...", "role": "assistant"}
                                                       text: a delta of the session's running text,
                                                       re-tokenized incrementally; the unstable tail
@@ -40,6 +46,12 @@ class ProtocolError(ValueError):
     """A malformed client frame; the message is sent back in an error frame."""
 
 
+class SessionUnknownError(ProtocolError):
+    """A frame names a session this connection or server does not hold (never opened, closed,
+    expired, or held by a replica that is gone): error code "session_unknown", HTTP 404. A
+    client that kept the session's history re-opens it with "spans" and goes on."""
+
+
 class TooLargeError(ProtocolError):
     """A frame, body, feed or held-back text over a ServerLimits bound (error code "too_large",
     HTTP 413); refused before the work it would cost."""
@@ -54,6 +66,7 @@ class ServerLimits:
     max_feed_text_chars: int = 256 * 1024  # text of one feed, or of an open's messages together
     max_feed_tokens: int = 16384  # token ids scored by one frame (given, or from its text)
     max_pending_chars: int = 16384  # text held back (an unfinished word) between text feeds
+    max_resume_tokens: int = 262144  # token ids of one resumed session's history ("spans")
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -112,6 +125,10 @@ class Command:
     final: bool = False  # text feeds: flush the held-back tail after this delta
     policy: GuardPolicy = OFFICIAL  # open: the session's decision policy
     holdback: int = 0  # open: scored tokens held back before their text is released
+    spans: tuple[tuple[str, list[int]], ...] | None = None  # open: a resumed session's history
+    judge_from: int | None = None  # open with spans: the first position the policy judges
+    held: int = 0  # open with spans: trailing ids whose text is still held back
+    return_spans: bool = False  # open: the reply lists the ids it scored, by role (for resume)
 
 
 def parse_command(frame: str | bytes, limits: ServerLimits | None = None) -> Command:
@@ -129,7 +146,9 @@ def parse_command(frame: str | bytes, limits: ServerLimits | None = None) -> Com
         messages=raw.get("messages"), token_ids=_optional_ids(raw), text=raw.get("text"),
         role=raw.get("role", default_role), length=_optional_int(raw, "length"),
         final=raw.get("final", False), policy=_policy(raw, kind),
-        holdback=_holdback(raw, kind),
+        holdback=_holdback(raw, kind), spans=_spans(raw, kind, limits),
+        judge_from=_optional_int(raw, "judge_from"), held=_optional_int(raw, "held") or 0,
+        return_spans=raw.get("return_spans", False),
     )
     _check(command)
     if command.token_ids is not None:
@@ -150,12 +169,53 @@ def _check(command: Command) -> None:
         raise ProtocolError(f"'text' must be a string, got {command.text!r}")
     if not isinstance(command.final, bool):
         raise ProtocolError(f"'final' must be true or false, got {command.final!r}")
+    if not isinstance(command.return_spans, bool):
+        raise ProtocolError(f"'return_spans' must be true or false, got "
+                            f"{command.return_spans!r}")
     if command.type == "feed" and (command.token_ids is None) == (command.text is None):
         raise ProtocolError("'feed' needs exactly one of 'token_ids' and 'text'")
     if command.type == "open" and command.messages is not None and command.token_ids is not None:
         raise ProtocolError("'open' takes 'messages' or 'token_ids', not both")
     if command.type == "rollback" and command.length is None:
         raise ProtocolError("'rollback' needs an integer 'length'")
+    if command.spans is None and (command.judge_from is not None or command.held):
+        raise ProtocolError("'judge_from' and 'held' go with 'spans' (a resumed session)")
+    if command.spans is not None:
+        if command.messages is not None or command.token_ids is not None:
+            raise ProtocolError("'open' takes one of 'messages', 'token_ids' and 'spans'")
+        total = sum(len(ids) for _, ids in command.spans)
+        judge_from = total if command.judge_from is None else command.judge_from
+        if not 0 <= judge_from <= total:
+            raise ProtocolError(f"'judge_from' must be in [0, {total}] (the spans' length), "
+                                f"got {judge_from}")
+        if not 0 <= command.held <= total - judge_from:
+            raise ProtocolError(f"'held' must be in [0, {total - judge_from}] (ids judged), "
+                                f"got {command.held}")
+
+
+def _spans(raw: dict[str, Any], kind: str, limits: ServerLimits
+           ) -> tuple[tuple[str, list[int]], ...] | None:
+    spans = raw.get("spans")
+    if spans is None:
+        return None
+    if kind != "open":
+        raise ProtocolError(f"'spans' resume a session when it opens, not in {kind!r}")
+    if not isinstance(spans, list) or not spans:
+        raise ProtocolError("'spans' must be a non-empty list of {\"token_ids\", \"role\"}")
+    out = []
+    for index, span in enumerate(spans):
+        if not isinstance(span, dict) or span.get("role") not in ROLES:
+            raise ProtocolError(f"spans[{index}] must be {{\"token_ids\": [...], \"role\": "
+                                f"one of {ROLES}}}, got {span!r:.80}")
+        ids = _optional_ids(span)
+        if ids is None:
+            raise ProtocolError(f"spans[{index}] has no 'token_ids'")
+        out.append((span["role"], ids))
+    total = sum(len(ids) for _, ids in out)
+    if total > limits.max_resume_tokens:
+        raise TooLargeError(f"'spans' hold {total} tokens; the server resumes at most "
+                            f"{limits.max_resume_tokens} (max_resume_tokens)")
+    return tuple(out)
 
 
 def _policy(raw: dict[str, Any], kind: str) -> GuardPolicy:

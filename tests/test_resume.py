@@ -1,0 +1,139 @@
+"""Sessions that survive their server: qguard_stream.client's SessionClient keeps each session's
+history and re-opens it when the server loses it (a restart, an expired TTL), over WebSocket and
+over the HTTP session API, against real servers on loopback. Every reply after a resume must equal
+the reply of the same call on a server that never lost the session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from benchmarks.fake_upstream import Loopback
+from qguard_stream import StreamGuard
+from qguard_stream.client import SessionClient
+from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.server import create_app
+
+PROMPT = [{"role": "user", "content": "How do I bake bread?"}]
+TEXT = ("Mix flour and water — knead ten minutes; 日本語 café, then bake. Let it rest an hour "
+        "before you slice it, or the crumb turns gummy.")
+COMPARED = ("token_ids", "start", "risk_level", "category", "flags", "decision", "released",
+            "pending_text", "held_tokens", "length")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def serve(checkpoint: Path, port: int = 0, ttl: float | None = 600.0) -> Loopback:
+    engine = Engine(StreamGuard.from_pretrained(checkpoint, device="cpu"),
+                    EngineSettings(max_tokens=8192))
+    served = Loopback(create_app(engine, session_ttl_s=ttl), port=port)
+    served.engine = engine
+    return served
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path) -> Iterator[Loopback]:
+    served = serve(tiny_checkpoint)
+    yield served
+    served.stop()
+
+
+def script() -> list[tuple[str, object]]:
+    """Text deltas split inside words and characters, a rollback, token ids, a final flush."""
+    steps: list[tuple[str, object]] = [("text", TEXT[i:i + 7]) for i in range(0, 70, 7)]
+    steps += [("rollback", -3), ("text", TEXT[70:90]), ("final", TEXT[90:])]
+    steps += [("ids", [1234, 5678, 91]), ("text", " And"), ("final", " done.")]
+    return steps
+
+
+def run(session, step: tuple[str, object]) -> dict:
+    kind, value = step
+    if kind == "rollback":
+        return session.rollback(session.length + value)
+    if kind == "ids":
+        return session.feed(token_ids=value)
+    return session.feed(text=value, final=kind == "final")
+
+
+def same(actual: dict, expected: dict) -> None:
+    for key in COMPARED:
+        assert actual.get(key) == expected.get(key), key
+    for key in ("risk_prob", "category_prob"):
+        assert actual.get(key) == pytest.approx(expected.get(key), abs=1e-4)
+
+
+def expected_replies(reference: Loopback, transport: str) -> list[dict]:
+    with SessionClient(reference.url, transport=transport) as client:
+        session = client.open(messages=PROMPT, holdback=2)
+        replies = [run(session, step) for step in script()]
+        session.close()
+    return replies
+
+
+@pytest.mark.parametrize("transport", ["websocket", "http"])
+def test_a_session_resumes_on_a_restarted_server(tiny_checkpoint, reference, transport) -> None:
+    expected = expected_replies(reference, transport)
+    server = serve(tiny_checkpoint)
+    port = int(server.url.rsplit(":", 1)[1])
+    with SessionClient(server.url, transport=transport) as client:
+        session = client.open(messages=PROMPT, holdback=2)
+        for index, step in enumerate(script()):
+            if index in (4, 11):  # the server dies and comes back empty, twice
+                server.stop()
+                server = serve(tiny_checkpoint, port=port)
+            same(run(session, step), expected[index])
+        assert session.resumes == 2
+        session.close()
+    server.stop()
+
+
+def test_idle_sessions_expire_and_resume(tiny_checkpoint, reference) -> None:
+    expected = expected_replies(reference, "http")
+    server = serve(tiny_checkpoint, ttl=0.4)
+    try:
+        with SessionClient(server.url, transport="http") as client:
+            session = client.open(messages=PROMPT, holdback=2)
+            steps = script()
+            same(run(session, steps[0]), expected[0])
+            for _ in range(100):  # the sweep runs every ttl / 4
+                if server.engine.stats().active_sessions == 0:
+                    break
+                time.sleep(0.05)
+            assert server.engine.pool.used_blocks == 0  # expired: its blocks are free
+            for index, step in enumerate(steps[1:], 1):
+                same(run(session, step), expected[index])
+            assert session.resumes == 1
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+            assert "qguard_sessions_expired_total 1.0" in metrics
+    finally:
+        server.stop()
+
+
+def test_http_sessions_and_the_websocket_give_identical_verdicts(reference) -> None:
+    for websocket, http in zip(expected_replies(reference, "websocket"),
+                               expected_replies(reference, "http")):
+        same(http, websocket)
+
+
+def test_http_session_errors_are_typed(reference) -> None:
+    url = f"{reference.url}/v1/sessions"
+    missing = httpx.post(url, json={}, timeout=10)
+    assert missing.status_code == 400 and "x-session-id" in missing.json()["error"]
+    unknown = httpx.post(f"{url}/nope/feed", json={"text": "x"}, timeout=10,
+                         headers={"x-session-id": "nope"})
+    assert unknown.status_code == 404 and unknown.json()["code"] == "session_unknown"
+    headers = {"x-session-id": "s1"}
+    assert httpx.post(url, json={"token_ids": [1, 2]}, headers=headers,
+                      timeout=10).status_code == 200
+    twice = httpx.post(url, json={"token_ids": [1, 2]}, headers=headers, timeout=10)
+    assert twice.status_code == 409 and twice.json()["code"] == "session_exists"
+    bad = httpx.post(f"{url}/s1/feed", json={"token_ids": [-1]}, headers=headers, timeout=10)
+    assert bad.status_code == 400 and bad.json()["code"] == "bad_request"
+    spans = httpx.post(url, headers={"x-session-id": "s2"}, timeout=10, json={
+        "spans": [{"token_ids": [1, 2], "role": "user"}], "judge_from": 3})
+    assert spans.status_code == 400 and "judge_from" in spans.json()["error"]
+    assert httpx.delete(f"{url}/s1", headers=headers, timeout=10).json()["type"] == "closed"
+    assert httpx.delete(f"{url}/s1", headers=headers, timeout=10).status_code == 404
