@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 STREAM_PATH = "/v1/stream"
 SESSION_HEADER = "x-session-id"
-RESUME_ATTEMPTS = 4  # re-opens tried for one call before its error is raised
+RESUME_WITHIN_S = 30.0  # how long one call keeps re-opening its session before giving up
 T = TypeVar("T")
 
 
@@ -358,6 +358,7 @@ class AsyncSession:
         self.transport, self.key, self.log = transport, key, log
         self.opened: dict[str, Any] = {}  # the server's reply to the first open
         self.resumes = 0  # how many times it was re-opened
+        self.resume_within_s = RESUME_WITHIN_S
         self.closed = False
 
     @property
@@ -400,23 +401,29 @@ class AsyncSession:
 
     async def _call(self, kind: str, frame: Callable[[bool], dict[str, Any]]
                     ) -> dict[str, Any]:
+        """Send the call; when the session is lost, re-open it from the log and send again,
+        backing off while no server answers, for up to `resume_within_s` seconds."""
         if self.closed:
             raise GuardServerError("bad_request", f"session {self.key} is closed")
-        resumed = False
-        for attempt in range(RESUME_ATTEMPTS + 1):
+        loop = asyncio.get_running_loop()
+        deadline, delay, resumed = loop.time() + self.resume_within_s, 0.05, False
+        while True:
             try:
                 return await self.transport.send(self.key, kind, frame(resumed))
             except (SessionLostError, GuardUnavailableError):
-                if attempt == RESUME_ATTEMPTS:
+                if loop.time() >= deadline:
                     raise
-                await asyncio.sleep(0.05 * 2 ** attempt if attempt else 0)
+            while True:  # re-open, on whichever server now takes the session's key
                 try:
                     await self.transport.open(self.key, self.log.resume_frame())
+                    break
                 except GuardUnavailableError:
-                    continue  # no replica yet: back off, try again
-                self.resumes += 1
-                resumed = True
-        raise AssertionError("unreachable")
+                    if loop.time() >= deadline:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(1.0, delay * 2)
+            self.resumes += 1
+            resumed = True
 
 
 class AsyncSessionClient:

@@ -18,11 +18,8 @@ from qguard_stream.client import SessionClient
 from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.server import create_app
 
-PROMPT = [{"role": "user", "content": "How do I bake bread?"}]
-TEXT = ("Mix flour and water — knead ten minutes; 日本語 café, then bake. Let it rest an hour "
-        "before you slice it, or the crumb turns gummy.")
-COMPARED = ("token_ids", "start", "risk_level", "category", "flags", "decision", "released",
-            "pending_text", "held_tokens", "length")
+from oracles import PROMPT, expected_replies, run, same, script
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -39,38 +36,6 @@ def reference(tiny_checkpoint: Path) -> Iterator[Loopback]:
     served = serve(tiny_checkpoint)
     yield served
     served.stop()
-
-
-def script() -> list[tuple[str, object]]:
-    """Text deltas split inside words and characters, a rollback, token ids, a final flush."""
-    steps: list[tuple[str, object]] = [("text", TEXT[i:i + 7]) for i in range(0, 70, 7)]
-    steps += [("rollback", -3), ("text", TEXT[70:90]), ("final", TEXT[90:])]
-    steps += [("ids", [1234, 5678, 91]), ("text", " And"), ("final", " done.")]
-    return steps
-
-
-def run(session, step: tuple[str, object]) -> dict:
-    kind, value = step
-    if kind == "rollback":
-        return session.rollback(session.length + value)
-    if kind == "ids":
-        return session.feed(token_ids=value)
-    return session.feed(text=value, final=kind == "final")
-
-
-def same(actual: dict, expected: dict) -> None:
-    for key in COMPARED:
-        assert actual.get(key) == expected.get(key), key
-    for key in ("risk_prob", "category_prob"):
-        assert actual.get(key) == pytest.approx(expected.get(key), abs=1e-4)
-
-
-def expected_replies(reference: Loopback, transport: str) -> list[dict]:
-    with SessionClient(reference.url, transport=transport) as client:
-        session = client.open(messages=PROMPT, holdback=2)
-        replies = [run(session, step) for step in script()]
-        session.close()
-    return replies
 
 
 @pytest.mark.parametrize("transport", ["websocket", "http"])

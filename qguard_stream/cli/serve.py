@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 
 from qguard_stream.engine.settings import EngineSettings
+from qguard_stream.server.protocol import ServerLimits
 
 API_KEY_ENV = "QGUARD_STREAM_API_KEY"
 
@@ -45,6 +48,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="characters held back between text feeds (an unfinished word)")
     parser.add_argument("--open-docs", action="store_true",
                         help="with an API key, serve /docs, /redoc and /openapi.json anyway")
+    parser.add_argument("--session-ttl", type=float, default=600.0,
+                        help="seconds an idle session is kept (default 600)")
+    ray = parser.add_argument_group("Ray Serve (the ray extra): replicas with sticky sessions")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve")
+    ray.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    ray.add_argument("--autoscale", type=autoscale_range, default=None, metavar="MIN:MAX",
+                     help="autoscale between MIN and MAX replicas instead")
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0)
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    ray.add_argument("--target-ongoing-requests", type=float, default=64.0,
+                     help="autoscaling target per replica (a WebSocket counts as one)")
+    ray.add_argument("--ray-address", default=None,
+                     help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")
+
+
+def autoscale_range(text: str) -> tuple[int, int]:
+    """'MIN:MAX' replicas."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas, got {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, MAX >= 1, got {text!r}")
+    return low, high
 
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
@@ -55,8 +82,15 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
                           pool_wait_timeout_s=args.pool_wait_timeout)
 
 
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(args.max_frame_bytes, args.max_json_depth, args.max_feed_text,
+                        args.max_feed_tokens, args.max_pending_text)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted."""
+    if args.ray:
+        return run_ray(args)
     try:
         import uvicorn
 
@@ -74,18 +108,56 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.torch_threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     guard = StreamGuard.from_pretrained(args.model, device=args.device, dtype=dtype)
-    from qguard_stream.server.protocol import ServerLimits
-
-    limits = ServerLimits(args.max_frame_bytes, args.max_json_depth, args.max_feed_text,
-                          args.max_feed_tokens, args.max_pending_text)
     app = create_app(Engine(guard, settings_from_args(args)),
-                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, limits=limits,
-                     open_docs=args.open_docs)
+                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                     limits=limits_from_args(args), open_docs=args.open_docs,
+                     session_ttl_s=args.session_ttl)
     # Frames over --max-frame-bytes get a 'too_large' error frame; past uvicorn's own bound
     # (16 MiB, or the limit if larger) the WebSocket layer closes the connection (1009).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 ws_max_size=max(16 << 20, args.max_frame_bytes + 1))
     return 0
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """Deploy on Ray Serve (an existing cluster, or a local one) and wait until interrupted;
+    the application is deleted on the way out."""
+    try:
+        import ray
+        from ray import serve
+
+        from qguard_stream.deploy.ray import build_app
+    except ImportError as err:
+        print(f"error: 'serve --ray' needs the ray extra: {err} (pip install "
+              f"'qguard-stream[ray]')", file=sys.stderr)
+        return 2
+    app = build_app(args.model, replicas=args.replicas, autoscale=args.autoscale,
+                    num_gpus_per_replica=args.num_gpus_per_replica,
+                    num_cpus_per_replica=args.num_cpus_per_replica,
+                    target_ongoing_requests=args.target_ongoing_requests,
+                    api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                    device=args.device, dtype=args.dtype, torch_threads=args.torch_threads,
+                    settings=settings_from_args(args), limits=limits_from_args(args),
+                    session_ttl_s=args.session_ttl)
+    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+             include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="qguard-stream", route_prefix="/")
+    print(f"qguard-stream on Ray Serve at http://{args.host}:{args.port} "
+          f"(WebSocket ws://{args.host}:{args.port}/v1/stream)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a stop request deletes the app like Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete("qguard-stream")
+    return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

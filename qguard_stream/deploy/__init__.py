@@ -1,0 +1,1 @@
+"""Deployments past one process: Ray Serve (`qguard_stream.deploy.ray`, the `ray` extra)."""

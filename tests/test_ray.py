@@ -1,0 +1,185 @@
+"""The guard on Ray Serve (`qguard-stream serve --ray`): two replicas of a tiny checkpoint on a
+local Ray cluster (2 CPUs, half a CPU per replica), reached over loopback through Serve's HTTP
+proxy. Sessions stick to one replica for all their calls (x-session-id, consistent hashing, no
+fallback); when a replica is killed mid-stream its sessions resume through qguard_stream.client on
+a live one, and every reply equals that of a single-process server that never lost them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("the ray extra is not installed", allow_module_level=True)
+
+import ray
+import websockets.sync.client
+
+from benchmarks.fake_upstream import Loopback
+from qguard_stream import StreamGuard
+from qguard_stream.client import SessionClient
+from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.server import create_app
+
+from oracles import PROMPT, expected_replies, run, same, script
+
+STARTUP_S = 150
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path) -> Iterator[Loopback]:
+    engine = Engine(StreamGuard.from_pretrained(tiny_checkpoint, device="cpu"),
+                    EngineSettings(max_tokens=8192))
+    served = Loopback(create_app(engine))
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
+    """`qguard-stream serve --ray --replicas 2` against a local cluster this process starts."""
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    executable = shutil.which("qguard-stream", path=str(Path(sys.executable).parent))
+    log_path = tmp_path_factory.mktemp("ray") / "serve.log"
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [executable or "qguard-stream", "serve", "--ray", "--model", str(tiny_checkpoint),
+         "--replicas", "2", "--num-cpus-per-replica", "0.5", "--torch-threads", "1",
+         "--max-tokens", "8192", "--host", "127.0.0.1", "--port", str(port),
+         "--ray-address", context.address_info["gcs_address"]],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the Ray deployment did not start: "
+                                 + log_path.read_text()[-3000:])
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        ray.shutdown()
+
+
+def replica_actor(replica: str):
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].endswith(replica) and "SERVE_REPLICA" in actor["name"]:
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise AssertionError(f"no replica actor named ...{replica}")
+
+
+def test_sessions_stick_to_one_replica_and_both_replicas_serve(deployment) -> None:
+    by_session: dict[str, set[str]] = {}
+    for number in range(16):
+        key = f"sticky-{number}"
+        headers = {"x-session-id": key}
+        replies = [httpx.post(f"{deployment}/v1/sessions", headers=headers, timeout=30,
+                              json={"messages": PROMPT})]
+        replies += [httpx.post(f"{deployment}/v1/sessions/{key}/feed", headers=headers,
+                               timeout=30, json={"text": f" chunk {i}"}) for i in range(4)]
+        assert all(reply.status_code == 200 for reply in replies), replies[-1].text
+        by_session[key] = {reply.headers["x-qguard-replica"] for reply in replies}
+        httpx.delete(f"{deployment}/v1/sessions/{key}", headers=headers, timeout=30)
+    assert all(len(replicas) == 1 for replicas in by_session.values()), by_session
+    assert len(set().union(*by_session.values())) == 2  # both replicas hold sessions
+    # a WebSocket connection stays on the replica that accepted it
+    with websockets.sync.client.connect(
+            deployment.replace("http", "ws") + "/v1/stream",
+            additional_headers={"x-session-id": "ws-1"}) as socket_:
+        socket_.send(json.dumps({"type": "open", "token_ids": [1, 2, 3]}))
+        assert json.loads(socket_.recv(timeout=30))["replica"] in set().union(
+            *by_session.values())
+
+
+def test_sessions_of_a_killed_replica_resume_elsewhere(deployment, reference) -> None:
+    expected = {transport: expected_replies(reference, transport)
+                for transport in ("http", "websocket")}
+    steps = script()
+    clients = {transport: SessionClient(deployment, transport=transport)
+               for transport in ("http", "websocket")}
+    try:
+        sessions = [(transport, clients[transport].open(messages=PROMPT, holdback=2))
+                    for transport in ["http"] * 6 + ["websocket"] * 2]
+        for index, step in enumerate(steps[:5]):
+            for transport, session in sessions:
+                same(run(session, step), expected[transport][index])
+        victim = sessions[0][1].opened["replica"]
+        ray.kill(replica_actor(victim), no_restart=True)
+        for index, step in enumerate(steps[5:], 5):
+            for transport, session in sessions:
+                same(run(session, step), expected[transport][index])
+        moved = [session for _, session in sessions if session.opened["replica"] == victim]
+        assert moved and all(session.resumes >= 1 for session in moved)
+        for _, session in sessions:
+            session.close()
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def test_build_app_and_autoscale_options_are_checked(tiny_checkpoint) -> None:
+    from qguard_stream.cli.serve import autoscale_range
+    from qguard_stream.deploy.ray import build_app
+
+    assert autoscale_range("1:4") == (1, 4)
+    for bad in ("4:1", "x", "0:0"):
+        with pytest.raises(Exception, match="MIN"):
+            autoscale_range(bad)
+    with pytest.raises(ValueError, match="replicas must be an int"):
+        build_app(str(tiny_checkpoint), replicas=0)
+    with pytest.raises(ValueError, match="autoscale"):
+        build_app(str(tiny_checkpoint), autoscale=(3, 2))
+    app = build_app(str(tiny_checkpoint), autoscale=(1, 3))  # binds without a cluster
+    assert app is not None
+
+
+def test_the_autoscaler_adds_replicas_when_the_kv_pools_fill() -> None:
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from qguard_stream.deploy.ray import KV_METRIC, kv_aware_policy
+
+    def context(usage: dict[str, float]) -> AutoscalingContext:
+        return AutoscalingContext(
+            deployment_id=None, deployment_name="g", app_name="a", current_num_replicas=2,
+            target_num_replicas=2, running_replicas=list(usage), total_num_requests=2.0,
+            total_queued_requests=0.0, aggregated_metrics={KV_METRIC: usage}, raw_metrics={},
+            capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=8,
+            policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
+            current_time=time.time(),
+            config=AutoscalingConfig(min_replicas=1, max_replicas=8,
+                                     target_ongoing_requests=64))
+
+    full, _ = kv_aware_policy(context({"r1": 0.9, "r2": 0.9}))
+    assert full == 3  # ceil(2 replicas x 0.9 / 0.75)
+    light, _ = kv_aware_policy(context({"r1": 0.1, "r2": 0.2}))
+    assert light <= 2  # requests alone decide: few ongoing, no scale-up
