@@ -8,6 +8,10 @@ assistant tokens `--rate` times a second (one chunk in flight; a late reply dela
 with no catch-up burst) for `--duration` seconds, rolling back to its prompt when the session
 reaches `--max-session-tokens`. Reports throughput (tokens/s), p50/p99 verdict latency (send ->
 reply) and peak KV pool use (from /metrics). Bounded in clients, rate and time; loopback only.
+
+With `--ray-replicas N` the server is `qguard-stream serve --ray --replicas N` on a local Ray
+cluster (the ray extra), each client's connection carrying its own x-session-id, so clients
+spread over the replicas; /metrics then reports whichever replica answers it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
     command = [sys.executable, "-m", "qguard_stream.server", "--model", model, "--host",
                "127.0.0.1", "--port", str(port), "--max-tokens", str(args.kv_tokens),
                "--block-size", str(args.block_size), "--log-level", "warning"]
+    if args.ray_replicas:
+        cpus = max(0.1, round((os.cpu_count() or 2) / args.ray_replicas, 2))
+        command += ["--ray", "--replicas", str(args.ray_replicas),
+                    "--num-cpus-per-replica", str(cpus)]
     if args.device:
         command += ["--device", args.device]
     if args.torch_threads:
@@ -58,7 +66,7 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
     return subprocess.Popen(command, env=env)
 
 
-def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 120.0) -> None:
+def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -82,7 +90,8 @@ async def client(url: str, seed: int, args: argparse.Namespace, stop_at: float) 
     rng = random.Random(seed)
     result = ClientResult()
     prompt = [rng.randrange(VOCAB) for _ in range(args.prompt_tokens)]
-    async with websockets.connect(url, open_timeout=60, max_size=None) as ws:
+    async with websockets.connect(url, open_timeout=60, max_size=None,
+                                  additional_headers={"x-session-id": f"load-{seed}"}) as ws:
         await ws.send(json.dumps({"type": "open", "token_ids": prompt}))
         length = json.loads(await ws.recv())["length"]
         next_send = time.monotonic() + rng.random() / args.rate  # spread the clients' phases
@@ -153,7 +162,7 @@ def report(args: argparse.Namespace, results: list[ClientResult], elapsed: float
     return {
         "clients": args.clients, "rate_per_client": args.rate, "chunk": args.chunk,
         "duration_s": round(elapsed, 1), "shape": args.shape if not args.model else args.model,
-        "torch_threads": args.torch_threads,
+        "torch_threads": args.torch_threads, "ray_replicas": args.ray_replicas,
         "tokens": tokens, "throughput_tok_s": round(tokens / elapsed, 1),
         "p50_ms": round(1000 * percentile(latencies, 0.50), 1),
         "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
@@ -178,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-tokens", type=int, default=65536, help="KV pool size in tokens")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--torch-threads", type=int, default=None, help="server's torch threads")
+    parser.add_argument("--ray-replicas", type=int, default=0,
+                        help="serve on Ray Serve with this many replicas (0: one process)")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
         parser.error(f"--clients must be in 1..{MAX_CLIENTS}, got {args.clients}")

@@ -31,6 +31,7 @@ from qguard_stream import StreamGuard
 from qguard_stream.client import SessionClient
 from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.server import create_app
+from qguard_stream.server.protocol import ServerLimits
 
 from oracles import PROMPT, expected_replies, run, same, script
 
@@ -145,6 +146,43 @@ def test_sessions_of_a_killed_replica_resume_elsewhere(deployment, reference) ->
     finally:
         for client in clients.values():
             client.close()
+
+
+def test_scaling_down_moves_sessions_to_the_remaining_replica(deployment, reference,
+                                                              tiny_checkpoint) -> None:
+    """Redeploying with one replica (Serve stops replicas as it sees fit): sessions whose
+    replica went away resume on the one left, replies unchanged."""
+    from ray import serve
+
+    from qguard_stream.deploy.ray import build_app
+
+    expected = expected_replies(reference, "http")
+    steps = script()
+    with SessionClient(deployment, transport="http") as client:
+        sessions = [client.open(messages=PROMPT, holdback=2) for _ in range(6)]
+        for index, step in enumerate(steps[:5]):
+            for session in sessions:
+                same(run(session, step), expected[index])
+        serve.run(build_app(str(tiny_checkpoint), replicas=1, num_cpus_per_replica=0.5,
+                            torch_threads=1, settings=EngineSettings(max_tokens=8192),
+                            limits=ServerLimits()),
+                  name="qguard-stream", route_prefix="/")
+        for _ in range(240):  # until the stopped replica has left
+            if len(ray_replicas()) == 1:
+                break
+            time.sleep(0.25)
+        assert len(ray_replicas()) == 1
+        for index, step in enumerate(steps[5:], 5):
+            for session in sessions:
+                same(run(session, step), expected[index])
+        assert any(session.resumes for session in sessions)  # some lived on the stopped one
+        for session in sessions:
+            session.close()
+
+
+def ray_replicas() -> list[str]:
+    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if "SERVE_REPLICA" in actor["name"]]
 
 
 def test_build_app_and_autoscale_options_are_checked(tiny_checkpoint) -> None:
