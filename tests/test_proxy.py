@@ -19,6 +19,7 @@ from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.proxy.app import create_proxy_app
+from qguard_stream.server import create_app
 
 BOMB, FUSE, IM_END = 12764, 31702, 151645
 FLAGGED = "Mix flour and water. Light the bomb fuse now, then run."
@@ -226,3 +227,29 @@ def test_metrics_count_requests_flags_and_the_added_latency(proxy, upstream) -> 
     assert 'qguard_proxy_flags_total{category=' in text
     assert "qguard_proxy_added_seconds_per_chunk_count" in text
     assert httpx.get(f"{proxy.url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_the_proxy_can_use_a_guard_server(upstream, tmp_path_factory) -> None:
+    """--guard-url: the same guarantees with the guard in a `qguard-stream serve` elsewhere."""
+    engine = Engine(trigger_guard(tmp_path_factory.mktemp("remote"), [BOMB, FUSE]),
+                    EngineSettings(max_tokens=65536))
+    server = Loopback(create_app(engine, api_key="guard-key"))
+    proxy = Loopback(create_proxy_app(None, f"{upstream.loop.url}/v1", guard_url=server.url,
+                                      guard_api_key="guard-key"))
+    try:
+        text, chunks = streamed(proxy)
+        assert text == CLEAN and chunks[-1].choices[0].finish_reason == "stop"
+        upstream.text = FLAGGED
+        text, chunks = streamed(proxy)
+        assert text == SAFE_PREFIX and chunks[-1].choices[0].finish_reason == "content_filter"
+        for _ in range(200):  # each request's connection, and its sessions, are gone
+            if engine.stats().active_sessions == 0:
+                break
+            time.sleep(0.05)
+        assert engine.pool.used_blocks == 0
+        server.stop()  # the guard is gone: fail closed
+        with pytest.raises(openai.InternalServerError, match="failing closed"):
+            client(proxy).chat.completions.create(model="fake", messages=ask())
+    finally:
+        proxy.stop()
+        server.stop()

@@ -3,6 +3,7 @@ moderates prompts and streamed responses with Qwen3Guard-Stream (see qguard_stre
 Needs the server extra.
 
     qguard-stream proxy --upstream http://127.0.0.1:8001/v1 --model Qwen/Qwen3Guard-Stream-0.6B
+    qguard-stream proxy --upstream http://127.0.0.1:8001/v1 --guard-url ws://guard-box:8000
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `qguard-stream proxy`."""
     parser.add_argument("--upstream", required=True,
                         help="the OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
-    parser.add_argument("--model", required=True, help="guard checkpoint directory or hub id")
+    guard = parser.add_mutually_exclusive_group(required=True)
+    guard.add_argument("--model", help="guard checkpoint directory or hub id (run in-process)")
+    guard.add_argument("--guard-url", help="a running `qguard-stream serve` or its Ray Serve "
+                                           "deployment, e.g. ws://guard-box:8000")
+    parser.add_argument("--guard-api-key", default=None, help="the guard server's --api-key")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
@@ -54,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
     from qguard_stream.engine import Engine, EngineSettings
     from qguard_stream.stream import StreamGuard
 
-    guard = StreamGuard.from_pretrained(args.model, device=args.device)
-    settings = EngineSettings(kv_memory_gb=args.kv_memory_gb) if args.kv_memory_gb else None
+    engine = None
+    if args.model is not None:
+        guard = StreamGuard.from_pretrained(args.model, device=args.device)
+        settings = EngineSettings(kv_memory_gb=args.kv_memory_gb) if args.kv_memory_gb else None
+        engine = Engine(guard, settings)
     try:
         app = create_proxy_app(
-            Engine(guard, settings), args.upstream,
+            engine, args.upstream, guard_url=args.guard_url, guard_api_key=args.guard_api_key,
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
             upstream_api_key=args.upstream_api_key or os.environ.get(UPSTREAM_KEY_ENV) or None,
             holdback=args.holdback, policy=args.policy, prompt_flag=args.prompt_flag,

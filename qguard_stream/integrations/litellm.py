@@ -49,7 +49,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavailableError
 from qguard_stream.policy import GuardPolicy
-from qguard_stream.proxy.guard import Guards, RemoteChoice, text_messages
+from qguard_stream.proxy.guard import ChoiceGuard, Guards, text_messages
 from qguard_stream.server.protocol import MAX_HOLDBACK
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ class QGuardStream(CustomGuardrail):
         return AsyncEngine(Engine(guard)), guard.tokenizer
 
     async def open_choice(self, client: AsyncGuardClient,
-                          messages: list[dict[str, str]]) -> tuple[RemoteChoice, dict[str, Any]]:
-        return await RemoteChoice.open(client, messages, self.policy, self.holdback)
+                          messages: list[dict[str, str]]) -> tuple[ChoiceGuard, dict[str, Any]]:
+        return await ChoiceGuard.open(client, messages, self.policy, self.holdback)
 
     def unavailable(self, error: BaseException) -> HTTPException:
         log.error("qguard-stream guardrail failed closed: %s", error)
@@ -227,7 +227,7 @@ class QGuardStream(CustomGuardrail):
             await client.aclose()
 
     async def _next_choice(self, client: AsyncGuardClient,
-                           messages: list[dict[str, str]]) -> RemoteChoice:
+                           messages: list[dict[str, str]]) -> ChoiceGuard:
         choice, _ = await self.open_choice(client, messages)
         return choice
 
@@ -243,7 +243,7 @@ def _is_bad_request(error: BaseException) -> bool:
     return isinstance(error, GuardServerError) and error.code in ("bad_request", "too_large")
 
 
-async def _no_choice() -> RemoteChoice:
+async def _no_choice() -> ChoiceGuard:
     raise GuardUnavailableError("no guard")
 
 

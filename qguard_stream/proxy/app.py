@@ -29,13 +29,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.background import BackgroundTask
 
-from qguard_stream.engine import AsyncEngine, Engine, Session
-from qguard_stream.integrations.retokenize import TokenText
+from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavailableError
+from qguard_stream.engine import AsyncEngine, Engine
 from qguard_stream.policy import GuardPolicy
-from qguard_stream.proxy.guard import Guards, ResponseGuard, open_prompt, text_messages
+from qguard_stream.proxy.guard import ChoiceGuard, Guards, text_messages
 from qguard_stream.server.app import PROMETHEUS_TYPE, is_authorized
-from qguard_stream.server.protocol import ServerLimits, TooLargeError, load_json
-from qguard_stream.verdicts import Verdicts
+from qguard_stream.server.protocol import MAX_HOLDBACK, ServerLimits, TooLargeError, load_json
 
 log = logging.getLogger(__name__)
 FORWARDED_HEADERS = ("openai-organization", "openai-project")
@@ -60,23 +59,36 @@ def openai_error(message: str, status: int, kind: str = "invalid_request_error",
                                    "code": code}}, status_code=status)
 
 
-def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
+def create_proxy_app(engine: Engine | None, upstream: str, api_key: str | None = None,
                      upstream_api_key: str | None = None, holdback: int = 2,
                      policy: str = "official", prompt_flag: str = "completion",
                      fail_open: bool = False, limits: ServerLimits | None = None,
-                     upstream_timeout_s: float = 600.0) -> FastAPI:
-    """The proxy app over `engine` (its guard's tokenizer re-tokenizes the upstream's text)."""
+                     upstream_timeout_s: float = 600.0, guard_url: str | None = None,
+                     guard_api_key: str | None = None) -> FastAPI:
+    """The proxy app over `engine` in this process (its guard's tokenizer re-tokenizes the
+    upstream's text), or, with `engine=None`, over a guard server at `guard_url` (`qguard-stream
+    serve`, or its Ray Serve deployment), one WebSocket per request."""
     default_policy = GuardPolicy.parse(policy)
     if prompt_flag not in ("completion", "error"):
         raise ValueError(f"prompt_flag must be 'completion' or 'error', got {prompt_flag!r}")
-    if isinstance(holdback, bool) or not isinstance(holdback, int) or holdback < 0:
-        raise ValueError(f"holdback must be an int >= 0, got {holdback!r}")
-    tokenizer = engine.guard.tokenizer
-    if tokenizer is None:
-        raise ValueError("the proxy needs the checkpoint's tokenizer (none was found)")
+    if isinstance(holdback, bool) or not isinstance(holdback, int) or \
+            not 0 <= holdback <= MAX_HOLDBACK:
+        raise ValueError(f"holdback must be an int in [0, {MAX_HOLDBACK}], got {holdback!r}")
+    if (engine is None) == (guard_url is None):
+        raise ValueError("the proxy needs exactly one of an engine and a guard_url")
     limits = limits or ServerLimits()
-    runtime = AsyncEngine(engine)
-    token_text = TokenText(tokenizer)
+    runtime = None
+    if engine is not None:
+        if engine.guard.tokenizer is None:
+            raise ValueError("the proxy needs the checkpoint's tokenizer (none was found)")
+        runtime = AsyncEngine(engine)
+
+    async def connect() -> AsyncGuardClient:
+        if runtime is not None:
+            return AsyncGuardClient.in_process(runtime, engine.guard.tokenizer, limits)
+        assert guard_url is not None
+        return await AsyncGuardClient.connect(guard_url, guard_api_key)
+
     metrics = ProxyMetrics()
     base = upstream.rstrip("/")
     if base.endswith("/v1"):
@@ -87,7 +99,8 @@ def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await client.aclose()
-        await runtime.aclose()
+        if runtime is not None:
+            await runtime.aclose()
 
     app = FastAPI(title="qguard-stream proxy", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
@@ -138,69 +151,65 @@ def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
             return openai_error(str(error), 413)
         except ValueError as error:
             return openai_error(str(error), 400, param="messages")
+        guard = None
         try:
-            session, prompt, header_ids = await open_prompt(runtime, tokenizer, messages)
-        except ValueError as error:  # e.g. the last message is not the user's
-            return openai_error(str(error), 400, param="messages")
-        except Exception as error:
+            guard = await connect()
+            first, prompt = await ChoiceGuard.open(guard, messages, chosen, holdback)
+        except GuardServerError as error:
+            if guard is not None:
+                await guard.aclose()
+            if error.code in ("bad_request", "too_large"):  # e.g. the last turn is not the user's
+                return openai_error(error.message, 413 if error.code == "too_large" else 400,
+                                    param="messages")
             return await guard_failed(error, request, raw)
-        headers = {"x-qguard-prompt-risk": prompt.risk_level[-1],
-                   "x-qguard-prompt-category": prompt.category[-1]}
-        if chosen.prompt_flagged(prompt):
-            await runtime.close(session)
+        except Exception as error:
+            if guard is not None:
+                await guard.aclose()
+            return await guard_failed(error, request, raw)
+        headers = {"x-qguard-prompt-risk": prompt["risk_level"],
+                   "x-qguard-prompt-category": prompt["category"]}
+        if prompt["flagged"]:
+            await guard.aclose()
             metrics.requests.labels("prompt_flagged").inc()
-            metrics.flags.labels("prompt", prompt.category[-1]).inc()
+            metrics.flags.labels("prompt", prompt["category"]).inc()
             return prompt_refusal(body, prompt, headers)
-        sessions = [session]
-        try:
-            await runtime.moderate(session, header_ids, "assistant")
-            reply = await client.send(client.build_request(
-                "POST", f"{base}/v1/chat/completions", content=raw,
-                headers=upstream_headers(request)), stream=True)
-        except BaseException as error:
-            await close_all(sessions)
-            if isinstance(error, httpx.HTTPError):
-                return openai_error(f"upstream unreachable: {error}", 502, "upstream_error")
-            if isinstance(error, Exception):
-                return await guard_failed(error, request, raw)
-            raise
-        if reply.status_code != 200:  # passed back as the upstream sent it
-            content = await reply.aread()
-            await reply.aclose()
-            await close_all(sessions)
-            metrics.requests.labels("upstream_error").inc()
-            return Response(content, status_code=reply.status_code,
-                            media_type=reply.headers.get("content-type"))
 
-        def respond(session: Session) -> ResponseGuard:
-            return ResponseGuard(runtime, session, tokenizer, token_text,
-                                 chosen.response_policy(), holdback)
-
-        async def open_choice() -> ResponseGuard:
-            session, _, header_ids = await open_prompt(runtime, tokenizer, messages)
-            try:
-                await runtime.moderate(session, header_ids, "assistant")
-            except BaseException:
-                await runtime.close(session)
-                raise
-            return respond(session)
+        async def open_choice() -> ChoiceGuard:
+            choice, _ = await ChoiceGuard.open(guard, messages, chosen, holdback)
+            return choice
 
         def on_flag(verdict: dict[str, Any]) -> None:
             metrics.flags.labels("response", verdict["category"]).inc()
 
-        guards = Guards(open_choice, respond(session), on_flag)
+        guards = Guards(open_choice, first, on_flag)
+        try:
+            reply = await client.send(client.build_request(
+                "POST", f"{base}/v1/chat/completions", content=raw,
+                headers=upstream_headers(request)), stream=True)
+        except BaseException as error:
+            await close_guards(guards, guard)
+            if isinstance(error, httpx.HTTPError):
+                return openai_error(f"upstream unreachable: {error}", 502, "upstream_error")
+            raise
+        if reply.status_code != 200:  # passed back as the upstream sent it
+            content = await reply.aread()
+            await reply.aclose()
+            await close_guards(guards, guard)
+            metrics.requests.labels("upstream_error").inc()
+            return Response(content, status_code=reply.status_code,
+                            media_type=reply.headers.get("content-type"))
         if body.get("stream") is True:  # cleanup also as a background task: it runs even when
             # the client leaves before the stream starts (then the generator never runs)
-            return StreamingResponse(guarded_stream(reply, guards, metrics), headers=headers,
-                                     media_type="text/event-stream",
-                                     background=BackgroundTask(release, reply, guards))
+            return StreamingResponse(guarded_stream(reply, guards, guard, metrics),
+                                     headers=headers, media_type="text/event-stream",
+                                     background=BackgroundTask(release, reply, guards, guard))
         try:
             data = json.loads(await reply.aread())
             await guards.check_completion(data)
         finally:
             await reply.aclose()
             metrics.tokens.inc(guards.tokens_scored)
-            await guards.close()
+            await close_guards(guards, guard)
         metrics.requests.labels("completed").inc()
         return JSONResponse(data, headers=headers)
 
@@ -215,9 +224,9 @@ def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
         return Response(reply.content, status_code=reply.status_code,
                         media_type=reply.headers.get("content-type"))
 
-    def prompt_refusal(body: dict, prompt: Verdicts, headers: dict[str, str]) -> Response:
-        verdict = {"stage": "prompt", "risk_level": prompt.risk_level[-1],
-                   "category": prompt.category[-1], "position": prompt.positions[-1]}
+    def prompt_refusal(body: dict, prompt: dict[str, Any], headers: dict[str, str]) -> Response:
+        verdict = {"stage": "prompt", **{key: prompt[key] for key in
+                                         ("risk_level", "category", "position")}}
         if prompt_flag == "error":
             return JSONResponse({"error": {
                 "message": f"the prompt was flagged {verdict['risk_level']} "
@@ -241,14 +250,10 @@ def create_proxy_app(engine: Engine, upstream: str, api_key: str | None = None,
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
             "qguard": verdict}, headers=headers)
 
-    async def close_all(sessions: list[Session]) -> None:
-        for session in sessions:
-            await runtime.close(session)
-
     return app
 
 
-async def guarded_stream(reply: httpx.Response, guards: Guards,
+async def guarded_stream(reply: httpx.Response, guards: Guards, guard: AsyncGuardClient,
                          metrics: ProxyMetrics) -> AsyncIterator[str]:
     """The upstream's SSE events with each choice's text released as its guard allows."""
     outcome = "completed"
@@ -281,14 +286,24 @@ async def guarded_stream(reply: httpx.Response, guards: Guards,
         if outcome == "completed" and any(g.flag is not None for g in guards.by_choice.values()):
             outcome = "response_flagged"
         metrics.requests.labels(outcome).inc()
-        cleanup = asyncio.ensure_future(release(reply, guards))
+        cleanup = asyncio.ensure_future(release(reply, guards, guard))
         try:  # a client that hangs up cancels us here: the cleanup finishes regardless
             await asyncio.shield(cleanup)
         except asyncio.CancelledError:
             pass
 
 
-async def release(reply: httpx.Response, guards: Guards) -> None:
+async def release(reply: httpx.Response, guards: Guards, guard: AsyncGuardClient) -> None:
     """Close the upstream response and the request's sessions (idempotent)."""
     await reply.aclose()
-    await guards.close()
+    await close_guards(guards, guard)
+
+
+async def close_guards(guards: Guards, guard: AsyncGuardClient) -> None:
+    """Close a request's sessions and its guard connection (idempotent; a guard that is gone
+    has freed them already)."""
+    try:
+        await guards.close()
+    except (GuardServerError, GuardUnavailableError):
+        pass
+    await guard.aclose()

@@ -1,26 +1,21 @@
 """Guarding OpenAI chat completions: a prompt check, and one guarded response per choice.
 
-Shared by the guard proxy (app.py, over the engine in-process) and the LiteLLM guardrail (over a
-`qguard-stream serve` WebSocket or an in-process server connection). A choice's response arrives as
-text deltas; a `ChoiceGuard` re-tokenizes them incrementally (the ids equal the tokenization of
-the whole text), scores the ids that became final on the choice's session, lets the policy judge
-them, and releases text only for tokens followed by `holdback` scored tokens (HeldText), so with
-the official rule and holdback 2 no token of a flagged run is ever released. `Guards` holds one
-request's choice guards and rewrites OpenAI chunk and completion dicts. Nothing here knows HTTP
-or SSE.
+Shared by the guard proxy (app.py) and the LiteLLM guardrail, both talking to the guard server's
+protocol through an AsyncGuardClient (a `qguard-stream serve` WebSocket, or the same server code in
+this process). A choice's response arrives as text deltas; its `ChoiceGuard` session re-tokenizes
+them incrementally on the server (the ids equal the tokenization of the whole text), scores the
+ids that became final, lets the policy judge them, and releases text only for tokens followed by
+`holdback` scored tokens, so with the official rule and holdback 2 no token of a flagged run is
+ever released. `Guards` holds one request's choice guards and rewrites OpenAI chunk and
+completion dicts. Nothing here knows HTTP or SSE.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from qguard_stream.engine import AsyncEngine, Session
-from qguard_stream.hooks import Monitor, token_verdicts
-from qguard_stream.integrations.retokenize import HeldText, IncrementalTokenizer, TokenText
-from qguard_stream.policy import Decision, GuardPolicy, Policy
-from qguard_stream.template import prompt_spans
-from qguard_stream.verdicts import Verdicts
+from qguard_stream.policy import GuardPolicy
 
 if TYPE_CHECKING:
     from qguard_stream.client import AsyncGuardClient
@@ -50,80 +45,12 @@ def text_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-class ChoiceGuard(Protocol):
-    """One choice's guarded response: text deltas in, text safe to release out."""
-
-    tokens_scored: int
-
-    @property
-    def flag(self) -> dict[str, Any] | None:
-        """The stop decision once made ({"risk_level", "category", "position"}), else None;
-        after it nothing more is released."""
-
-    async def push(self, delta: str) -> str:
-        """Score the ids this delta made final; return the text now safe to release."""
-
-    async def finish(self) -> str:
-        """End of the response: score the held-back tail; return what is left to release."""
-
-    async def close(self) -> None:
-        """Free the choice's session (idempotent)."""
-
-
-def flag_of(decision: Decision) -> dict[str, Any]:
-    return {"risk_level": decision.label, "category": decision.category,
-            "position": decision.position}
-
-
-class ResponseGuard:
-    """A ChoiceGuard on an engine session in this process."""
-
-    def __init__(self, engine: AsyncEngine, session: Session, tokenizer: Any,
-                 token_text: TokenText, policy: Policy, holdback: int) -> None:
-        self.engine, self.session = engine, session
-        self.retokenizer = IncrementalTokenizer(tokenizer)
-        self.held = HeldText(token_text, holdback)
-        self.monitor = Monitor(policy=policy, policy_start=session.length)
-        self.tokens_scored = 0
-        self.closed = False
-
-    @property
-    def decision(self) -> Decision | None:
-        """The policy's stop decision, once made (then nothing more is released)."""
-        return self.monitor.stop_decision
-
-    @property
-    def flag(self) -> dict[str, Any] | None:
-        decision = self.decision
-        return None if decision is None else flag_of(decision)
-
-    async def push(self, delta: str) -> str:
-        return await self._score(self.retokenizer.push(delta), final=False)
-
-    async def finish(self) -> str:
-        return await self._score(self.retokenizer.flush(), final=True)
-
-    async def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            await self.engine.close(self.session)
-
-    async def _score(self, ids: list[int], final: bool) -> str:
-        if self.decision is not None:  # decided earlier: nothing more is scored or released
-            return ""
-        if ids:
-            verdicts = await self.engine.moderate(self.session, ids, "assistant")
-            self.monitor.record(self.session.id, token_verdicts(verdicts))
-            self.tokens_scored += len(ids)
-            self.held.add(ids, self.session.length)
-        decision = self.decision
-        return self.held.release(None if decision is None else decision.start_position, final)
-
-
-class RemoteChoice:
-    """A ChoiceGuard on a guard server's session (`qguard-stream serve`, reached through an
-    AsyncGuardClient): the server re-tokenizes, judges with the session's policy and releases
-    text with the session's holdback."""
+class ChoiceGuard:
+    """One choice's guarded response, on a guard server's session (`qguard-stream serve` over its
+    WebSocket, or the same server code in this process: an AsyncGuardClient either way). The
+    server re-tokenizes the deltas, judges with the session's policy and releases text with the
+    session's holdback; `flag` is the stop decision once made ({"risk_level", "category",
+    "position"}), after which nothing more is released."""
 
     def __init__(self, client: AsyncGuardClient, session: int) -> None:
         self.client, self.session = client, session
@@ -133,7 +60,7 @@ class RemoteChoice:
 
     @classmethod
     async def open(cls, client: AsyncGuardClient, messages: list[dict[str, str]],
-                   policy: GuardPolicy, holdback: int) -> tuple[RemoteChoice, dict[str, Any]]:
+                   policy: GuardPolicy, holdback: int) -> tuple[ChoiceGuard, dict[str, Any]]:
         """A session holding the prompt (scored) and the assistant header; and the prompt's
         verdict ({"risk_level", "category", "position", "flagged", ...})."""
         reply = await client.open(messages=messages, policy=policy.name, holdback=holdback)
@@ -300,17 +227,3 @@ class Guards:
         self.by_choice, self.first = {}, None
         for guard in guards:
             await guard.close()
-
-
-async def open_prompt(engine: AsyncEngine, tokenizer: Any, messages: list[dict[str, str]]
-                      ) -> tuple[Session, Verdicts, list[int]]:
-    """A session holding the prompt scored with the query heads (the verdict is the last one),
-    and the assistant-header ids to feed before the response."""
-    user_ids, header_ids = prompt_spans(tokenizer, messages)
-    session = await engine.open()
-    try:
-        verdicts = await engine.moderate(session, user_ids, "user")
-    except BaseException:
-        await engine.close(session)
-        raise
-    return session, verdicts, header_ids
