@@ -155,8 +155,12 @@ def run(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(report, indent=2))
     print(f"wrote {json_path}")
     if not args.no_plot:
-        plot(cells, png_path, f"{args.shape} on {device.type}, {dtype}")
-        print(f"wrote {png_path}")
+        try:
+            plot(cells, png_path, f"{args.shape} on {device.type}, {dtype}")
+            print(f"wrote {png_path}")
+        except ImportError:  # matplotlib comes with the dev extra
+            print("no plot: matplotlib is not installed (pip install matplotlib, or the dev "
+                  "extra); the JSON has every figure")
     return 0
 
 

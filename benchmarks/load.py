@@ -54,7 +54,7 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
     command = [sys.executable, "-m", "qguard_stream.server", "--model", model, "--host",
                "127.0.0.1", "--port", str(port), "--max-tokens", str(args.kv_tokens),
                "--block-size", str(args.block_size), "--log-level", "warning"]
-    if args.ray_replicas:
+    if getattr(args, "ray_replicas", 0):  # soak.py shares this without the option
         cpus = max(0.1, round((os.cpu_count() or 2) / args.ray_replicas, 2))
         command += ["--ray", "--replicas", str(args.ray_replicas),
                     "--num-cpus-per-replica", str(cpus)]
