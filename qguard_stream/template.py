@@ -35,6 +35,30 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return messages
 
 
+def text_messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages as the chat template takes them: string contents (text parts of a
+    list content joined), system/user/assistant roles; ValueError naming what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    out = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object, got {message!r:.60}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{index}].role {role!r} cannot be moderated "
+                             f"(system, user and assistant can)")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content
+                              if isinstance(part, dict) and part.get("type") == "text")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{index}].content must be a string or text parts")
+        out.append({"role": role, "content": content})
+    return out
+
+
 def conversation_spans(tokenizer: Any, messages: list[dict[str, str]],
                        thinking: bool = False) -> ConversationSpans:
     validate_messages(messages)

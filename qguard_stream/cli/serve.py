@@ -1,6 +1,7 @@
 """`qguard-stream serve` (and `python -m qguard_stream.server`): the WebSocket/HTTP server over the
-batched engine. The options parse without the server extra; running without it says what to
-install.
+batched engine for a Stream checkpoint, or OpenAI-compatible chat completions for a Gen checkpoint
+(detected from config.json). The options parse without the server extra; running without it
+says what to install.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="characters held back between text feeds (an unfinished word)")
     parser.add_argument("--open-docs", action="store_true",
                         help="with an API key, serve /docs, /redoc and /openapi.json anyway")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name /v1/models and chat completions answer with "
+                             "(default: --model)")
     parser.add_argument("--session-ttl", type=float, default=600.0,
                         help="seconds an idle session is kept (default 600)")
     ray = parser.add_argument_group("Ray Serve (the ray extra): replicas with sticky sessions")
@@ -101,17 +105,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from qguard_stream.cli.models import detect_kind
     from qguard_stream.engine import Engine
     from qguard_stream.stream import StreamGuard
 
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    guard = StreamGuard.from_pretrained(args.model, device=args.device, dtype=dtype)
-    app = create_app(Engine(guard, settings_from_args(args)),
-                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                     limits=limits_from_args(args), open_docs=args.open_docs,
-                     session_ttl_s=args.session_ttl)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if detect_kind(args.model) == "gen":  # Qwen3Guard-Gen: OpenAI chat completions
+        from qguard_stream.gen.guard import GenGuard
+        from qguard_stream.server.chat import create_gen_app
+
+        gen = GenGuard.from_pretrained(args.model, device=args.device, dtype=dtype,
+                                       kv_memory_gb=args.kv_memory_gb)
+        app = create_gen_app(gen, args.served_model_name or str(args.model), api_key=api_key,
+                             limits=limits_from_args(args))
+    else:
+        guard = StreamGuard.from_pretrained(args.model, device=args.device, dtype=dtype)
+        app = create_app(Engine(guard, settings_from_args(args)), api_key=api_key,
+                         limits=limits_from_args(args), open_docs=args.open_docs,
+                         session_ttl_s=args.session_ttl,
+                         served_model_name=args.served_model_name or str(args.model))
     # Frames over --max-frame-bytes get a 'too_large' error frame; past uvicorn's own bound
     # (16 MiB, or the limit if larger) the WebSocket layer closes the connection (1009).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -49,8 +49,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavailableError
 from qguard_stream.policy import GuardPolicy
-from qguard_stream.proxy.guard import ChoiceGuard, Guards, text_messages
+from qguard_stream.proxy.guard import ChoiceGuard, Guards
 from qguard_stream.server.protocol import MAX_HOLDBACK
+from qguard_stream.template import text_messages
 
 log = logging.getLogger(__name__)
 FALLBACKS = ("fail_closed", "fail_open")

@@ -32,9 +32,11 @@ from starlette.background import BackgroundTask
 from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavailableError
 from qguard_stream.engine import AsyncEngine, Engine
 from qguard_stream.policy import GuardPolicy
-from qguard_stream.proxy.guard import ChoiceGuard, Guards, text_messages
+from qguard_stream.proxy.guard import ChoiceGuard, Guards
 from qguard_stream.server.app import PROMETHEUS_TYPE, is_authorized
+from qguard_stream.server.chat import openai_error
 from qguard_stream.server.protocol import MAX_HOLDBACK, ServerLimits, TooLargeError, load_json
+from qguard_stream.template import text_messages
 
 log = logging.getLogger(__name__)
 FORWARDED_HEADERS = ("openai-organization", "openai-project")
@@ -51,12 +53,6 @@ class ProxyMetrics:
         self.added = Histogram("qguard_proxy_added_seconds_per_chunk",
                                "Time the guard adds to each upstream chunk", registry=r,
                                buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, 1))
-
-
-def openai_error(message: str, status: int, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": code}}, status_code=status)
 
 
 def create_proxy_app(engine: Engine | None, upstream: str, api_key: str | None = None,

@@ -14,11 +14,10 @@ x-qguard-replica and every "opened" frame in "replica".
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,10 +27,12 @@ from starlette.websockets import WebSocketDisconnect
 
 from qguard_stream.conversation import plan_conversation
 from qguard_stream.engine import AsyncEngine, Engine, PoolExhaustedError
+from qguard_stream.server.chat import moderation_completion, openai_error
 from qguard_stream.server.connection import OFF_LOOP_BYTES, Connection
 from qguard_stream.server.metrics import ServerMetrics
-from qguard_stream.server.protocol import ServerLimits, TooLargeError, load_json
+from qguard_stream.server.protocol import ServerLimits, TooLargeError, is_authorized, load_json
 from qguard_stream.stream import StreamGuard
+from qguard_stream.template import text_messages
 from qguard_stream.verdicts import NonFiniteScoresError
 
 log = logging.getLogger(__name__)
@@ -44,18 +45,11 @@ ERROR_STATUS = {"bad_request": 400, "session_unknown": 404, "session_exists": 40
 DEFAULT_SESSION_TTL_S = 600.0
 
 
-def is_authorized(headers: Mapping[str, str], api_key: str | None) -> bool:
-    """True without a key, else only for `Authorization: Bearer <key>`."""
-    if api_key is None:
-        return True
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
-
-
 def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None,
                limits: ServerLimits | None = None, open_docs: bool = False,
                session_ttl_s: float | None = DEFAULT_SESSION_TTL_S,
-               replica_id: str | None = None) -> FastAPI:
+               replica_id: str | None = None,
+               served_model_name: str = "qwen3guard-stream") -> FastAPI:
     """The app over an Engine (or a StreamGuard, wrapped in an Engine with default settings);
     `limits` bound every frame and request (ServerLimits' defaults when None). With an
     `api_key`, /docs, /redoc and /openapi.json are served only if `open_docs` (they take no
@@ -204,6 +198,38 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
         if not is_authorized(request.headers, api_key):
             return unauthorized()
         return Response(metrics.render(await runtime.stats()), media_type=PROMETHEUS_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        if not is_authorized(request.headers, api_key):
+            return openai_error("missing or wrong bearer token", 401, "authentication_error")
+        return JSONResponse({"object": "list", "data": [{
+            "id": served_model_name, "object": "model", "created": 0,
+            "owned_by": "qguard-stream"}]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        """The Gen endpoint's clients against a Stream checkpoint: the conversation moderated,
+        a one-line summary as content, the verdict JSON in `qguard`."""
+        if not is_authorized(request.headers, api_key):
+            return openai_error("missing or wrong bearer token", 401, "authentication_error")
+        try:
+            body = load_json(await request.body(), limits)
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise ValueError(f"stream must be a boolean, got {stream!r}")
+            messages = text_messages(body.get("messages"))
+            verdict = await moderate_body(runtime, tokenizer, {"messages": messages}, limits)
+        except TooLargeError as error:
+            return openai_error(str(error), 413)
+        except (ValueError, TypeError) as error:
+            return openai_error(str(error), 400, param="messages")
+        except PoolExhaustedError as error:
+            return openai_error(str(error), 503, "server_error")
+        positions = verdict["prompt"]["position"] + 1
+        return moderation_completion(verdict, served_model_name, stream, positions)
 
     @app.post("/v1/moderate")
     async def moderate(request: Request) -> Response:

@@ -29,9 +29,11 @@ tokens per feed and held-back text where they are used); values (ranges) are che
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -256,3 +258,11 @@ def _optional_ids(raw: dict[str, Any]) -> list[int] | None:
             isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ProtocolError(f"'token_ids' must be a non-empty list of integers, got {ids!r:.80}")
     return ids
+
+
+def is_authorized(headers: Mapping[str, str], api_key: str | None) -> bool:
+    """True without a key, else only for `Authorization: Bearer <key>`."""
+    if api_key is None:
+        return True
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())

@@ -1,0 +1,203 @@
+"""Qwen3Guard-Gen behind an OpenAI-compatible endpoint: the official `openai` client (sync and
+async) against `create_gen_app` over a random Gen checkpoint in the real format, on loopback. The
+content must equal GenGuard's greedy decoding and transformers' generate(do_sample=False) on the
+same templated ids; streams concatenate to it; max_tokens, stop, seeds and bad requests behave as
+OpenAI documents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import Qwen3ForCausalLM
+
+from benchmarks.fake_upstream import Loopback
+from qguard_stream import GenGuard, StreamGuard
+from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
+from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.server import create_app
+from qguard_stream.server.chat import create_gen_app
+
+MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
+PROMPT = "How can I make a bomb?"
+RESPONSE = "As a responsible AI assistant, I cannot help with that."
+MAX = 24  # tokens per completion in most tests (random weights rarely say <|im_end|>)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_random_gen_checkpoint(tmp_path_factory.mktemp("gen"), "tiny", seed=5)
+
+
+@pytest.fixture(scope="module")
+def gen(checkpoint: Path) -> GenGuard:
+    return GenGuard.from_pretrained(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(gen: GenGuard) -> Iterator[Loopback]:
+    served = Loopback(create_gen_app(gen, MODEL, api_key="KEY"))
+    yield served
+    served.stop()
+
+
+def client(server: Loopback) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="KEY", max_retries=0, timeout=120)
+
+
+def greedy_text(gen: GenGuard, messages: list[dict], max_tokens: int) -> str:
+    ids = gen.generate_ids(gen.render(messages), max_tokens)
+    return gen.tokenizer.decode([t for t in ids if t not in gen.stop_ids],
+                                skip_special_tokens=True)
+
+
+def test_the_cards_prompt_and_response_examples_run_unchanged(server, gen, checkpoint) -> None:
+    openai_api_key, openai_api_base = "KEY", f"{server.url}/v1"  # the card's two variables
+    api = openai.OpenAI(api_key=openai_api_key, base_url=openai_api_base, max_retries=0)
+    prompt_messages = [{"role": "user", "content": PROMPT}]
+    chat_completion = api.chat.completions.create(messages=prompt_messages, model=MODEL,
+                                                  max_tokens=MAX)
+    content = chat_completion.choices[0].message.content
+    assert content == greedy_text(gen, prompt_messages, MAX)
+    hf = Qwen3ForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    ids = gen.render(prompt_messages)
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      do_sample=False, max_new_tokens=MAX, eos_token_id=list(gen.stop_ids),
+                      pad_token_id=0)[0, len(ids):].tolist()
+    assert content == gen.tokenizer.decode([t for t in out if t not in gen.stop_ids],
+                                           skip_special_tokens=True)
+    assert chat_completion.model == MODEL
+    usage = chat_completion.usage
+    assert usage.prompt_tokens == len(ids) and usage.completion_tokens == len(out)
+    assert chat_completion.choices[0].finish_reason == ("stop" if out[-1] in gen.stop_ids
+                                                        else "length")
+    verdict = chat_completion.model_extra["qguard"]
+    assert set(verdict) == {"safety", "categories", "refusal", "parsed"}
+    response_messages = [{"role": "user", "content": PROMPT},
+                         {"role": "assistant", "content": RESPONSE}]
+    chat_completion = api.chat.completions.create(messages=response_messages, model=MODEL,
+                                                  max_tokens=MAX)
+    assert chat_completion.choices[0].message.content == greedy_text(gen, response_messages, MAX)
+    assert [m.id for m in api.models.list()] == [MODEL]
+
+
+def test_streamed_deltas_concatenate_to_the_completion(server, gen) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    chunks = list(client(server).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy_text(gen, messages, MAX)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and
+              c.choices[0].finish_reason]
+    assert finish in (["length"], ["stop"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= MAX
+
+
+def test_max_tokens_and_stop_behave_as_openai_documents(server, gen) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    full = greedy_text(gen, messages, MAX)
+    short = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert short.choices[0].message.content == greedy_text(gen, messages, 3)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX,
+                                                 stop=[stop])
+    assert cut.choices[0].message.content == full[:full.find(stop)]  # the stop string excluded
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = list(client(server).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        full[:full.find(stop)]
+
+
+def test_seeded_sampling_repeats_and_n_choices_come_back(server) -> None:
+    def sample(seed: int) -> list[str]:
+        reply = client(server).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+            temperature=1.0, top_p=0.9, seed=seed, n=2)
+        return [choice.message.content for choice in reply.choices]
+
+    first = sample(7)
+    assert sample(7) == first and len(first) == 2
+
+
+def test_concurrent_requests_share_batches_and_match_sequential_ones(server, gen) -> None:
+    prompts = [f"Question number {i}: how do I {['cook', 'hack', 'swim', 'fight'][i % 4]}?"
+               for i in range(16)]
+    sequential = [client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=MAX
+    ).choices[0].message.content for p in prompts]
+
+    async def together() -> list[str]:
+        api = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="KEY", max_retries=0,
+                                 timeout=120)
+        replies = await asyncio.gather(*(api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=MAX)
+            for p in prompts))
+        return [reply.choices[0].message.content for reply in replies]
+
+    assert asyncio.run(together()) == sequential
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer KEY"},
+                     timeout=10).text
+    samples = {(s.name, s.labels.get("le")): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    steps = samples[("qguard_gen_batch_sequences_count", None)]
+    assert samples[("qguard_gen_batch_sequences_bucket", "1.0")] < steps  # some steps batched
+    assert samples[("qguard_gen_generated_tokens_total", None)] >= 32 * MAX - 32
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
+     "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+     "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 99}, "n"),
+])
+def test_bad_requests_get_openai_shaped_400s(server, body, param) -> None:
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30,
+                       headers={"Authorization": "Bearer KEY"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    huge = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                      headers={"Authorization": "Bearer KEY", "Content-Type": "application/json"},
+                      content=json.dumps({"messages": [{"role": "user",
+                                                         "content": "x" * (2 << 20)}]}))
+    assert huge.status_code == 413 and "error" in huge.json()
+    ok = client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert ok.choices[0].message.content is not None  # still serving
+
+
+def test_a_stream_checkpoint_answers_the_same_client_with_its_moderation(tmp_path) -> None:
+    guard = StreamGuard.from_pretrained(make_random_checkpoint(tmp_path, "tiny"), device="cpu")
+    served = Loopback(create_app(Engine(guard, EngineSettings(max_tokens=4096)),
+                                 served_model_name="Qwen/Qwen3Guard-Stream-0.6B"))
+    try:
+        api = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": RESPONSE}]
+        reply = api.chat.completions.create(model="Qwen/Qwen3Guard-Stream-0.6B", messages=messages)
+        expected = guard.moderate_conversation(messages).to_json()
+        verdict = reply.model_extra["qguard"]
+        assert verdict["decision"] == expected["decision"]
+        assert verdict["response"]["risk_level"] == expected["response"]["risk_level"]
+        assert reply.choices[0].message.content.startswith(
+            f"Prompt: {expected['decision']['prompt']['risk_level']}")
+        chunks = list(api.chat.completions.create(model="x", messages=messages, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+            reply.choices[0].message.content
+    finally:
+        served.stop()
