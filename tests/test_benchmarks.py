@@ -88,3 +88,15 @@ def test_proxy_benchmark_runs_and_keeps_the_text(tmp_path: Path) -> None:
                        "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "proxy_tiny_cpu.json").read_text())
     assert report["ttft_ms"]["proxy"]["p50"] > 0 and "p99" in report["added_per_char_ms"]
+
+
+def test_gen_serve_benchmark_runs_both_modes(tmp_path: Path) -> None:
+    from benchmarks import gen_serve
+
+    assert gen_serve.main(["--shape", "tiny", "--max-tokens", "4", "--requests", "4",
+                           "--clients", "1,2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gen_serve_tiny_cpu.json").read_text())
+    assert [(row["mode"], row["clients"]) for row in report["rows"]] == [
+        ("batched", 1), ("one at a time", 1), ("batched", 2), ("one at a time", 2)]
+    for row in report["rows"]:
+        assert row["requests"] == 4 and row["tokens_per_s"] > 0  # every request answered

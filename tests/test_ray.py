@@ -81,6 +81,7 @@ def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
         else:
             raise AssertionError("the Ray deployment did not start: "
                                  + log_path.read_text()[-3000:])
+        wait_until_routed(url, deadline)  # both replicas in the ring: sessions stay put
         yield url
     finally:
         process.terminate()
@@ -90,6 +91,21 @@ def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
             process.kill()
         log.close()
         ray.shutdown()
+
+
+def wait_until_routed(url: str, deadline: float, replicas: int = 2) -> None:
+    """Until the proxy routes to every replica (keys spread over the ring reach `replicas`
+    distinct ones), so no session opened afterwards moves when a late replica joins."""
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        for number in range(16):
+            reply = httpx.get(f"{url}/health", headers={"x-session-id": f"probe-{number}"},
+                              timeout=10)
+            seen.add(reply.headers.get("x-qguard-replica", ""))
+        if len(seen - {""}) >= replicas:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"the proxy routed to {sorted(seen)} only")
 
 
 def replica_actor(replica: str):

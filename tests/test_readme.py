@@ -10,6 +10,8 @@ A directive in an HTML comment on the line before a block says how it runs:
                                       key on a free port and points the block at it
   <!-- readme-test: proxy -->         needs `qguard-stream proxy` on 127.0.0.1:8000 in front of an
                                       LLM: the test runs one over a fake OpenAI-compatible upstream
+  <!-- readme-test: gen -->           needs `qguard-stream serve` of a Gen checkpoint on
+                                      127.0.0.1:8000: the test serves a random one
 Python blocks run unless skipped; a bash block without a directive fails the test, so each shell
 command is decided on.
 """
@@ -28,7 +30,7 @@ import pytest
 
 from benchmarks.fake_upstream import FakeUpstream, Loopback
 from qguard_stream import StreamGuard
-from qguard_stream.checkpoints import make_random_checkpoint
+from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
 from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.proxy.app import create_proxy_app
 from qguard_stream.server import create_app
@@ -36,7 +38,7 @@ from qguard_stream.server import create_app
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\s*$")
-DIRECTIVE = re.compile(r"^<!-- readme-test: (skip: .+|run|server|proxy) -->$")
+DIRECTIVE = re.compile(r"^<!-- readme-test: (skip: .+|run|server|proxy|gen) -->$")
 BLOCK_TIMEOUT_S = 240
 ADDRESS = "127.0.0.1:8000"
 
@@ -112,15 +114,28 @@ def proxy(checkpoint: Path) -> Iterator[Loopback]:
     upstream.loop.stop()
 
 
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory) -> Iterator[Loopback]:
+    from qguard_stream.gen.guard import GenGuard
+    from qguard_stream.server.chat import create_gen_app
+
+    path = make_random_gen_checkpoint(tmp_path_factory.mktemp("readme-gen"), "tiny")
+    served = Loopback(create_gen_app(GenGuard.from_pretrained(path, device="cpu"),
+                                     "Qwen/Qwen3Guard-Gen-0.6B"))
+    yield served
+    served.stop()
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
 def test_readme_block_runs(block: Block, request: pytest.FixtureRequest,
                            tmp_path: Path) -> None:
     if block.directive is None and block.language == "bash":
-        pytest.fail(f"{block.id}: a bash block needs a directive (run, server, proxy or skip)")
+        pytest.fail(f"{block.id}: a bash block needs a directive (run, server, proxy, gen or "
+                    f"skip)")
     if block.directive is not None and block.directive.startswith("skip: "):
         pytest.skip(block.directive[len("skip: "):])
     code = block.code
-    if block.directive in ("server", "proxy"):
+    if block.directive in ("server", "proxy", "gen"):
         served = request.getfixturevalue(block.directive)
         code = code.replace(ADDRESS, served.url.removeprefix("http://"))
     command = ([sys.executable, "-c", code] if block.language == "python"

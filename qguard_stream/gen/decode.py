@@ -118,6 +118,7 @@ class Decoder:
         self.waiting: deque[GenRequest] = deque()
         self.thread: threading.Thread | None = None
         self.step_listeners: list[StepListener] = []
+        self.max_sequences: int | None = None  # cap on the running batch (None: the pool's)
 
     def _runtime(self) -> tuple[BlockPool, PagedRunner]:
         if self.pool is None or self.runner is None:
@@ -176,7 +177,8 @@ class Decoder:
             with self.lock:
                 while not self.waiting and not running:
                     self.lock.wait()
-                joining = self._admit(self.waiting, pool)
+                room = None if self.max_sequences is None else self.max_sequences - len(running)
+                joining = self._admit(self.waiting, pool, room)
             running = [r for r in running if not self._ended(r, pool, "cancelled", r.cancelled)]
             joining = [r for r in joining if not self._ended(r, pool, "cancelled", r.cancelled)]
             if not running and not joining:
@@ -243,12 +245,13 @@ class Decoder:
         return int(torch.multinomial(probs, 1, generator=request.generator))
 
     @staticmethod
-    def _admit(waiting: deque[GenRequest], pool: BlockPool) -> list[GenRequest]:
-        """Requests joining this step: in order, while their blocks fit the pool and their
-        prompts the step."""
+    def _admit(waiting: deque[GenRequest], pool: BlockPool, room: int | None = None
+               ) -> list[GenRequest]:
+        """Requests joining this step: in order, while their blocks fit the pool, their prompts
+        the step, and (with `room`) their number the batch."""
         joining: list[GenRequest] = []
         tokens = 0
-        while waiting:
+        while waiting and (room is None or len(joining) < room):
             request = waiting[0]
             need = request.table.blocks_needed(request.limit)
             prompt = request.prompt.shape[0]
