@@ -33,9 +33,15 @@ from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavai
 from qguard_stream.engine import AsyncEngine, Engine
 from qguard_stream.policy import GuardPolicy
 from qguard_stream.proxy.guard import ChoiceGuard, Guards
-from qguard_stream.server.app import PROMETHEUS_TYPE, is_authorized
 from qguard_stream.server.chat import openai_error
-from qguard_stream.server.protocol import MAX_HOLDBACK, ServerLimits, TooLargeError, load_json
+from qguard_stream.server.metrics import add_health_and_metrics
+from qguard_stream.server.protocol import (
+    MAX_HOLDBACK,
+    ServerLimits,
+    TooLargeError,
+    is_authorized,
+    load_json,
+)
 from qguard_stream.template import text_messages
 
 log = logging.getLogger(__name__)
@@ -113,15 +119,13 @@ def create_proxy_app(engine: Engine | None, upstream: str, api_key: str | None =
                 headers[name] = request.headers[name]
         return headers
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def render_metrics() -> bytes:
+        return generate_latest(metrics.registry)
 
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> Response:
-        if not is_authorized(request.headers, api_key):
-            return openai_error("missing or wrong bearer token", 401, "authentication_error")
-        return Response(generate_latest(metrics.registry), media_type=PROMETHEUS_TYPE)
+    add_health_and_metrics(
+        app, lambda headers: is_authorized(headers, api_key),
+        lambda: openai_error("missing or wrong bearer token", 401, "authentication_error"),
+        render_metrics)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

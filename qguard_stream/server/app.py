@@ -29,7 +29,7 @@ from qguard_stream.conversation import plan_conversation
 from qguard_stream.engine import AsyncEngine, Engine, PoolExhaustedError
 from qguard_stream.server.chat import moderation_completion, openai_error
 from qguard_stream.server.connection import OFF_LOOP_BYTES, Connection
-from qguard_stream.server.metrics import ServerMetrics
+from qguard_stream.server.metrics import ServerMetrics, add_health_and_metrics
 from qguard_stream.server.protocol import ServerLimits, TooLargeError, is_authorized, load_json
 from qguard_stream.stream import StreamGuard
 from qguard_stream.template import text_messages
@@ -37,7 +37,6 @@ from qguard_stream.verdicts import NonFiniteScoresError
 
 log = logging.getLogger(__name__)
 
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SESSION_HEADER = "x-session-id"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ERROR_STATUS = {"bad_request": 400, "session_unknown": 404, "session_exists": 409,
@@ -189,15 +188,11 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
             return unauthorized()
         return await session_frame(request, "close", key)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def render_metrics() -> bytes:
+        return metrics.render(await runtime.stats())
 
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> Response:
-        if not is_authorized(request.headers, api_key):
-            return unauthorized()
-        return Response(metrics.render(await runtime.stats()), media_type=PROMETHEUS_TYPE)
+    add_health_and_metrics(app, lambda headers: is_authorized(headers, api_key), unauthorized,
+                           render_metrics)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from qguard_stream.gen.decode import GenRequest, Sampling
 from qguard_stream.gen.guard import GenGuard
 from qguard_stream.gen.parse import parse_gen_output
+from qguard_stream.server.metrics import add_health_and_metrics
 from qguard_stream.server.protocol import ServerLimits, TooLargeError, is_authorized, load_json
 from qguard_stream.template import text_messages
 
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_MAX_TOKENS = 512
 MAX_CHOICES = 8
 MAX_STOP_SEQUENCES = 4
@@ -215,15 +215,11 @@ def create_gen_app(gen: GenGuard, served_model_name: str = "qwen3guard-gen",
     def unauthorized() -> JSONResponse:
         return openai_error("missing or wrong bearer token", 401, "authentication_error")
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def render_metrics() -> bytes:
+        return generate_latest(metrics.registry)
 
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> Response:
-        if not is_authorized(request.headers, api_key):
-            return unauthorized()
-        return Response(generate_latest(metrics.registry), media_type=PROMETHEUS_TYPE)
+    add_health_and_metrics(app, lambda headers: is_authorized(headers, api_key), unauthorized,
+                           render_metrics)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

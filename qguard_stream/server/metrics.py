@@ -6,9 +6,15 @@ an engine step listener; gauges are refreshed from the engine's stats at scrape 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from qguard_stream.engine import EngineStats, StepStats
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -47,3 +53,20 @@ class ServerMetrics:
         self.kv_blocks_total.set(stats.total_blocks)
         self.kv_pool_usage.set(stats.used_blocks / stats.total_blocks)
         return generate_latest(self.registry)
+
+
+def add_health_and_metrics(app: FastAPI, authorized: Callable[[Mapping[str, str]], bool],
+                           unauthorized: Callable[[], Response],
+                           render: Callable[[], Awaitable[bytes]]) -> None:
+    """GET /health (open to all) and GET /metrics (Prometheus text; `authorized` headers only),
+    the same on every app (server, Gen chat completions, proxy)."""
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        if not authorized(request.headers):
+            return unauthorized()
+        return Response(await render(), media_type=PROMETHEUS_TYPE)
