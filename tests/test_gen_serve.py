@@ -23,7 +23,7 @@ from qguard_stream import GenGuard, StreamGuard
 from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
 from qguard_stream.engine import Engine, EngineSettings
 from qguard_stream.server import create_app
-from qguard_stream.server.chat import create_gen_app
+from qguard_stream.server.chat import DEFAULT_MAX_TOKENS, create_gen_app
 
 MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
 PROMPT = "How can I make a bomb?"
@@ -59,34 +59,41 @@ def greedy_text(gen: GenGuard, messages: list[dict], max_tokens: int) -> str:
                                 skip_special_tokens=True)
 
 
-def test_the_cards_prompt_and_response_examples_run_unchanged(server, gen, checkpoint) -> None:
+def test_the_cards_prompt_and_response_examples_run_unchanged(server, gen) -> None:
     openai_api_key, openai_api_base = "KEY", f"{server.url}/v1"  # the card's two variables
     api = openai.OpenAI(api_key=openai_api_key, base_url=openai_api_base, max_retries=0)
     prompt_messages = [{"role": "user", "content": PROMPT}]
-    chat_completion = api.chat.completions.create(messages=prompt_messages, model=MODEL,
-                                                  max_tokens=MAX)
-    content = chat_completion.choices[0].message.content
-    assert content == greedy_text(gen, prompt_messages, MAX)
-    hf = Qwen3ForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    chat_completion = api.chat.completions.create(messages=prompt_messages, model=MODEL)
+    content = chat_completion.choices[0].message.content  # the card's call, no max_tokens
+    assert content == greedy_text(gen, prompt_messages, DEFAULT_MAX_TOKENS)
     ids = gen.render(prompt_messages)
-    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                      do_sample=False, max_new_tokens=MAX, eos_token_id=list(gen.stop_ids),
-                      pad_token_id=0)[0, len(ids):].tolist()
-    assert content == gen.tokenizer.decode([t for t in out if t not in gen.stop_ids],
-                                           skip_special_tokens=True)
-    assert chat_completion.model == MODEL
     usage = chat_completion.usage
-    assert usage.prompt_tokens == len(ids) and usage.completion_tokens == len(out)
-    assert chat_completion.choices[0].finish_reason == ("stop" if out[-1] in gen.stop_ids
-                                                        else "length")
+    assert usage.prompt_tokens == len(ids) and chat_completion.model == MODEL
+    assert chat_completion.choices[0].finish_reason == (
+        "length" if usage.completion_tokens == DEFAULT_MAX_TOKENS else "stop")
     verdict = chat_completion.model_extra["qguard"]
     assert set(verdict) == {"safety", "categories", "refusal", "parsed"}
     response_messages = [{"role": "user", "content": PROMPT},
                          {"role": "assistant", "content": RESPONSE}]
-    chat_completion = api.chat.completions.create(messages=response_messages, model=MODEL,
-                                                  max_tokens=MAX)
-    assert chat_completion.choices[0].message.content == greedy_text(gen, response_messages, MAX)
+    chat_completion = api.chat.completions.create(messages=response_messages, model=MODEL)
+    assert chat_completion.choices[0].message.content == \
+        greedy_text(gen, response_messages, DEFAULT_MAX_TOKENS)
     assert [m.id for m in api.models.list()] == [MODEL]
+
+
+def test_content_equals_transformers_greedy_generate(server, gen, checkpoint) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    reply = client(server).chat.completions.create(model=MODEL, messages=messages,
+                                                   max_tokens=MAX)
+    hf = Qwen3ForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    ids = gen.render(messages)
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      do_sample=False, max_new_tokens=MAX, eos_token_id=list(gen.stop_ids),
+                      pad_token_id=0)[0, len(ids):].tolist()
+    assert reply.choices[0].message.content == gen.tokenizer.decode(
+        [t for t in out if t not in gen.stop_ids], skip_special_tokens=True)
+    assert reply.usage.completion_tokens == len(out)
+    assert reply.choices[0].finish_reason == ("stop" if out[-1] in gen.stop_ids else "length")
 
 
 def test_streamed_deltas_concatenate_to_the_completion(server, gen) -> None:
