@@ -11,9 +11,9 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from qguard_stream.engine.settings import EngineSettings
-from qguard_stream.server.protocol import ServerLimits
 
 API_KEY_ENV = "QGUARD_STREAM_API_KEY"
 
@@ -86,7 +86,11 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
                           pool_wait_timeout_s=args.pool_wait_timeout)
 
 
-def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+def limits_from_args(args: argparse.Namespace) -> Any:
+    """The ServerLimits the options ask for (imported here: the options parse without the
+    server extra, whose package this import loads)."""
+    from qguard_stream.server.protocol import ServerLimits
+
     return ServerLimits(args.max_frame_bytes, args.max_json_depth, args.max_feed_text,
                         args.max_feed_tokens, args.max_pending_text)
 
