@@ -208,3 +208,42 @@ def test_a_stream_checkpoint_answers_the_same_client_with_its_moderation(tmp_pat
             reply.choices[0].message.content
     finally:
         served.stop()
+
+
+def test_qguard_stream_serve_detects_a_gen_checkpoint(checkpoint, gen, tmp_path) -> None:
+    """The command a user runs: `qguard-stream serve --model <Gen checkpoint>`, then the card's
+    client call against it."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    executable = shutil.which("qguard-stream", path=str(Path(sys.executable).parent))
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [executable or "qguard-stream", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--served-model-name", MODEL, "--device", "cpu", "--torch-threads", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        api = openai.OpenAI(api_key="EMPTY", base_url=f"{base}/v1", max_retries=0, timeout=120)
+        assert [m.id for m in api.models.list()] == [MODEL]
+        messages = [{"role": "user", "content": PROMPT}]
+        reply = api.chat.completions.create(messages=messages, model=MODEL, max_tokens=MAX)
+        assert reply.choices[0].message.content == greedy_text(gen, messages, MAX)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
