@@ -6,6 +6,7 @@ a live one, and every reply equals that of a single-process server that never lo
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -55,8 +56,12 @@ def reference(tiny_checkpoint: Path) -> Iterator[Loopback]:
 
 @pytest.fixture(scope="module")
 def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
-    """`qguard-stream serve --ray --replicas 2` against a local cluster this process starts."""
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """`qguard-stream serve --ray --replicas 2`, which starts its own local Ray cluster (2 CPUs),
+    as a user runs it; this process then joins that cluster as a driver (to kill a replica, to
+    redeploy). The cluster is not started from this process: pytest's process holds many
+    reserved-but-unused KV pools by now, and Ray forks its daemons, which the kernel may refuse
+    for so large a process."""
+    gc.collect()
     port = free_port()
     executable = shutil.which("qguard-stream", path=str(Path(sys.executable).parent))
     log_path = tmp_path_factory.mktemp("ray") / "serve.log"
@@ -64,8 +69,7 @@ def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
     process = subprocess.Popen(
         [executable or "qguard-stream", "serve", "--ray", "--model", str(tiny_checkpoint),
          "--replicas", "2", "--num-cpus-per-replica", "0.5", "--torch-threads", "1",
-         "--max-tokens", "8192", "--host", "127.0.0.1", "--port", str(port),
-         "--ray-address", context.address_info["gcs_address"]],
+         "--max-tokens", "8192", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -81,16 +85,17 @@ def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
         else:
             raise AssertionError("the Ray deployment did not start: "
                                  + log_path.read_text()[-3000:])
+        ray.init(address="auto", log_to_driver=False)
         wait_until_routed(url, deadline)  # both replicas in the ring: sessions stay put
         yield url
     finally:
+        ray.shutdown()
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
-        ray.shutdown()
 
 
 def wait_until_routed(url: str, deadline: float, replicas: int = 2) -> None:

@@ -71,13 +71,16 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
         assert session_ttl_s is not None
         while True:
             await asyncio.sleep(min(session_ttl_s / 4, 10.0))
-            for connection in list(connections):
-                stale = connection.expire(session_ttl_s)
-                if stale:
-                    metrics.sessions_expired.inc(len(stale))
-                    await connection.close_sessions(stale)
-            for key in [k for k, number in http_ids.items() if number not in http.sessions]:
-                del http_ids[key]
+            try:
+                for connection in list(connections):
+                    stale = connection.expire(session_ttl_s)
+                    if stale:
+                        metrics.sessions_expired.inc(len(stale))
+                        await connection.close_sessions(stale)
+                for key in [k for k, number in http_ids.items() if number not in http.sessions]:
+                    del http_ids[key]
+            except Exception:  # the sweep must outlive any one failure
+                log.exception("session TTL sweep failed")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

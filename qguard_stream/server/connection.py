@@ -132,6 +132,8 @@ class Connection:
             log.exception("frame failed")
             return error_frame(f"internal error: {type(error).__name__}: {error}", "internal",
                                command)
+        if command.session is not None and command.session in self.sessions:
+            self.sessions[command.session].last_used = time.monotonic()  # idle from its end
         if command.request_id is not None:
             reply["id"] = command.request_id
         if self.replica is not None and reply["type"] == "opened":
