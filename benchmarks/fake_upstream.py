@@ -73,6 +73,13 @@ class FakeUpstream:
 
         self.loop = Loopback(app)
 
+    def reset(self) -> None:
+        """Back to a clean, immediate, successful stream of CLEAN, with no requests seen."""
+        self.text, self.sizes, self.fail_after, self.status = CLEAN, [3], None, 200
+        self.pause = 0.0
+        self.requests.clear()
+        self.sent_chunks = 0
+
     def deltas(self) -> list[str]:
         out, at, i = [], 0, 0
         while at < len(self.text):

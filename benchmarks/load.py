@@ -66,18 +66,25 @@ def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.
     return subprocess.Popen(command, env=env)
 
 
-def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 240.0) -> None:
+def wait_healthy(base: str, server: subprocess.Popen, timeout_s: float = 240.0,
+                 path: str = "/health", log: Path | None = None) -> None:
+    """Until `base + path` answers 200; RuntimeError (with the tail of `log`) if the server
+    process exits first or the time runs out."""
+    def failed(why: str) -> RuntimeError:
+        tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+        return RuntimeError(f"{why}{': ' + tail if tail else ''}")
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"server exited with code {server.returncode}")
+            raise failed(f"server exited with code {server.returncode}")
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"server not healthy after {timeout_s}s")
+    raise failed(f"server not healthy after {timeout_s}s")
 
 
 def kv_use(base: str) -> tuple[float, float]:

@@ -219,15 +219,15 @@ class SessionLog:
             self.pending_text, self.held = reply["pending_text"], reply["held_tokens"]
 
     def rolled_back(self, length: int) -> None:
-        cut = self.length - length
-        self.held = max(0, self.held - cut)
+        self.held = max(0, self.held - (self.length - length))
         self.pending_text = ""
         kept: list[tuple[str, list[int]]] = []
+        room = length
         for role, ids in self.spans:
-            room = length - sum(len(i) for _, i in kept)
             if room <= 0:
                 break
             kept.append((role, ids[:room]))
+            room -= len(ids)
         self.spans = kept
         self.judge_from = min(self.judge_from, length)
 

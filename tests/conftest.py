@@ -39,3 +39,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[object]:
+    """A fake OpenAI-compatible LLM on loopback (benchmarks/fake_upstream.py), per module; modules
+    using it reset it before each test (`upstream.reset()`)."""
+    from benchmarks.fake_upstream import FakeUpstream  # the server extra, needed only here
+
+    fake = FakeUpstream()
+    yield fake
+    fake.loop.stop()

@@ -218,7 +218,8 @@ def test_qguard_stream_serve_detects_a_gen_checkpoint(checkpoint, gen, tmp_path)
     import socket
     import subprocess
     import sys
-    import time
+
+    from benchmarks.load import wait_healthy
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -231,13 +232,7 @@ def test_qguard_stream_serve_detects_a_gen_checkpoint(checkpoint, gen, tmp_path)
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(base, process, 60, log=tmp_path / "serve.log")
         api = openai.OpenAI(api_key="EMPTY", base_url=f"{base}/v1", max_retries=0, timeout=120)
         assert [m.id for m in api.models.list()] == [MODEL]
         messages = [{"role": "user", "content": PROMPT}]

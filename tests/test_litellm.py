@@ -28,6 +28,7 @@ if importlib.util.find_spec("litellm") is None:  # found, not imported: the prox
     pytest.skip("the litellm extra is not installed", allow_module_level=True)
 
 from benchmarks.fake_upstream import CLEAN, FakeUpstream, Loopback
+from benchmarks.load import wait_healthy
 from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.engine import Engine, EngineSettings
@@ -47,19 +48,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    yield fake
-    fake.loop.stop()
-
-
 @pytest.fixture(autouse=True)
 def reset(upstream: FakeUpstream) -> None:
-    upstream.text, upstream.sizes, upstream.fail_after, upstream.status = CLEAN, [3], None, 200
-    upstream.pause = 0.0
-    upstream.requests.clear()
-    upstream.sent_chunks = 0
+    upstream.reset()
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +108,7 @@ def gateway(upstream, servers, checkpoints, tmp_path_factory) -> Iterator[str]:
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (directory / "litellm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health/liveliness", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("LiteLLM did not start: "
-                                 + (directory / "litellm.log").read_text()[-3000:])
+        wait_healthy(url, process, STARTUP_S, "/health/liveliness", directory / "litellm.log")
         yield url
     finally:
         process.terminate()

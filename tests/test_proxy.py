@@ -26,19 +26,9 @@ FLAGGED = "Mix flour and water. Light the bomb fuse now, then run."
 SAFE_PREFIX = "Mix flour and water. Light the"  # released: everything before the flagged run
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    yield fake
-    fake.loop.stop()
-
-
 @pytest.fixture(autouse=True)
 def reset(upstream: FakeUpstream) -> None:
-    upstream.text, upstream.sizes, upstream.fail_after, upstream.status = CLEAN, [3], None, 200
-    upstream.pause = 0.0
-    upstream.requests.clear()
-    upstream.sent_chunks = 0
+    upstream.reset()
 
 
 def trigger_guard(directory: Path, tokens: list[int]) -> StreamGuard:

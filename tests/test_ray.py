@@ -28,6 +28,7 @@ import ray
 import websockets.sync.client
 
 from benchmarks.fake_upstream import Loopback
+from benchmarks.load import wait_healthy
 from qguard_stream import StreamGuard
 from qguard_stream.client import SessionClient
 from qguard_stream.engine import Engine, EngineSettings
@@ -74,17 +75,7 @@ def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the Ray deployment did not start: "
-                                 + log_path.read_text()[-3000:])
+        wait_healthy(url, process, STARTUP_S, log=log_path)
         ray.init(address="auto", log_to_driver=False)
         wait_until_routed(url, deadline)  # both replicas in the ring: sessions stay put
         yield url

@@ -49,7 +49,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavailableError
 from qguard_stream.policy import GuardPolicy
-from qguard_stream.proxy.guard import ChoiceGuard, Guards
+from qguard_stream.proxy.guard import ChoiceGuard, Guards, failure_chunk
 from qguard_stream.server.protocol import MAX_HOLDBACK
 from qguard_stream.template import text_messages
 
@@ -198,7 +198,7 @@ class QGuardStream(CustomGuardrail):
                 async for chunk in response:
                     yield chunk
                 return
-            yield _stream_chunk(Guards(_no_choice).failure(error), None)
+            yield _stream_chunk(failure_chunk(error, []), None)
             await _close(response)
             return
         guards = Guards(lambda: self._next_choice(client, messages))
@@ -242,10 +242,6 @@ def _messages(data: dict) -> list[dict[str, str]]:
 
 def _is_bad_request(error: BaseException) -> bool:
     return isinstance(error, GuardServerError) and error.code in ("bad_request", "too_large")
-
-
-async def _no_choice() -> ChoiceGuard:
-    raise GuardUnavailableError("no guard")
 
 
 def _stream_chunk(out: dict[str, Any], like: Any) -> ModelResponseStream:

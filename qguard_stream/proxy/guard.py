@@ -184,12 +184,9 @@ class Guards:
         return out
 
     def failure(self, error: BaseException) -> dict[str, Any]:
-        """The last chunk when the guard or the upstream failed mid-stream: every open choice
-        ends with content_filter, the error named in `qguard`."""
-        return {"object": "chat.completion.chunk", "choices": [
-            {"index": index, "delta": {}, "finish_reason": "content_filter"}
-            for index in sorted(self.by_choice) or [0]],
-            "qguard": {"stage": "response", "error": f"{type(error).__name__}: {error}"}}
+        """The last chunk when the guard or the upstream failed mid-stream (failure_chunk over
+        the choices seen)."""
+        return failure_chunk(error, sorted(self.by_choice))
 
     def end_choice(self, index: int, released: str, guard: ChoiceGuard) -> dict[str, Any]:
         return {"index": index, "delta": {"content": released} if released else {},
@@ -203,3 +200,12 @@ class Guards:
         self.by_choice, self.first = {}, None
         for guard in guards:
             await guard.close()
+
+
+def failure_chunk(error: BaseException, indices: list[int]) -> dict[str, Any]:
+    """The last chunk of a stream the guard could not guard: every choice in `indices` (choice 0
+    when none was seen) ends with content_filter, the error named in `qguard`."""
+    return {"object": "chat.completion.chunk", "choices": [
+        {"index": index, "delta": {}, "finish_reason": "content_filter"}
+        for index in indices or [0]],
+        "qguard": {"stage": "response", "error": f"{type(error).__name__}: {error}"}}
