@@ -58,10 +58,9 @@ def _qk_norm_rope_store_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, positions_ptr, 
     if head < num_heads:
         tl.store(q_ptr + row * stride_qt + head * stride_qh + dims, roped)
     else:
-        slot = tl.load(slots_ptr + row)
+        slot = tl.load(slots_ptr + row).to(tl.int64)  # int64 before the offset arithmetic
         if slot >= 0:  # padding rows write nowhere
             kv_head = head - num_heads
-            slot = slot.to(tl.int64)
             offset = ((slot // PAGE) * stride_kb + (slot % PAGE) * stride_ks
                       + kv_head * stride_kh + dims)
             tl.store(k_ptr + offset, roped)

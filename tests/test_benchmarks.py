@@ -54,6 +54,17 @@ def test_gpu_check_dry_runs_every_part_on_cpu(tmp_path: Path) -> None:
     assert "## tiny" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_profile_step_dry_profiles_each_batch_on_cpu(tmp_path: Path) -> None:
+    """The GPU step profiler's harness runs on CPU (tiny shape, B = 1 and 2)."""
+    from benchmarks import profile_step
+
+    assert profile_step.main(["--out", str(tmp_path), "--dry"]) == 0
+    report = json.loads((tmp_path / "profile_step.json").read_text())
+    steps = report["shapes"]["tiny"]["steps"]
+    assert [s["batch"] for s in steps] == [1, 2] and all(s["step_ms"] > 0 for s in steps)
+    assert "tiny B=2" in (tmp_path / "profile_step.txt").read_text()
+
+
 def test_engine_benchmark_quick_reports_every_cell(tmp_path: Path) -> None:
     from benchmarks import engine
 

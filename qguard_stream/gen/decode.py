@@ -37,6 +37,7 @@ from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import FusedWeights
 
 MAX_STEP_TOKENS = 4096  # prompt tokens prefilled in one step (sequences past it join next step)
+CANCEL_WAIT_S = 30.0  # generate() waits this long for cancelled sequences to free their blocks
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,7 @@ class Decoder:
             limit = min(len(prompt) + max_new_tokens, self.config.max_position_embeddings)
             request = GenRequest(torch.tensor(list(prompt), dtype=torch.int64), limit, stop_ids,
                                  sampling, on_token, pool.block_size)
-            need = request.table.blocks_needed(limit)
-            if need > pool.num_blocks:
-                raise PoolTooSmallError(
-                    f"a sequence that may reach {limit} tokens needs {need} KV blocks; the pool "
-                    f"holds {pool.num_blocks} (raise kv_memory_gb)")
+            self._check_fits(len(prompt), max_new_tokens)
             if sampling.temperature > 0:
                 request.generator = torch.Generator(device=self.device)
                 request.generator.manual_seed(sampling.seed if sampling.seed is not None
@@ -156,18 +153,38 @@ class Decoder:
             self.lock.notify()
         return request
 
+    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """PoolTooSmallError when a sequence of this prompt could never fit the pool."""
+        pool, _ = self._runtime()
+        limit = min(prompt_tokens + max_new_tokens, self.config.max_position_embeddings)
+        need = -(-limit // pool.block_size)
+        if need > pool.num_blocks:
+            raise PoolTooSmallError(
+                f"a sequence that may reach {limit} tokens needs {need} KV blocks; the pool "
+                f"holds {pool.num_blocks} (raise kv_memory_gb)")
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: frozenset[int]) -> list[list[int]]:
         """Greedy continuation of every prompt, decoded together; each list ends with its stop
-        token when one was produced."""
+        token when one was produced. Every prompt is checked before any is queued; after an
+        error, the blocks of those already queued are back in the pool when this returns."""
+        with self.lock:
+            for ids in prompts:
+                self._check_fits(len(ids), max_new_tokens)
         requests: list[GenRequest] = []
+        failed = True
         try:
             for ids in prompts:
                 requests.append(self.submit(ids, max_new_tokens, stop_ids))
-            return [request.wait() for request in requests]
+            results = [request.wait() for request in requests]
+            failed = False
+            return results
         finally:
-            for request in requests:
-                request.cancel()  # no-op for finished ones; frees the rest on error
+            if failed:
+                for request in requests:
+                    request.cancel()  # no-op for finished ones
+                for request in requests:
+                    request.done.wait(CANCEL_WAIT_S)  # the loop frees them at its next step
 
     @torch.inference_mode()
     def _loop(self) -> None:
