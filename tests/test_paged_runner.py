@@ -225,3 +225,108 @@ def test_the_cpu_pool_commits_memory_only_as_blocks_are_written(tiny_checkpoint:
     assert pool.nbytes() >= 2 * 2**30 * 0.99
     assert resident_bytes() - before < 256 * 2**20
     guard.close_stream(state)
+
+
+def flash_attn_with_kvcache_formula(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    cache_seqlens: torch.Tensor, block_table: torch.Tensor,
+                                    softmax_scale: float, causal: bool) -> torch.Tensor:
+    """flash-attn 2's documented contract for flash_attn_with_kvcache over a paged cache, as a
+    plain formula (flash-attn needs a CUDA GPU): q [B, Lq, H, D]; k/v_cache [num_blocks, page,
+    KV, D] with page a multiple of 256 and the last dim contiguous; cache_seqlens [B] int32;
+    block_table [B, max_blocks] int32; causal masks align to the bottom right (query i of Lq sees
+    keys up to cache_seqlens - Lq + i); a query that sees no key outputs zeros."""
+    assert k_cache.shape[1] % 256 == 0 and k_cache.stride(-1) == 1 and causal
+    assert cache_seqlens.dtype == block_table.dtype == torch.int32
+    batch, width, heads, dim = q.shape
+    page, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        length = int(cache_seqlens[b])
+        blocks = block_table[b, :-(-length // page)].long()
+        keys = k_cache[blocks].reshape(-1, kv_heads, dim)[:length].repeat_interleave(
+            heads // kv_heads, dim=1).double()
+        values = v_cache[blocks].reshape(-1, kv_heads, dim)[:length].repeat_interleave(
+            heads // kv_heads, dim=1).double()
+        scores = torch.einsum("qhd,khd->hqk", q[b].double(), keys) * softmax_scale
+        seen = torch.arange(length)[None, :] <= (length - width + torch.arange(width))[:, None]
+        scores = scores.masked_fill(~seen, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[b] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out
+
+
+def test_flash_attn_path_reads_the_pool_in_place_and_equals_the_reference(
+        tiny_guard: StreamGuard, core_guard: StreamGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's flash-attn path (queries packed end-aligned per session, the pool's block
+    tables and lengths passed as they are) against the module-by-module reference, with
+    flash-attn's function standing as its documented formula: three sessions whose chunks
+    differ in length within each step (prompts of 23, 70 and 5 tokens, then 1-40 tokens)."""
+    from qguard_stream.runtime import attention
+
+    calls: list[tuple[int, int]] = []
+
+    def flash(q: torch.Tensor, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append(tuple(q.shape[:2]))
+        return flash_attn_with_kvcache_formula(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attn_with_kvcache", flash)
+    pool = BlockPool(tiny_guard.config, 8, 256, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        PagedRunner(tiny_guard.fast, heads_of(tiny_guard),
+                    BlockPool(tiny_guard.config, 8, 16, torch.device("cpu"), torch.float32),
+                    use_flash=True)
+    runner = PagedRunner(tiny_guard.fast, heads_of(tiny_guard), pool, use_c_step=False,
+                         use_flash=True)
+    assert runner.flash
+    gen = torch.Generator().manual_seed(11)
+    steps = [[(23, "user"), (70, "user"), (5, "user")], [(1, "assistant"), (40, "assistant"),
+                                                        (3, "assistant")],
+             [(16, "assistant"), (1, "assistant"), (1, "assistant")],
+             [(300, "assistant"), (2, "user"), (7, "assistant")]]
+    tables = [BlockTable(pool.block_size) for _ in range(3)]
+    lengths, got = [0, 0, 0], [[], [], []]
+    fed: list[list[tuple[torch.Tensor, str]]] = [[], [], []]
+    for step in steps:
+        chunks = []
+        for s, (count, role) in enumerate(step):
+            ids = torch.randint(0, 151936, (count,), generator=gen)
+            tables[s].grow(pool, lengths[s] + count)
+            chunks.append(Chunk(tables[s], lengths[s], ids, role))
+            fed[s].append((ids, role))
+            lengths[s] += count
+        for s, (risk, _) in enumerate(runner.forward(chunks)):
+            got[s].append(risk)
+    assert calls and calls[0] == (3, 70) and calls[-1] == (3, 300)
+    for s in range(3):
+        state = core_guard.open_stream()
+        for (ids, role), risk in zip(fed[s], got[s]):
+            torch.testing.assert_close(risk, core_guard.moderate(state, ids, role).risk_probs,
+                                       atol=1e-5, rtol=0)
+        core_guard.close_stream(state)
+        tables[s].shrink(pool, 0)
+    assert pool.used_blocks == 0
+
+
+def flash_attn_installed() -> bool:
+    from qguard_stream.runtime import attention
+
+    return attention.flash_attn_with_kvcache is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not flash_attn_installed(),
+                    reason="needs CUDA and flash-attn")
+def test_cuda_flash_attn_path_equals_the_gathered_path(tiny_checkpoint: Path) -> None:
+    """The real flash-attn over a pool of 256-token blocks against the gathered SDPA path (bf16;
+    chunks past 16 tokens and, with the Triton ops off, every step)."""
+    guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
+    cuda, ids = torch.device("cuda"), call_ids()
+    results = []
+    for block, flash in ((256, True), (16, False)):
+        pool = BlockPool(guard.config, 8 if block == 256 else 64, block, cuda, torch.bfloat16)
+        runner = PagedRunner(guard.fast, heads_of(guard), pool, use_triton=False,
+                             use_graphs=False, use_flash=flash)
+        results.append(runner_probs(runner, pool, ids, sessions=2))
+    for flash_session, plain_session in zip(*results):
+        for got, want in zip(flash_session, plain_session):
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=0)

@@ -19,7 +19,9 @@ class EngineSettings:
     DEFAULT_MAX_TOKENS positions. When the pool is exhausted, `on_pool_exhausted="error"` raises
     PoolExhaustedError at once; "wait" waits up to `pool_wait_timeout_s` for blocks to be freed.
     On CUDA, steps of up to `max_graph_tokens` tokens (every chunk <= 16 tokens) replay CUDA graphs
-    captured when the engine is built (`use_cuda_graphs=False`: always eager)."""
+    captured when the engine is built (`use_cuda_graphs=False`: always eager). `block_size`:
+    tokens per KV block; a multiple of 256 lets flash-attn (when installed, fp16/bf16 on CUDA)
+    read the pool in place for chunks past 16 tokens, where smaller blocks gather them."""
 
     block_size: int = BLOCK_TOKENS
     kv_memory_gb: float | None = None

@@ -1,7 +1,8 @@
 """Attention of k new queries against one session's KV prefix, with the backend picked per call.
 
 Three backends compute the same function (softmax(q k^T * scale) v, causal, grouped-query):
-flash-attn's KV-cache kernel when it imports and the tensors are fp16/bf16 on CUDA; a grouped
+flash-attn's KV-cache kernel when it imports and the tensors are fp16/bf16 on CUDA (`flash_paged`
+reads a block pool in place, for the paged runner); a grouped
 small-query path (two batched matmuls, the query heads of a KV group stacked as rows, so K/V are
 never repeated or copied, unlike SDPA's enable_gqa fallbacks) for up to 64 queries, where SDPA's
 CPU kernels are tuned for long queries; and SDPA for longer steps (prefill). The caller passes q
@@ -24,11 +25,31 @@ SMALL_QUERY_TOKENS = 64
 
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn computes in these only
+FLASH_PAGE = 256  # flash-attn 2 reads a paged cache only in blocks of a multiple of 256 tokens
 
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     """flash-attn's KV-cache kernel serves this call: installed, CUDA, fp16/bf16."""
     return flash_attn_with_kvcache is not None and device.type == "cuda" and dtype in FLASH_DTYPES
+
+
+def flash_paged_available(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
+    """flash-attn can read a block pool of this block size in place (no gather)."""
+    return flash_available(device, dtype) and block_size % FLASH_PAGE == 0
+
+
+def flash_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                ctx_len: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """flash-attn over a block pool, the new K/V already written: q [S, L, heads, dim]
+    (pre-scaled; each session's new queries at the *end* of its L rows, since flash-attn aligns
+    the causal mask to the bottom right: row i sees keys up to ctx_len - L + i), k/v_cache
+    [num_blocks, page, kv_heads, dim] (any strides, the last dim contiguous), ctx_len [S] int32
+    (each session's length with the new tokens), block_tables [S, max_blocks] int32.
+    Returns [S, L, heads, dim]."""
+    if flash_attn_with_kvcache is None:
+        raise RuntimeError("flash-attn is not installed (pip install flash-attn)")
+    return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=ctx_len,
+                                   block_table=block_tables, softmax_scale=1.0, causal=True)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,

@@ -6,7 +6,9 @@ copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows 
 
 - Triton (CUDA, or CPU under TRITON_INTERPRET=1 in tests): RMSNorm, q/k norm + RoPE + the K/V
   write straight into the pool slots, paged attention through the block tables (up to 16 new
-  tokens per session; longer chunks gather their context and run SDPA), SiLU * up. On CUDA, steps
+  tokens per session; longer chunks read the pool in place through flash-attn when it is
+  installed, the dtype is fp16/bf16 and the block size a multiple of 256, else gather their
+  context and run SDPA), SiLU * up. On CUDA, steps
   of up to `max_graph_tokens` rows replay a CUDA graph captured at warm-up for their token bucket
   (1, 2, 4, 8, then multiples of 8); padding rows write nowhere and padding sessions do nothing.
 - C (fp32 CPU, up to 16 new tokens per session: every stream step): cpu_step.CpuStep, the same
@@ -35,7 +37,12 @@ import torch.nn.functional as F
 from qguard_stream.kernels import triton_available
 from qguard_stream.kernels.cpu_step import load as cpu_step_library
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
-from qguard_stream.runtime.attention import attend
+from qguard_stream.runtime.attention import (
+    FLASH_PAGE,
+    attend,
+    flash_paged,
+    flash_paged_available,
+)
 from qguard_stream.runtime.cpu_step import MAX_TOKENS as C_STEP_TOKENS
 from qguard_stream.runtime.cpu_step import CpuStep, host_meta
 from qguard_stream.runtime.layer import (
@@ -77,6 +84,23 @@ class Chunk:
 # per session (sessions), then the block tables (sessions x max_blocks).
 ROW_FIELDS = ("token_ids", "positions", "slots", "row_seq", "user")
 SESSION_FIELDS = ("q_start", "q_len", "ctx_len")
+
+
+@dataclass(frozen=True)
+class FlashRows:
+    """Where each packed row sits in flash-attn's [sessions, width] query layout: a session's
+    new tokens fill the end of its `width` rows (flash-attn aligns causality bottom-right)."""
+
+    index: torch.Tensor  # [rows] int64, on the device: row r -> session * width + offset
+    sessions: int
+    width: int
+
+    @classmethod
+    def of(cls, chunks: list[Chunk], device: torch.device) -> FlashRows:
+        width = max(chunk.token_ids.shape[0] for chunk in chunks)
+        index = [s * width + width - chunk.token_ids.shape[0] + j
+                 for s, chunk in enumerate(chunks) for j in range(chunk.token_ids.shape[0])]
+        return cls(_int64s(index).to(device), len(chunks), width)
 
 
 @dataclass(frozen=True)
@@ -162,12 +186,15 @@ class PagedRunner:
     `use_triton` (default: on CUDA when triton imports) picks the Triton ops; `use_graphs`
     (default: on CUDA with the Triton ops) captures CUDA graphs for steps of up to
     `max_graph_tokens` rows, at construction; `use_c_step` (default: on an fp32 CPU pool when
-    kernels/cpu_step.c builds here) runs steps of up to 16 tokens per session in C.
+    kernels/cpu_step.c builds here) runs steps of up to 16 tokens per session in C; `use_flash`
+    (default: flash-attn installed, CUDA, fp16/bf16, a block size that is a multiple of 256)
+    runs the attention of eager steps (chunks past 16 tokens) with flash-attn over the pool.
     """
 
     def __init__(self, weights: FusedWeights, output: StepOutput, pool: BlockPool,
                  use_triton: bool | None = None, use_graphs: bool | None = None,
-                 max_graph_tokens: int = 256, use_c_step: bool | None = None) -> None:
+                 max_graph_tokens: int = 256, use_c_step: bool | None = None,
+                 use_flash: bool | None = None) -> None:
         self.w, self.output, self.pool = weights, output, pool
         self.device = weights.embed.device
         self.triton = (self.device.type == "cuda" and triton_available()) \
@@ -178,6 +205,11 @@ class PagedRunner:
         config = weights.config
         self.max_blocks = -(-config.max_position_embeddings // pool.block_size)
         self.lock = threading.Lock()
+        self.flash = flash_paged_available(self.device, pool.kv.dtype, pool.block_size) \
+            if use_flash is None else use_flash
+        if self.flash and pool.block_size % FLASH_PAGE:
+            raise ValueError(f"use_flash=True needs a block size that is a multiple of "
+                             f"{FLASH_PAGE}, got {pool.block_size}")
         if self.triton:
             from qguard_stream.kernels import decode_ops
 
@@ -235,15 +267,17 @@ class PagedRunner:
         return sorted(self.graphs)
 
     # ---- the step ------------------------------------------------------------------------------
-    def step(self, meta: StepMeta, max_queries: int | None) -> torch.Tensor:
+    def step(self, meta: StepMeta, max_queries: int | None,
+             flash_rows: FlashRows | None = None) -> torch.Tensor:
         """The output's [rows or sessions, width] fp32 result for the rows of `meta` (device
-        views). `max_queries`: the longest chunk when the paged-attention
-        kernel serves the step, None when attention runs on the host metadata (C or gathered).
+        views). `max_queries`: the longest chunk when the paged-attention kernel serves the
+        step; else `flash_rows` when flash-attn does; else attention runs on the host metadata
+        (gathered).
         What does not depend on the layer (RoPE rows, write slots, the attention backend) is
         settled once here, not per layer."""
         w, pool = self.w, self.pool
         store = self._kv_store(meta)
-        attention = self._attention(meta, max_queries)
+        attention = self._attention(meta, max_queries, flash_rows)
         x = F.embedding(meta.token_ids, w.embed)
         for index, layer in enumerate(w.layers):
             keys, values = pool.layer(index)  # [blocks, page, KV, D] views
@@ -284,9 +318,20 @@ class PagedRunner:
 
         return store_torch
 
-    def _attention(self, meta: StepMeta, max_queries: int | None) -> PoolAttention:
-        """(q, keys, values) -> [rows, H * D] for this step: the Triton paged kernel, or each
-        session's context gathered."""
+    def _attention(self, meta: StepMeta, max_queries: int | None,
+                   flash_rows: FlashRows | None) -> PoolAttention:
+        """(q, keys, values) -> [rows, H * D] for this step: the Triton paged kernel, flash-attn
+        over the pool, or each session's context gathered."""
+        if flash_rows is not None:
+            def flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                layout = flash_rows
+                padded = q.new_zeros(layout.sessions * layout.width, *q.shape[1:])
+                padded[layout.index] = q
+                out = flash_paged(padded.view(layout.sessions, layout.width, *q.shape[1:]),
+                                  keys, values, meta.ctx_len, meta.block_tables)
+                return out.reshape(layout.sessions * layout.width, -1)[layout.index]
+
+            return flash
         if max_queries is not None:
             assert self.attention is not None
             launch = self.attention
@@ -328,11 +373,12 @@ class PagedRunner:
         paged = self.triton and longest <= MAX_QUERIES and rows <= self.attention.max_rows
         meta = StepMeta.view(host.to(self.device, non_blocking=True), rows, sessions,
                              self.max_blocks)
-        if not paged:  # attention then reads the per-session metadata on the host
+        flash_rows = FlashRows.of(chunks, self.device) if self.flash and not paged else None
+        if not paged and flash_rows is None:  # attention reads the session metadata on the host
             host_meta = StepMeta.view(host, rows, sessions, self.max_blocks)
             meta = replace(meta, q_start=host_meta.q_start, q_len=host_meta.q_len,
                            ctx_len=host_meta.ctx_len, block_tables=host_meta.block_tables)
-        return self.step(meta, longest if paged else None).cpu()
+        return self.step(meta, longest if paged else None, flash_rows).cpu()
 
     def _bucket(self, rows: int) -> int | None:
         return next((b for b in sorted(self.graphs) if b >= rows), None)
