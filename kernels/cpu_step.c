@@ -93,7 +93,8 @@ static float sum_of(const float* x, int64_t n) {
  * [-87, 88]. x is clamped to that range, so exp(-inf) is ~1.6e-38 (not 0) and nothing overflows:
  * softmax and SiLU are unaffected at fp32 precision. */
 static inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    x = x > 88.0f ? 88.0f : x;  /* two plain selects (a nested one blocks vectorization) */
+    x = x < -87.0f ? -87.0f : x;
     /* round to nearest by the 1.5 * 2^23 trick (vectorizes, unlike roundevenf) */
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;

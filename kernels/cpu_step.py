@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 DISABLE_ENV = "QGUARD_STREAM_CPU_KERNEL"
-BASE_FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
+BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 # Tried in order: the first that compiles is used (no OpenMP: attention runs on one thread).
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native",), ())
 

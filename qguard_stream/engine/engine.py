@@ -159,13 +159,15 @@ class Engine:
                 except Exception as error:  # e.g. NonFiniteScoresError: this session only
                     failed[request.session.id] = error
                     self._fail(request, error)
-            stats = StepStats(len(batch), sum(r.num_tokens for r in batch),
-                              time.perf_counter() - began, self.pool.used_blocks,
-                              self.pool.num_blocks)
+            tokens = sum(chunk.token_ids.shape[0] for chunk in chunks)
             self._steps += 1
-            self._tokens_scored += stats.tokens
-        for listener in self.step_listeners:
-            listener(stats)
+            self._tokens_scored += tokens
+            stats = StepStats(len(batch), tokens, time.perf_counter() - began,
+                              self.pool.used_blocks, self.pool.num_blocks) \
+                if self.step_listeners else None
+        if stats is not None:
+            for listener in self.step_listeners:
+                listener(stats)
         return len(batch)
 
     def moderate(self, session: Session, token_ids: TokenIds, role: str) -> Verdicts:

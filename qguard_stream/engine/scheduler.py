@@ -79,8 +79,11 @@ class Scheduler:
                 continue
             batch.append(request)
             tokens += request.num_tokens
-        chosen = {id(request) for request in batch}
-        self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
+        if len(batch) == len(self.waiting):  # the common case: every queued chunk runs
+            self.waiting.clear()
+        else:
+            chosen = {id(request) for request in batch}
+            self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
         return batch
 
     def remove_session(self, session: Session) -> list[Request]:
