@@ -7,7 +7,8 @@ after each call (untimed) so every call sees the same context. Variants: (a) our
 transformers' Qwen3Model with a DynamicCache fed only new tokens; see baselines.py. Prints a table
 with the ratios (b)/(a) and (c)/(a), writes JSON and a PNG plot. On CUDA it adds the roofline:
 weight bytes / HBM bandwidth (measured with a device copy, or --hbm-gbps) and our step time as a
-multiple of it.
+multiple of it. `--load N` runs N busy processes beside it for the whole run (tails on a
+shared CPU: compare p99 and max with a run without).
 
     python -m benchmarks.latency                     # CPU, shape "small", full grid
     python -m benchmarks.latency --shape overhead --quick
@@ -17,12 +18,15 @@ multiple of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +49,7 @@ class Cell:
     calls: int
     p50_ms: float
     p99_ms: float
+    max_ms: float = 0.0
 
     @property
     def per_token_ms(self) -> float:
@@ -99,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory for latency_<shape>_<device>.json/.png")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="start N CPU-bound processes for the run (a shared CPU's tails)")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -142,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
                                            device=device)
         guard = StreamGuard.from_pretrained(directory, device=device, dtype=dtype)
         runners = _runners(args.variants, guard, directory, device, dtype)
-    cells = measure(runners, args, guard.config.vocab_size, device)
+    if args.load < 0:
+        raise SystemExit(f"--load must be >= 0, got {args.load}")
+    with competing_processes(args.load):
+        cells = measure(runners, args, guard.config.vocab_size, device)
     floor_ms = roofline_ms(guard, device, args.hbm_gbps) if device.type == "cuda" else None
     report = _report(args, device, dtype, cells, floor_ms)
     report["ours_step"] = ours_step(guard)
@@ -244,7 +254,24 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
 def _cell(variant: str, context: int, k: int, times: list[float]) -> Cell:
     ordered = sorted(times)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return Cell(variant, context, k, len(times), statistics.median(ordered), p99)
+    return Cell(variant, context, k, len(times), statistics.median(ordered), p99, ordered[-1])
+
+
+@contextlib.contextmanager
+def competing_processes(count: int) -> Iterator[list[subprocess.Popen]]:
+    """`count` CPU-bound processes (a busy loop each) for the duration of the block, killed
+    after it (each in its own process group, so nothing outlives the run)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                             start_new_session=True) for _ in range(count)]
+    try:
+        if busy:
+            time.sleep(0.5)  # let the scheduler see them before the first timed call
+        yield busy
+    finally:
+        for process in busy:
+            process.kill()
+        for process in busy:
+            process.wait(timeout=10)
 
 
 def weight_bytes(guard: StreamGuard) -> int:
@@ -285,7 +312,8 @@ def roofline_ms(guard: StreamGuard, device: torch.device, hbm_gbps: float | None
 
 def format_table(cells: list[Cell], floor_ms: float | None) -> str:
     by_key = {(c.variant, c.context, c.k): c for c in cells}
-    header = (f"{'context':>7} {'k':>3} | {'ours p50':>9} {'ours p99':>9} {'ours/tok':>9} | "
+    header = (f"{'context':>7} {'k':>3} | {'ours p50':>9} {'ours p99':>9} {'ours max':>9} "
+              f"{'ours/tok':>9} | "
               f"{'card/tok':>9} {'hf/tok':>9} | {'card/ours':>9} {'hf/ours':>8}")
     if floor_ms is not None:
         header += f" | {'floor':>7} {'x floor':>7}"
@@ -296,8 +324,9 @@ def format_table(cells: list[Cell], floor_ms: float | None) -> str:
         card = by_key.get(("card_loop", context, k))
         hf = by_key.get(("hf_dynamic_cache", context, k))
         line = (f"{context:7d} {k:3d} | {_ms(ours and ours.p50_ms)} {_ms(ours and ours.p99_ms)} "
-                f"{_ms(ours and ours.per_token_ms)} | {_ms(card and card.per_token_ms)} "
-                f"{_ms(hf and hf.per_token_ms)} | {_ratio(card, ours):>9} {_ratio(hf, ours):>8}")
+                f"{_ms(ours and ours.max_ms)} {_ms(ours and ours.per_token_ms)} | "
+                f"{_ms(card and card.per_token_ms)} {_ms(hf and hf.per_token_ms)} | "
+                f"{_ratio(card, ours):>9} {_ratio(hf, ours):>8}")
         if floor_ms is not None and ours is not None:
             line += f" | {floor_ms:7.3f} {ours.p50_ms / floor_ms:7.2f}"
         lines.append(line)
@@ -326,6 +355,7 @@ def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
         "shape": {"name": args.shape, **asdict(shape)},
         "dtype": str(dtype).removeprefix("torch."),
         "roofline_ms": floor_ms,
+        "competing_processes": args.load,
         "cells": [{**asdict(c), "per_token_ms": c.per_token_ms} for c in cells],
     }
 

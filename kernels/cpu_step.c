@@ -20,16 +20,145 @@
  *                offset p % page, its slot being block * page + offset (kvcache/paged.py owns
  *                that arithmetic on the Python side)
  *
- * Threads: attention splits the (session, KV head) pairs over OpenMP threads (the process's one
- * libgomp, the one torch loaded, so torch's thread count applies); everything else runs on the
- * calling thread.
+ * Threads: attention splits the (session, KV head) pairs, and a GEMV its output rows, over a small
+ * pool of our own (qg_set_threads; the runtime passes torch's thread count), not OpenMP: an
+ * OpenMP region ends at a barrier that waits for every thread of the team, so on a shared CPU a
+ * worker the kernel has descheduled stalls the step for a whole time slice (measured: a k = 1
+ * step at 155 ms instead of 1.4 with one busy process beside it on 2 cores). Here the caller
+ * works too and claims chunks of the range from an atomic counter like the helpers; it waits
+ * only for chunks a helper has actually claimed, so a helper that is not running costs nothing.
+ * Helpers spin briefly for the next job (a layer's jobs come microseconds apart), then sleep.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_HEAD_DIM 1024
+
+/* ---- the thread pool --------------------------------------------------------------------------- */
+#define MAX_HELPERS 63
+#define SPIN_NS 50000 /* a helper spins this long for the next job before it sleeps */
+
+typedef void (*range_fn)(void* context, int64_t begin, int64_t end);
+
+static struct {
+    pthread_mutex_t lock; /* serializes jobs (other callers run theirs alone) and guards sleeps */
+    pthread_mutex_t sleep_lock;
+    pthread_cond_t wake;
+    pthread_t threads[MAX_HELPERS];
+    int helpers;              /* started */
+    int wanted;               /* helpers the next job may use (qg_set_threads - 1) */
+    atomic_uint_fast64_t generation; /* bumped when a job is posted */
+    atomic_uint_fast64_t closed;     /* the generation whose job the caller has finished */
+    atomic_int active;        /* helpers inside a job */
+    atomic_int sleepers;
+    atomic_int_fast64_t next; /* the job's next unclaimed index */
+    range_fn fn;              /* the job: fn(context, begin, end) over [0, count) by `grain` */
+    void* context;
+    int64_t count, grain;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER};
+
+static void claim_and_run(void) {
+    for (;;) {
+        const int64_t begin = atomic_fetch_add(&pool.next, pool.grain);
+        if (begin >= pool.count) return;
+        const int64_t end = begin + pool.grain < pool.count ? begin + pool.grain : pool.count;
+        pool.fn(pool.context, begin, end);
+    }
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void* helper_main(void* argument) {
+    const int index = (int)(intptr_t)argument; /* helpers past pool.wanted sit jobs out */
+    uint64_t seen = atomic_load(&pool.generation);
+    for (;;) {
+        const int64_t spin_until = now_ns() + SPIN_NS;
+        while (atomic_load(&pool.generation) == seen && now_ns() < spin_until) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+        if (atomic_load(&pool.generation) == seen) {
+            pthread_mutex_lock(&pool.sleep_lock);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while (atomic_load(&pool.generation) == seen)
+                pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.sleep_lock);
+        }
+        seen = atomic_load(&pool.generation);
+        /* Enter, then check the job is still open: the caller closes it before it reads
+         * `active`, so either it waits for us or we see it closed and touch nothing. */
+        atomic_fetch_add(&pool.active, 1);
+        if (atomic_load(&pool.closed) != seen && index < pool.wanted) claim_and_run();
+        atomic_fetch_sub(&pool.active, 1);
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) {
+    /* the helpers do not exist in a forked child: its jobs run on the calling thread alone */
+    pool.helpers = pool.wanted = 0;
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_mutex_init(&pool.sleep_lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+}
+
+/* Threads for the parallel parts, the caller included (1: everything on the caller). Helpers
+ * are started on first need and kept. */
+void qg_set_threads(int64_t threads) {
+    static int registered = 0;
+    pthread_mutex_lock(&pool.lock);
+    if (!registered) {
+        pthread_atfork(NULL, NULL, after_fork_in_child);
+        registered = 1;
+    }
+    int wanted = threads - 1 < 0 ? 0 : (threads - 1 > MAX_HELPERS ? MAX_HELPERS : (int)threads - 1);
+    while (pool.helpers < wanted &&
+           pthread_create(&pool.threads[pool.helpers], NULL, helper_main,
+                          (void*)(intptr_t)pool.helpers) == 0) {
+        pthread_detach(pool.threads[pool.helpers]);
+        pool.helpers++;
+    }
+    pool.wanted = wanted < pool.helpers ? wanted : pool.helpers;
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* fn(context, begin, end) over [0, count) in chunks of `grain`, on the caller and the helpers;
+ * on the caller alone when there is one chunk, no helper, or another job is running. */
+static void parallel_for(range_fn fn, void* context, int64_t count, int64_t grain) {
+    if (count <= grain || pool.wanted == 0 || pthread_mutex_trylock(&pool.lock) != 0) {
+        fn(context, 0, count);
+        return;
+    }
+    pool.fn = fn;
+    pool.context = context;
+    pool.count = count;
+    pool.grain = grain;
+    atomic_store(&pool.next, 0);
+    const uint64_t job = atomic_fetch_add(&pool.generation, 1) + 1;
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    claim_and_run();
+    atomic_store(&pool.closed, job);
+    for (int spins = 0; atomic_load(&pool.active) != 0; ++spins)
+        if (spins > 1000) sched_yield(); /* a helper finishing a chunk it claimed */
+    pthread_mutex_unlock(&pool.lock);
+}
 
 /* Eight-lane vectors (GCC/Clang vector extensions; lowered to whatever SIMD the target has).
  * Reductions are written with them explicitly: `#pragma omp simd reduction` made GCC 12 spill
@@ -298,6 +427,26 @@ static int attend_pair(const float* q, const float* k_pool, const float* v_pool,
     return 0;
 }
 
+typedef struct {
+    const float *q, *k_pool, *v_pool;
+    const int32_t *block_tables, *q_start, *q_len, *ctx_len;
+    int64_t table_stride, page, heads, kv_heads, head_dim;
+    float* out;
+    atomic_int failed;
+} AttendJob;
+
+/* Pairs [begin, end) of (session, KV head), session-major. */
+static void attend_pairs(void* context, int64_t begin, int64_t end) {
+    AttendJob* job = context;
+    for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t s = pair / job->kv_heads, h = pair % job->kv_heads;
+        if (attend_pair(job->q, job->k_pool, job->v_pool, job->block_tables + s * job->table_stride,
+                        job->page, job->q_start[s], job->q_len[s], job->ctx_len[s], h, job->heads,
+                        job->kv_heads, job->head_dim, job->out) != 0)
+            atomic_store(&job->failed, 1);
+    }
+}
+
 int qg_attend_paged(const float* q, const float* k_pool, const float* v_pool,
                     const int32_t* block_tables, int64_t table_stride, int64_t page,
                     const int32_t* q_start, const int32_t* q_len, const int32_t* ctx_len,
@@ -305,29 +454,14 @@ int qg_attend_paged(const float* q, const float* k_pool, const float* v_pool,
                     float* out) {
     int64_t work = 0;  /* query-key dot products */
     for (int64_t s = 0; s < sessions; ++s) work += (int64_t)q_len[s] * ctx_len[s] * heads;
-    const int parallel = sessions * kv_heads > 1 && work >= 1024;
-    int failed = 0;
-    if (sessions == 1) {  /* one session: its KV heads split evenly, one per thread */
-#pragma omp parallel for schedule(static) if (parallel)
-        for (int64_t h = 0; h < kv_heads; ++h)
-            if (attend_pair(q, k_pool, v_pool, block_tables, page, q_start[0], q_len[0],
-                            ctx_len[0], h, heads, kv_heads, head_dim, out) != 0) {
-#pragma omp atomic write
-                failed = 1;
-            }
-    } else {  /* many: contexts differ, so pairs go to whichever thread is free */
-#pragma omp parallel for schedule(dynamic) if (parallel)
-        for (int64_t pair = 0; pair < sessions * kv_heads; ++pair) {
-            const int64_t s = pair / kv_heads, h = pair % kv_heads;
-            if (attend_pair(q, k_pool, v_pool, block_tables + s * table_stride, page,
-                            q_start[s], q_len[s], ctx_len[s], h, heads, kv_heads, head_dim,
-                            out) != 0) {
-#pragma omp atomic write
-                failed = 1;
-            }
-        }
-    }
-    return failed ? -1 : 0;
+    AttendJob job = {q, k_pool, v_pool, block_tables, q_start, q_len, ctx_len, table_stride, page,
+                     heads, kv_heads, head_dim, out, 0};
+    const int64_t pairs = sessions * kv_heads;
+    if (work >= 1024)  /* one pair per claim: contexts differ, pairs go to whoever is free */
+        parallel_for(attend_pairs, &job, pairs, 1);
+    else
+        attend_pairs(&job, 0, pairs);
+    return atomic_load(&job.failed) ? -1 : 0;
 }
 
 /* SwiGLU's activation: out = silu(gate) * up for gate_up = [gate | up] per row. */
@@ -342,16 +476,101 @@ void qg_silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) 
     }
 }
 
+typedef struct {
+    const float *w, *x, *residual;
+    float* y;
+    int64_t cols;
+} GemvJob;
+
+static void gemv_rows(void* context, int64_t begin, int64_t end) {
+    const GemvJob* job = context;
+    for (int64_t r = begin; r < end; ++r) {
+        const float value = dot(job->w + r * job->cols, job->x, job->cols);
+        job->y[r] = job->residual != NULL ? job->residual[r] + value : value;
+    }
+}
+
 /* y[rows] = W[rows, cols] x (+ residual[rows] when not NULL), W row-major: one dot product per
- * output row, the rows split over the OpenMP threads. For one token this reads each weight once,
- * like the BLAS GEMM it replaces, without a Python round trip per projection. */
+ * output row, the rows split over the pool in chunks of about 8K weights. For one token this
+ * reads each weight once, like the BLAS GEMM it replaces, without a Python round trip per
+ * projection. */
 static void gemv(const float* w, const float* x, const float* residual, float* y, int64_t rows,
                  int64_t cols) {
-#pragma omp parallel for schedule(static) if (rows * cols >= 32768)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float value = dot(w + r * cols, x, cols);
-        y[r] = residual != NULL ? residual[r] + value : value;
+    GemvJob job = {w, x, residual, y, cols};
+    const int64_t grain = cols >= 8192 ? 1 : 8192 / cols;
+    if (rows * cols >= 32768)
+        parallel_for(gemv_rows, &job, rows, grain);
+    else
+        gemv_rows(&job, 0, rows);
+}
+
+typedef struct {
+    const float *x, *w, *residual;
+    float* y;
+    int64_t rows, cols, out;
+} GemmJob;
+
+/* y[m, n] (+= residual[m, n]) = dot(x[m], w[n]) for the weight rows n in [begin, end): two weight
+ * rows times four x rows per pass, eight vector accumulators, so each weight row is read once
+ * per four x rows and each x load feeds two FMAs (three weight rows spill on AVX2). */
+static inline float finish(const GemmJob* job, int64_t at, float value) {
+    return job->residual != NULL ? job->residual[at] + value : value;
+}
+
+static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
+    const GemmJob* job = context;
+    const int64_t cols = job->cols, out = job->out, rows = job->rows, body = cols & ~(int64_t)7;
+    for (int64_t n = begin; n < end; n += 2) {
+        const int pair = n + 1 < end;
+        const float* w0 = job->w + n * cols;
+        const float* w1 = pair ? w0 + cols : w0;
+        int64_t m = 0;
+        for (; m + 4 <= rows; m += 4) {
+            const float* x0 = job->x + m * cols;
+            const float *x1 = x0 + cols, *x2 = x1 + cols, *x3 = x2 + cols;
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            for (int64_t k = 0; k < body; k += 8) {
+                const v8 u = load8(w0 + k), v = load8(w1 + k);
+                const v8 c0 = load8(x0 + k), c1 = load8(x1 + k), c2 = load8(x2 + k),
+                         c3 = load8(x3 + k);
+                a0 += u * c0; a1 += u * c1; a2 += u * c2; a3 += u * c3;
+                b0 += v * c0; b1 += v * c1; b2 += v * c2; b3 += v * c3;
+            }
+            float first[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+            float second[4] = {sum8(b0), sum8(b1), sum8(b2), sum8(b3)};
+            for (int64_t k = body; k < cols; ++k)
+                for (int i = 0; i < 4; ++i) {
+                    first[i] += w0[k] * x0[i * cols + k];
+                    second[i] += w1[k] * x0[i * cols + k];
+                }
+            for (int i = 0; i < 4; ++i) {
+                const int64_t at = (m + i) * out + n;
+                job->y[at] = finish(job, at, first[i]);
+                if (pair) job->y[at + 1] = finish(job, at + 1, second[i]);
+            }
+        }
+        for (; m < rows; ++m) {
+            const float* x = job->x + m * cols;
+            const int64_t at = m * out + n;
+            job->y[at] = finish(job, at, dot(w0, x, cols));
+            if (pair) job->y[at + 1] = finish(job, at + 1, dot(w1, x, cols));
+        }
     }
+}
+
+/* y[rows, out] = x[rows, cols] W^T (+ residual[rows, out] when not NULL), W [out, cols]
+ * row-major (nn.Linear's layout): the weight rows split over the pool in even chunks of about
+ * 16K weights each. For the few rows of a decode step (up to a few dozen) this streams each
+ * weight once, as a BLAS GEMM would, and keeps the threads in our pool (see "Threads"). */
+void qg_gemm(const float* x, const float* w, const float* residual, float* y, int64_t rows,
+             int64_t cols, int64_t out) {
+    GemmJob job = {x, w, residual, y, rows, cols, out};
+    int64_t grain = cols >= 16384 ? 2 : 16384 / cols;
+    grain += grain & 1;  /* even: the weight rows go in pairs */
+    if (rows * cols * out >= 65536)
+        parallel_for(gemm_weight_rows, &job, out, grain);
+    else
+        gemm_weight_rows(&job, 0, out);
 }
 
 /* One whole decoder layer for a single new token of one session at `position`, x [hidden]

@@ -27,13 +27,16 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
 DISABLE_ENV = "QGUARD_STREAM_CPU_KERNEL"
-BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
-# Tried in order: the first that compiles is used (no OpenMP: attention runs on one thread).
-FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native",), ())
+BASE_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-pthread", "-shared", "-fPIC")
+# Tried in order: the first that compiles is used. OpenMP only for its `simd` pragmas (the
+# threads are the library's own pool), so no OpenMP runtime is linked.
+FLAG_SETS = (("-march=native", "-fopenmp-simd"), ("-march=native",), ())
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "qg_exp": ([_P, _P, _I], None),
+    "qg_set_threads": ([_I], None),
+    "qg_gemm": ([_P, _P, _P, _P, _I, _I, _I], None),
     "qg_rms_norm": ([_P, _P, _P, _I, _I, _F], None),
     "qg_qk_rope_store": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F], None),
     "qg_attend_paged": ([_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _P], ctypes.c_int),

@@ -25,6 +25,17 @@ def test_quick_run_writes_every_cell_table_json_and_plot(tmp_path: Path,
     assert report["ours_step"].startswith("paged runner")
 
 
+def test_load_option_runs_busy_processes_for_the_run_only(tmp_path: Path) -> None:
+    with latency.competing_processes(2) as busy:
+        assert len(busy) == 2 and all(process.poll() is None for process in busy)
+    assert all(process.poll() is not None for process in busy)  # killed and reaped
+    assert latency.main(["--smoke", "--no-plot", "--load", "1", "--variants", "ours",
+                         "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "latency_tiny_cpu.json").read_text())
+    assert report["competing_processes"] == 1
+    assert all(c["max_ms"] >= c["p99_ms"] >= c["p50_ms"] > 0 for c in report["cells"])
+
+
 def test_smoke_run_covers_the_tiny_grid(tmp_path: Path) -> None:
     assert latency.main(["--smoke", "--no-plot", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "latency_tiny_cpu.json").read_text())

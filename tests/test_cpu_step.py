@@ -164,6 +164,74 @@ def test_silu_mul_matches_swiglu(library) -> None:
     torch.testing.assert_close(out.double(), F.silu(gate) * up, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows,cols,out", [(1, 256, 512), (3, 100, 37), (4, 64, 2050),
+                                           (9, 768, 256), (16, 1536, 513)])
+def test_gemm_matches_the_formula_with_and_without_residual(library, threads: int, rows: int,
+                                                            cols: int, out: int) -> None:
+    """qg_gemm: y = x W^T (+ residual), W [out, cols] as nn.Linear keeps it; odd widths, a
+    column count that is no multiple of 8, rows past a multiple of 4, on 1 and 2 threads (the
+    pool's chunks); every output written (the output starts as NaN)."""
+    library.qg_set_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(rows * cols + out)
+        x = torch.randn(rows, cols, generator=gen)
+        weight = torch.randn(out, cols, generator=gen)
+        residual = torch.randn(rows, out, generator=gen)
+        for with_residual in (False, True):
+            y = torch.full((rows, out), float("nan"))
+            library.qg_gemm(pointer(x), pointer(weight),
+                            pointer(residual) if with_residual else None, pointer(y), rows, cols,
+                            out)
+            expected = x.double() @ weight.double().t()
+            if with_residual:
+                expected += residual.double()
+            torch.testing.assert_close(y.double(), expected, atol=1e-5 * cols ** 0.5, rtol=1e-5)
+    finally:
+        library.qg_set_threads(torch.get_num_threads())
+
+
+def test_the_thread_pool_serves_concurrent_callers_and_forked_children(library) -> None:
+    """Jobs from four Python threads at once (one uses the pool, the others run alone) all come
+    out right; a forked child (no helper threads there) still computes, without hanging."""
+    import os
+    import threading
+
+    library.qg_set_threads(2)
+    gen = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(8, 512, generator=gen), torch.randn(1024, 512, generator=gen)
+    expected = (x.double() @ weight.double().t()).float()
+    failures: list[str] = []
+
+    def work() -> None:
+        for _ in range(50):
+            y = torch.full((8, 1024), float("nan"))
+            library.qg_gemm(pointer(x), pointer(weight), None, pointer(y), 8, 512, 1024)
+            if not torch.allclose(y, expected, atol=1e-3, rtol=1e-4):
+                failures.append("wrong result")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures and not any(thread.is_alive() for thread in threads)
+    child = os.fork()
+    if child == 0:  # the child: compute once, exit 0 if right
+        y = torch.empty(8, 1024)
+        library.qg_gemm(pointer(x), pointer(weight), None, pointer(y), 8, 512, 1024)
+        os._exit(0 if torch.allclose(y, expected, atol=1e-3, rtol=1e-4) else 1)
+    for _ in range(600):  # bounded wait: 60 s
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            break
+        threading.Event().wait(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the forked child hung in qg_gemm")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_the_runner_takes_the_c_step_for_up_to_16_tokens_per_session(
         tiny_guard: StreamGuard, library, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = tiny_guard.paged_runtime()[1]

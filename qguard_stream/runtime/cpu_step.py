@@ -15,9 +15,11 @@ Not thread-safe: the runner's lock serializes steps. Owns no session state and n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -33,6 +35,10 @@ if TYPE_CHECKING:
 # torch step, whose GEMMs and SDPA prefill are compute-bound there).
 MAX_TOKENS = 16
 MAX_HEAD_DIM = 1024  # cpu_step.c's stack row
+# Steps of up to this many rows run their projections as the library's GEMM (as fast as MKL or
+# faster there, measured on 2 AVX2 cores, and on its own threads: see cpu_step.c "Threads");
+# larger steps (many sessions batched) keep torch's BLAS, which is faster from ~32 rows on.
+C_GEMM_ROWS = 16
 
 
 class HostMeta(NamedTuple):
@@ -65,6 +71,34 @@ def host_meta(chunks: Sequence[Chunk], block_size: int) -> HostMeta:
                      for p in range(start, end))
         tables[index * width:index * width + len(blocks)] = array("i", blocks)
     return HostMeta(positions, slots, tables, width, q_start, q_len, ctx_len)
+
+
+_one_thread_lock = threading.Lock()
+_one_thread_depth = 0
+_saved_threads = 1
+
+
+@contextlib.contextmanager
+def torch_on_one_thread() -> Iterator[int]:
+    """Run torch's own ops on one thread inside the block and yield the thread count set before
+    it (nested and concurrent blocks share one saved count). The C step parallelizes on the
+    library's pool; torch's OpenMP workers, left spinning after each of torch's parallel ops,
+    would take the cores from it (measured: k = 16 steps 7.4 ms with torch on one thread vs 10.1
+    with both pools on 2 cores, quiet)."""
+    global _one_thread_depth, _saved_threads
+    with _one_thread_lock:
+        if _one_thread_depth == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _one_thread_depth += 1
+        threads = _saved_threads
+    try:
+        yield threads
+    finally:
+        with _one_thread_lock:
+            _one_thread_depth -= 1
+            if _one_thread_depth == 0:
+                torch.set_num_threads(_saved_threads)
 
 
 def _address(values: array) -> int:
@@ -106,11 +140,18 @@ class CpuStep:
         floats = (2 * self.hidden + (self.heads + 2 * self.kv_heads) * self.head_dim
                   + 2 * self.heads * self.head_dim + 3 * self.intermediate)
         self.layer_scratch = torch.empty(floats, dtype=torch.float32)
+        self.threads = 0  # set in the library at the first call
 
     @torch.inference_mode()  # the scratch tensors are inference tensors, written in place
-    def __call__(self, token_ids: torch.Tensor, meta: HostMeta) -> torch.Tensor:
-        """token_ids [rows] (CPU int64) with their metadata -> final hidden [rows, hidden]."""
+    def __call__(self, token_ids: torch.Tensor, meta: HostMeta,
+                 threads: int | None = None) -> torch.Tensor:
+        """token_ids [rows] (CPU int64) with their metadata -> final hidden [rows, hidden].
+        `threads`: the library pool's threads (default: torch's thread count)."""
         rows = token_ids.shape[0]
+        threads = threads or torch.get_num_threads()
+        if threads != self.threads:
+            self.library.qg_set_threads(threads)
+            self.threads = threads
         tensors = self._buffers(rows)
         x = tensors[0]
         torch.index_select(self.embed, 0, token_ids, out=x)
@@ -136,7 +177,10 @@ class CpuStep:
                 raise _out_of_memory(position + 1)
 
     def _rows(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
-        """GEMMs in torch.mm, the rest in C; the result is left in tensors[0]."""
+        """GEMMs in C (up to C_GEMM_ROWS rows) or torch.mm, the rest in C; the result is left in
+        tensors[0]."""
+        if rows <= C_GEMM_ROWS:
+            return self._rows_in_c(rows, tensors, meta)
         lib, dim = self.library, self.head_dim
         x, x_next, normed, qkv, _, attended, gate_up, act = tensors
         x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = \
@@ -161,6 +205,34 @@ class CpuStep:
             torch.mm(normed, gate_up_t, out=gate_up)
             lib.qg_silu_mul(gate_up_p, act_p, rows, self.intermediate)
             torch.addmm(x_next, act, down_t, out=x)
+
+    def _rows_in_c(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
+        """Every part of the layer in the library, the projections as qg_gemm over the [out, in]
+        weights (one pass over each weight for all rows)."""
+        lib, dim, hidden, inter = self.library, self.head_dim, self.hidden, self.intermediate
+        x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = \
+            (t.data_ptr() for t in tensors)
+        positions, slots, tables = _address(meta.positions), _address(meta.slots), \
+            _address(meta.tables)
+        q_start, q_len, ctx_len = _address(meta.q_start), _address(meta.q_len), \
+            _address(meta.ctx_len)
+        sessions, page = len(meta.q_len), self.pool.block_size
+        qkv_width, q_width = (self.heads + 2 * self.kv_heads) * dim, self.heads * dim
+        for (input_norm, qkv_w, qk_norm, o_w, post_norm, gate_up_w, down_w), (keys, values) in \
+                zip(self.single, self.kv):
+            lib.qg_rms_norm(x_p, input_norm, normed_p, rows, hidden, self.eps)
+            lib.qg_gemm(normed_p, qkv_w, None, qkv_p, rows, hidden, qkv_width)
+            lib.qg_qk_rope_store(qkv_p, qk_norm, self.cos, self.sin, positions, slots, q_p, keys,
+                                 values, page, rows, self.heads, self.kv_heads, dim, self.eps)
+            if lib.qg_attend_paged(q_p, keys, values, tables, meta.width, page, q_start, q_len,
+                                   ctx_len, sessions, self.heads, self.kv_heads, dim,
+                                   attended_p):
+                raise _out_of_memory(max(meta.ctx_len))
+            lib.qg_gemm(attended_p, o_w, x_p, x_next_p, rows, q_width, hidden)
+            lib.qg_rms_norm(x_next_p, post_norm, normed_p, rows, hidden, self.eps)
+            lib.qg_gemm(normed_p, gate_up_w, None, gate_up_p, rows, hidden, 2 * inter)
+            lib.qg_silu_mul(gate_up_p, act_p, rows, inter)
+            lib.qg_gemm(act_p, down_w, x_next_p, x_p, rows, inter, hidden)
 
     def _buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Scratch views for `rows` rows (the buffers grow to the largest step seen)."""
