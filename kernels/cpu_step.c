@@ -319,14 +319,17 @@ static void fill_offsets(const int32_t* table, int64_t page, int64_t block_float
     }
 }
 
-/* dst[dim] = sum over p < rows of weights[p] * matrix row p [dim]. */
+/* dst[dim] = sum over p < rows of weights[p] * matrix row p [dim]. `prefetch`: the rows are
+ * not in cache yet (the first pass over them; later passes find them in L2, where prefetches
+ * only cost instructions). */
 static void accumulate_rows(const float* weights, const float* base, const int64_t* offsets,
-                            int64_t rows, int64_t dim, float* dst) {
+                            int64_t rows, int64_t dim, float* dst, int prefetch) {
     int64_t j0 = 0;
     for (; j0 + 64 <= dim; j0 += 64) {
         v8 acc[8] = {{0}};
         for (int64_t p = 0; p < rows; ++p) {
-            if (p + PREFETCH_AHEAD < rows) prefetch_floats(base + offsets[p + PREFETCH_AHEAD] + j0, 64);
+            if (prefetch && p + PREFETCH_AHEAD < rows)
+                prefetch_floats(base + offsets[p + PREFETCH_AHEAD] + j0, 64);
             const float* row = base + offsets[p] + j0;
             for (int k = 0; k < 8; ++k) acc[k] += weights[p] * load8(row + 8 * k);
         }
@@ -344,13 +347,95 @@ static void accumulate_rows(const float* weights, const float* base, const int64
     }
 }
 
+/* dst_i[dim] = sum over p < rows of weights_i[p] * matrix row p [dim] for four rows i at once,
+ * 16 columns at a time in eight vector accumulators: each matrix load feeds four FMAs (one row
+ * at a time streams the matrix from L2 once per row, and L2 cannot feed an FMA per load). */
+static void accumulate_rows4(const float* const* weights, const float* base,
+                             const int64_t* offsets, int64_t rows, int64_t dim,
+                             float* const* dst, int prefetch) {
+    const float *w0 = weights[0], *w1 = weights[1], *w2 = weights[2], *w3 = weights[3];
+    int64_t j0 = 0;
+    for (; j0 + 16 <= dim; j0 += 16) {
+        v8 a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};
+        for (int64_t p = 0; p < rows; ++p) {
+            if (prefetch && j0 == 0 && p + PREFETCH_AHEAD < rows)
+                prefetch_floats(base + offsets[p + PREFETCH_AHEAD], dim);
+            const float* row = base + offsets[p] + j0;
+            const v8 lo = load8(row), hi = load8(row + 8);
+            a0 += w0[p] * lo; a1 += w0[p] * hi;
+            b0 += w1[p] * lo; b1 += w1[p] * hi;
+            c0 += w2[p] * lo; c1 += w2[p] * hi;
+            d0 += w3[p] * lo; d1 += w3[p] * hi;
+        }
+        memcpy(dst[0] + j0, &a0, sizeof a0); memcpy(dst[0] + j0 + 8, &a1, sizeof a1);
+        memcpy(dst[1] + j0, &b0, sizeof b0); memcpy(dst[1] + j0 + 8, &b1, sizeof b1);
+        memcpy(dst[2] + j0, &c0, sizeof c0); memcpy(dst[2] + j0 + 8, &c1, sizeof c1);
+        memcpy(dst[3] + j0, &d0, sizeof d0); memcpy(dst[3] + j0 + 8, &d1, sizeof d1);
+    }
+    for (int64_t j = j0; j < dim; ++j)
+        for (int i = 0; i < 4; ++i) {
+            float total = 0.0f;
+            for (int64_t p = 0; p < rows; ++p) total += weights[i][p] * base[offsets[p] + j];
+            dst[i][j] = total;
+        }
+}
+
 /* One KV head's attention for all its query rows (the `group` q heads sharing it, times n_new),
  * reading each key and value row once. scores: [n_new * group, start + n_new]. */
+/* scores[r * total + p] for the keys p <= start, which every query row r sees (row r: new token
+ * r / group, q head kv_head * group + r % group): two keys times four rows per pass in eight
+ * vector accumulators, so a key row is loaded once per four rows and a query row once per two
+ * keys (one dot product at a time loads both for every score). */
+static void scores_of_shared_keys(const float* q, const KvRows* kv, float* scores,
+                                  int64_t kv_head, int64_t start, int64_t n_new, int64_t heads,
+                                  int64_t group, int64_t head_dim) {
+    const int64_t total = start + n_new, rows = n_new * group, body = head_dim & ~(int64_t)7;
+    const float* query[rows];
+    for (int64_t r = 0; r < rows; ++r)
+        query[r] = q + ((r / group) * heads + kv_head * group + r % group) * head_dim;
+    for (int64_t p = 0; p <= start; p += 2) {
+        if (p + PREFETCH_AHEAD + 1 < total) {
+            prefetch_floats(kv->keys + kv->offsets[p + PREFETCH_AHEAD], head_dim);
+            prefetch_floats(kv->keys + kv->offsets[p + PREFETCH_AHEAD + 1], head_dim);
+        }
+        const int pair = p + 1 <= start;
+        const float* k0 = kv->keys + kv->offsets[p];
+        const float* k1 = pair ? kv->keys + kv->offsets[p + 1] : k0;
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) {
+            const float *q0 = query[r], *q1 = query[r + 1], *q2 = query[r + 2], *q3 = query[r + 3];
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            for (int64_t d = 0; d < body; d += 8) {
+                const v8 u = load8(k0 + d), v = load8(k1 + d);
+                const v8 c0 = load8(q0 + d), c1 = load8(q1 + d), c2 = load8(q2 + d),
+                         c3 = load8(q3 + d);
+                a0 += u * c0; a1 += u * c1; a2 += u * c2; a3 += u * c3;
+                b0 += v * c0; b1 += v * c1; b2 += v * c2; b3 += v * c3;
+            }
+            float first[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+            float second[4] = {sum8(b0), sum8(b1), sum8(b2), sum8(b3)};
+            for (int i = 0; i < 4; ++i) {
+                for (int64_t d = body; d < head_dim; ++d) {
+                    first[i] += k0[d] * query[r + i][d];
+                    second[i] += k1[d] * query[r + i][d];
+                }
+                scores[(r + i) * total + p] = first[i];
+                if (pair) scores[(r + i) * total + p + 1] = second[i];
+            }
+        }
+        for (; r < rows; ++r) {
+            scores[r * total + p] = dot(query[r], k0, head_dim);
+            if (pair) scores[r * total + p + 1] = dot(query[r], k1, head_dim);
+        }
+    }
+}
+
 static void attend_kv_head(const float* q, const KvRows* kv, float* scores, float* out,
                            int64_t kv_head, int64_t start, int64_t n_new, int64_t heads,
                            int64_t group, int64_t head_dim) {
     const int64_t total = start + n_new;
-    for (int64_t p = 0; p < total; ++p) {
+    scores_of_shared_keys(q, kv, scores, kv_head, start, n_new, heads, group, head_dim);
+    for (int64_t p = start + 1; p < total; ++p) {  /* the new keys: causal, p <= start + t */
         if (p + PREFETCH_AHEAD < total)
             prefetch_floats(kv->keys + kv->offsets[p + PREFETCH_AHEAD], head_dim);
         const float* key = kv->keys + kv->offsets[p];
@@ -371,16 +456,26 @@ static void attend_kv_head(const float* q, const KvRows* kv, float* scores, floa
             const float inv_sum = 1.0f / sum_of(row, length);
 #pragma omp simd
             for (int64_t p = 0; p < length; ++p) row[p] *= inv_sum;
+            for (int64_t p = length; p < total; ++p) row[p] = 0.0f;  /* keys it must not see */
         }
     }
-    /* out += weight * value, 64 output floats at a time held in eight vector accumulators */
-    for (int64_t t = 0; t < n_new; ++t) {
-        const int64_t length = start + t + 1;
-        for (int64_t g = 0; g < group; ++g) {
-            const float* weights = scores + (t * group + g) * total;
-            float* dst = out + (t * heads + kv_head * group + g) * head_dim;
-            accumulate_rows(weights, kv->values, kv->offsets, length, head_dim, dst);
+    /* out = weights . values: rows four at a time over every key (a hidden key weighs 0) */
+    const int64_t rows = n_new * group;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float* weights[4];
+        float* dst[4];
+        for (int i = 0; i < 4; ++i) {
+            const int64_t t = (r + i) / group, g = (r + i) % group;
+            weights[i] = scores + (r + i) * total;
+            dst[i] = out + (t * heads + kv_head * group + g) * head_dim;
         }
+        accumulate_rows4(weights, kv->values, kv->offsets, total, head_dim, dst, r == 0);
+    }
+    for (; r < rows; ++r) {
+        const int64_t t = r / group, g = r % group;
+        accumulate_rows(scores + r * total, kv->values, kv->offsets, start + t + 1, head_dim,
+                        out + (t * heads + kv_head * group + g) * head_dim, r == 0);
     }
 }
 
