@@ -3,10 +3,10 @@
  *
  * Why C: at decode sizes (a handful of rows) every eager PyTorch op costs more in dispatch than in
  * arithmetic, and a Qwen3 layer has ~45 of them besides its four GEMMs. One row (one session, one
- * token): each layer is one call, qg_decode_layer, with the projections as OpenMP GEMVs over the
+ * token): each layer is one call, qg_decode_layer, with the projections as GEMVs over the
  * [out, in] weights. More rows (one session's chunk, or many sessions' chunks packed): the
- * layer's norms, q/k norm + RoPE + KV write, attention and SiLU are separate calls around
- * torch.mm / torch.addmm projections (MKL/oneDNN). The math is the formula of models/qwen3.py and
+ * layer's norms, q/k norm + RoPE + KV write, attention and SiLU are separate calls around the
+ * projections, qg_gemm up to 16 rows, torch.mm / torch.addmm (MKL/oneDNN) past that. The math is the formula of models/qwen3.py and
  * runtime/layer.py, in fp32 with double-accumulated sums of squares; the tests compare every
  * function with its PyTorch reference.
  *
@@ -499,7 +499,7 @@ static void* thread_scratch(size_t bytes) {
  * [blocks, kv_heads, page, head_dim] (position p in block block_tables[s][p / page]). Session s owns
  * the packed query rows q_start[s] .. + q_len[s] of q [rows, heads, head_dim] (pre-scaled) at
  * positions ctx_len[s] - q_len[s] .. and writes the same rows of out [rows, heads * head_dim];
- * q_len 0 skips a session. The (session, KV head) pairs are split over the OpenMP threads when
+ * q_len 0 skips a session. The (session, KV head) pairs are split over the pool's threads when
  * there is enough work to pay for the fork. Returns 0, or -1 if a scores' scratch could not be
  * allocated (out is then unspecified). */
 /* One (session, KV head) pair of qg_attend_paged; returns 0, or -1 without scratch. */

@@ -4,10 +4,11 @@ in C (kernels/cpu_step.c), K/V read and written in the paged pool through the bl
 The step's rows are the new tokens of one or many sessions, packed (at most MAX_TOKENS per
 session). One row (one session feeding one token, the stream's common case): each layer is one C
 call, qg_decode_layer (norms, the projections as C GEMVs, q/k norm + RoPE + the K/V store,
-attention, SiLU). More rows: per layer C RMSNorm -> torch.mm (qkv) -> C q/k norm + RoPE + store
-into the rows' pool slots -> C attention of every session over its blocks in one call ->
-torch.addmm (o_proj + residual) -> C RMSNorm -> torch.mm (gate_up) -> C SiLU*up -> torch.addmm
-(down + residual), the GEMMs staying in PyTorch's BLAS, which reads each weight once for all rows.
+attention, SiLU). More rows: per layer C RMSNorm -> qkv projection -> C q/k norm + RoPE + store
+into the rows' pool slots -> C attention of every session over its blocks in one call -> o_proj
++ residual -> C RMSNorm -> gate_up -> C SiLU*up -> down + residual, the projections as the
+library's GEMM up to C_GEMM_ROWS rows (torch then runs on one thread: the library's pool does the
+work) and as torch.mm / addmm past that; either reads each weight once for all rows.
 The metadata (positions, slots, block tables) is packed with array.array, not tensors: for one
 token that costs microseconds, where a tensor per field costs more than the token's arithmetic.
 Not thread-safe: the runner's lock serializes steps. Owns no session state and no weights.
