@@ -3,6 +3,11 @@
     python -m benchmarks.gpu_check --out DIR          # one CUDA GPU, torch + Triton, no network
     python -m benchmarks.gpu_check --out DIR --dry    # tiny shape on CPU: checks the harness (CI)
 
+On a machine without network that already has torch, Triton, transformers and safetensors,
+install the project with `pip install --no-deps --no-build-isolation -e .` (build isolation
+would try to download setuptools). Then `python -m benchmarks.profile_step --out DIR` says where
+a step's GPU time goes.
+
 1. The CUDA tests (pytest on the kernel, runner and engine test files).
 2. Parity at each shape (default 0.6b and 8b), bf16, random weights drawn on the GPU (no
    checkpoint written to disk): CUDA-graph replay vs the eager paged step vs transformers'
