@@ -188,6 +188,29 @@ static inline float dot(const float* a, const float* b, int64_t n) {
     return total;
 }
 
+/* The eight dot products of rows u, v [n] with rows x[0..3] [n]: first[i] = u . x[i],
+ * second[i] = v . x[i], in eight vector accumulators, so each load of u or v feeds four FMAs and
+ * each load of an x row two (one dot product at a time loads both rows for every product). */
+static inline void dot_2x4(const float* u, const float* v, const float* const* x, int64_t n,
+                           float* first, float* second) {
+    const int64_t body = n & ~(int64_t)7;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t k = 0; k < body; k += 8) {
+        const v8 p = load8(u + k), q = load8(v + k);
+        const v8 c0 = load8(x0 + k), c1 = load8(x1 + k), c2 = load8(x2 + k), c3 = load8(x3 + k);
+        a0 += p * c0; a1 += p * c1; a2 += p * c2; a3 += p * c3;
+        b0 += q * c0; b1 += q * c1; b2 += q * c2; b3 += q * c3;
+    }
+    first[0] = sum8(a0); first[1] = sum8(a1); first[2] = sum8(a2); first[3] = sum8(a3);
+    second[0] = sum8(b0); second[1] = sum8(b1); second[2] = sum8(b2); second[3] = sum8(b3);
+    for (int64_t k = body; k < n; ++k)
+        for (int i = 0; i < 4; ++i) {
+            first[i] += u[k] * x[i][k];
+            second[i] += v[k] * x[i][k];
+        }
+}
+
 /* Sum of squares in float blocks of 64 accumulated in double. */
 static float sum_of_squares(const float* x, int64_t n) {
     double total = 0.0;
@@ -389,7 +412,7 @@ static void accumulate_rows4(const float* const* weights, const float* base,
 static void scores_of_shared_keys(const float* q, const KvRows* kv, float* scores,
                                   int64_t kv_head, int64_t start, int64_t n_new, int64_t heads,
                                   int64_t group, int64_t head_dim) {
-    const int64_t total = start + n_new, rows = n_new * group, body = head_dim & ~(int64_t)7;
+    const int64_t total = start + n_new, rows = n_new * group;
     const float* query[rows];
     for (int64_t r = 0; r < rows; ++r)
         query[r] = q + ((r / group) * heads + kv_head * group + r % group) * head_dim;
@@ -403,22 +426,9 @@ static void scores_of_shared_keys(const float* q, const KvRows* kv, float* score
         const float* k1 = pair ? kv->keys + kv->offsets[p + 1] : k0;
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4) {
-            const float *q0 = query[r], *q1 = query[r + 1], *q2 = query[r + 2], *q3 = query[r + 3];
-            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-            for (int64_t d = 0; d < body; d += 8) {
-                const v8 u = load8(k0 + d), v = load8(k1 + d);
-                const v8 c0 = load8(q0 + d), c1 = load8(q1 + d), c2 = load8(q2 + d),
-                         c3 = load8(q3 + d);
-                a0 += u * c0; a1 += u * c1; a2 += u * c2; a3 += u * c3;
-                b0 += v * c0; b1 += v * c1; b2 += v * c2; b3 += v * c3;
-            }
-            float first[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-            float second[4] = {sum8(b0), sum8(b1), sum8(b2), sum8(b3)};
+            float first[4], second[4];
+            dot_2x4(k0, k1, query + r, head_dim, first, second);
             for (int i = 0; i < 4; ++i) {
-                for (int64_t d = body; d < head_dim; ++d) {
-                    first[i] += k0[d] * query[r + i][d];
-                    second[i] += k1[d] * query[r + i][d];
-                }
                 scores[(r + i) * total + p] = first[i];
                 if (pair) scores[(r + i) * total + p + 1] = second[i];
             }
@@ -614,7 +624,7 @@ static inline float finish(const GemmJob* job, int64_t at, float value) {
 
 static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
     const GemmJob* job = context;
-    const int64_t cols = job->cols, out = job->out, rows = job->rows, body = cols & ~(int64_t)7;
+    const int64_t cols = job->cols, out = job->out, rows = job->rows;
     for (int64_t n = begin; n < end; n += 2) {
         const int pair = n + 1 < end;
         const float* w0 = job->w + n * cols;
@@ -622,22 +632,9 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
         int64_t m = 0;
         for (; m + 4 <= rows; m += 4) {
             const float* x0 = job->x + m * cols;
-            const float *x1 = x0 + cols, *x2 = x1 + cols, *x3 = x2 + cols;
-            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-            for (int64_t k = 0; k < body; k += 8) {
-                const v8 u = load8(w0 + k), v = load8(w1 + k);
-                const v8 c0 = load8(x0 + k), c1 = load8(x1 + k), c2 = load8(x2 + k),
-                         c3 = load8(x3 + k);
-                a0 += u * c0; a1 += u * c1; a2 += u * c2; a3 += u * c3;
-                b0 += v * c0; b1 += v * c1; b2 += v * c2; b3 += v * c3;
-            }
-            float first[4] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-            float second[4] = {sum8(b0), sum8(b1), sum8(b2), sum8(b3)};
-            for (int64_t k = body; k < cols; ++k)
-                for (int i = 0; i < 4; ++i) {
-                    first[i] += w0[k] * x0[i * cols + k];
-                    second[i] += w1[k] * x0[i * cols + k];
-                }
+            const float* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
+            float first[4], second[4];
+            dot_2x4(w0, w1, x, cols, first, second);
             for (int i = 0; i < 4; ++i) {
                 const int64_t at = (m + i) * out + n;
                 job->y[at] = finish(job, at, first[i]);

@@ -178,62 +178,48 @@ class CpuStep:
                 raise _out_of_memory(position + 1)
 
     def _rows(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
-        """GEMMs in C (up to C_GEMM_ROWS rows) or torch.mm, the rest in C; the result is left in
-        tensors[0]."""
-        if rows <= C_GEMM_ROWS:
-            return self._rows_in_c(rows, tensors, meta)
-        lib, dim = self.library, self.head_dim
-        x, x_next, normed, qkv, _, attended, gate_up, act = tensors
-        x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = \
-            (t.data_ptr() for t in tensors)
-        positions, slots, tables = _address(meta.positions), _address(meta.slots), \
-            _address(meta.tables)
-        q_start, q_len, ctx_len = _address(meta.q_start), _address(meta.q_len), \
-            _address(meta.ctx_len)
-        sessions, page = len(meta.q_len), self.pool.block_size
-        for (input_norm, qk_norm, post_norm, qkv_t, o_t, gate_up_t, down_t), (keys, values) in \
-                zip(self.layers, self.kv):
-            lib.qg_rms_norm(x_p, input_norm, normed_p, rows, self.hidden, self.eps)
-            torch.mm(normed, qkv_t, out=qkv)
-            lib.qg_qk_rope_store(qkv_p, qk_norm, self.cos, self.sin, positions, slots, q_p, keys,
-                                 values, page, rows, self.heads, self.kv_heads, dim, self.eps)
-            if lib.qg_attend_paged(q_p, keys, values, tables, meta.width, page, q_start, q_len,
-                                   ctx_len, sessions, self.heads, self.kv_heads, dim,
-                                   attended_p):
-                raise _out_of_memory(max(meta.ctx_len))
-            torch.addmm(x, attended, o_t, out=x_next)  # the residual add fused into the GEMM
-            lib.qg_rms_norm(x_next_p, post_norm, normed_p, rows, self.hidden, self.eps)
-            torch.mm(normed, gate_up_t, out=gate_up)
-            lib.qg_silu_mul(gate_up_p, act_p, rows, self.intermediate)
-            torch.addmm(x_next, act, down_t, out=x)
-
-    def _rows_in_c(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
-        """Every part of the layer in the library, the projections as qg_gemm over the [out, in]
-        weights (one pass over each weight for all rows)."""
+        """Norms, q/k norm + RoPE + store, attention and SiLU in C; the projections as the
+        library's GEMM over the [out, in] weights up to C_GEMM_ROWS rows, as torch.mm / addmm
+        over the transposed copies past that (either reads each weight once for all rows). The
+        result is left in tensors[0]."""
         lib, dim, hidden, inter = self.library, self.head_dim, self.hidden, self.intermediate
-        x_p, x_next_p, normed_p, qkv_p, q_p, attended_p, gate_up_p, act_p = \
-            (t.data_ptr() for t in tensors)
+        x, x_next, normed, qkv, q, attended, gate_up, act = tensors
         positions, slots, tables = _address(meta.positions), _address(meta.slots), \
             _address(meta.tables)
         q_start, q_len, ctx_len = _address(meta.q_start), _address(meta.q_len), \
             _address(meta.ctx_len)
         sessions, page = len(meta.q_len), self.pool.block_size
-        qkv_width, q_width = (self.heads + 2 * self.kv_heads) * dim, self.heads * dim
-        for (input_norm, qkv_w, qk_norm, o_w, post_norm, gate_up_w, down_w), (keys, values) in \
-                zip(self.single, self.kv):
-            lib.qg_rms_norm(x_p, input_norm, normed_p, rows, hidden, self.eps)
-            lib.qg_gemm(normed_p, qkv_w, None, qkv_p, rows, hidden, qkv_width)
-            lib.qg_qk_rope_store(qkv_p, qk_norm, self.cos, self.sin, positions, slots, q_p, keys,
-                                 values, page, rows, self.heads, self.kv_heads, dim, self.eps)
-            if lib.qg_attend_paged(q_p, keys, values, tables, meta.width, page, q_start, q_len,
-                                   ctx_len, sessions, self.heads, self.kv_heads, dim,
-                                   attended_p):
+        in_c = rows <= C_GEMM_ROWS
+
+        def project(source: torch.Tensor, weight: int, weight_t: torch.Tensor,
+                    residual: torch.Tensor | None, target: torch.Tensor) -> None:
+            if in_c:
+                lib.qg_gemm(source.data_ptr(), weight,
+                            None if residual is None else residual.data_ptr(),
+                            target.data_ptr(), rows, source.shape[1], target.shape[1])
+            elif residual is None:
+                torch.mm(source, weight_t, out=target)
+            else:  # the residual add fused into the GEMM
+                torch.addmm(residual, source, weight_t, out=target)
+
+        for (input_norm, qkv_w, qk_norm, o_w, post_norm, gate_up_w, down_w), \
+                (_, _, _, qkv_t, o_t, gate_up_t, down_t), (keys, values) in \
+                zip(self.single, self.layers, self.kv):
+            lib.qg_rms_norm(x.data_ptr(), input_norm, normed.data_ptr(), rows, hidden, self.eps)
+            project(normed, qkv_w, qkv_t, None, qkv)
+            lib.qg_qk_rope_store(qkv.data_ptr(), qk_norm, self.cos, self.sin, positions, slots,
+                                 q.data_ptr(), keys, values, page, rows, self.heads,
+                                 self.kv_heads, dim, self.eps)
+            if lib.qg_attend_paged(q.data_ptr(), keys, values, tables, meta.width, page, q_start,
+                                   q_len, ctx_len, sessions, self.heads, self.kv_heads, dim,
+                                   attended.data_ptr()):
                 raise _out_of_memory(max(meta.ctx_len))
-            lib.qg_gemm(attended_p, o_w, x_p, x_next_p, rows, q_width, hidden)
-            lib.qg_rms_norm(x_next_p, post_norm, normed_p, rows, hidden, self.eps)
-            lib.qg_gemm(normed_p, gate_up_w, None, gate_up_p, rows, hidden, 2 * inter)
-            lib.qg_silu_mul(gate_up_p, act_p, rows, inter)
-            lib.qg_gemm(act_p, down_w, x_next_p, x_p, rows, inter, hidden)
+            project(attended, o_w, o_t, x, x_next)
+            lib.qg_rms_norm(x_next.data_ptr(), post_norm, normed.data_ptr(), rows, hidden,
+                            self.eps)
+            project(normed, gate_up_w, gate_up_t, None, gate_up)
+            lib.qg_silu_mul(gate_up.data_ptr(), act.data_ptr(), rows, inter)
+            project(act, down_w, down_t, x_next, x)
 
     def _buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Scratch views for `rows` rows (the buffers grow to the largest step seen)."""
