@@ -5,8 +5,8 @@
  * arithmetic, and a Qwen3 layer has ~45 of them besides its four GEMMs. One row (one session, one
  * token): each layer is one call, qg_decode_layer, with the projections as GEMVs over the
  * [out, in] weights. More rows (one session's chunk, or many sessions' chunks packed): the
- * layer's norms, q/k norm + RoPE + KV write, attention and SiLU are separate calls around the
- * projections, qg_gemm up to 16 rows, torch.mm / torch.addmm (MKL/oneDNN) past that. The math is the formula of models/qwen3.py and
+ * layer's norms, q/k norm + RoPE + KV write, attention, SiLU and the projections (qg_gemm) are
+ * separate calls. The math is the formula of models/qwen3.py and
  * runtime/layer.py, in fp32 with double-accumulated sums of squares; the tests compare every
  * function with its PyTorch reference.
  *

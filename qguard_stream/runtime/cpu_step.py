@@ -7,8 +7,10 @@ call, qg_decode_layer (norms, the projections as C GEMVs, q/k norm + RoPE + the 
 attention, SiLU). More rows: per layer C RMSNorm -> qkv projection -> C q/k norm + RoPE + store
 into the rows' pool slots -> C attention of every session over its blocks in one call -> o_proj
 + residual -> C RMSNorm -> gate_up -> C SiLU*up -> down + residual, the projections as the
-library's GEMM up to C_GEMM_ROWS rows (torch then runs on one thread: the library's pool does the
-work) and as torch.mm / addmm past that; either reads each weight once for all rows.
+library's GEMM (qg_gemm: one pass over each weight for all rows). Every parallel part runs on the
+library's own thread pool, with torch on one thread meanwhile (torch_on_one_thread): two pools
+spinning on the same cores slowed whole steps (measured on 2 cores: 8-64 sessions per step
+14-27% faster with every GEMM in the library than with torch's BLAS for steps past 16 rows).
 The metadata (positions, slots, block tables) is packed with array.array, not tensors: for one
 token that costs microseconds, where a tensor per field costs more than the token's arithmetic.
 Not thread-safe: the runner's lock serializes steps. Owns no session state and no weights.
@@ -36,10 +38,6 @@ if TYPE_CHECKING:
 # torch step, whose GEMMs and SDPA prefill are compute-bound there).
 MAX_TOKENS = 16
 MAX_HEAD_DIM = 1024  # cpu_step.c's stack row
-# Steps of up to this many rows run their projections as the library's GEMM (as fast as MKL or
-# faster there, measured on 2 AVX2 cores, and on its own threads: see cpu_step.c "Threads");
-# larger steps (many sessions batched) keep torch's BLAS, which is faster from ~32 rows on.
-C_GEMM_ROWS = 16
 
 
 class HostMeta(NamedTuple):
@@ -126,8 +124,6 @@ class CpuStep:
         base, pool_bytes = pointer(pool.kv), pool.kv[0, 0].numel() * 4
         self.kv = [(base + 2 * index * pool_bytes, base + (2 * index + 1) * pool_bytes)
                    for index in range(len(weights.layers))]
-        self.layers = [(pointer(w.input_norm), pointer(w.qk_norm), pointer(w.post_norm),
-                        *w.transposed) for w in weights.layers]
         # One row: each layer is one C call (projections as C GEMVs over the [out, in] weights).
         self.single = [(pointer(w.input_norm), pointer(w.qkv), pointer(w.qk_norm), pointer(w.o),
                         pointer(w.post_norm), pointer(w.gate_up), pointer(w.down))
@@ -178,48 +174,30 @@ class CpuStep:
                 raise _out_of_memory(position + 1)
 
     def _rows(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
-        """Norms, q/k norm + RoPE + store, attention and SiLU in C; the projections as the
-        library's GEMM over the [out, in] weights up to C_GEMM_ROWS rows, as torch.mm / addmm
-        over the transposed copies past that (either reads each weight once for all rows). The
-        result is left in tensors[0]."""
+        """The layers over `rows` packed rows, every part in the library (the projections as
+        qg_gemm over the [out, in] weights); the result is left in tensors[0]."""
         lib, dim, hidden, inter = self.library, self.head_dim, self.hidden, self.intermediate
-        x, x_next, normed, qkv, q, attended, gate_up, act = tensors
+        x, x_next, normed, qkv, q, attended, gate_up, act = (t.data_ptr() for t in tensors)
         positions, slots, tables = _address(meta.positions), _address(meta.slots), \
             _address(meta.tables)
         q_start, q_len, ctx_len = _address(meta.q_start), _address(meta.q_len), \
             _address(meta.ctx_len)
         sessions, page = len(meta.q_len), self.pool.block_size
-        in_c = rows <= C_GEMM_ROWS
-
-        def project(source: torch.Tensor, weight: int, weight_t: torch.Tensor,
-                    residual: torch.Tensor | None, target: torch.Tensor) -> None:
-            if in_c:
-                lib.qg_gemm(source.data_ptr(), weight,
-                            None if residual is None else residual.data_ptr(),
-                            target.data_ptr(), rows, source.shape[1], target.shape[1])
-            elif residual is None:
-                torch.mm(source, weight_t, out=target)
-            else:  # the residual add fused into the GEMM
-                torch.addmm(residual, source, weight_t, out=target)
-
-        for (input_norm, qkv_w, qk_norm, o_w, post_norm, gate_up_w, down_w), \
-                (_, _, _, qkv_t, o_t, gate_up_t, down_t), (keys, values) in \
-                zip(self.single, self.layers, self.kv):
-            lib.qg_rms_norm(x.data_ptr(), input_norm, normed.data_ptr(), rows, hidden, self.eps)
-            project(normed, qkv_w, qkv_t, None, qkv)
-            lib.qg_qk_rope_store(qkv.data_ptr(), qk_norm, self.cos, self.sin, positions, slots,
-                                 q.data_ptr(), keys, values, page, rows, self.heads,
-                                 self.kv_heads, dim, self.eps)
-            if lib.qg_attend_paged(q.data_ptr(), keys, values, tables, meta.width, page, q_start,
-                                   q_len, ctx_len, sessions, self.heads, self.kv_heads, dim,
-                                   attended.data_ptr()):
+        qkv_width, q_width = (self.heads + 2 * self.kv_heads) * dim, self.heads * dim
+        for (input_norm, qkv_w, qk_norm, o_w, post_norm, gate_up_w, down_w), (keys, values) in \
+                zip(self.single, self.kv):
+            lib.qg_rms_norm(x, input_norm, normed, rows, hidden, self.eps)
+            lib.qg_gemm(normed, qkv_w, None, qkv, rows, hidden, qkv_width)
+            lib.qg_qk_rope_store(qkv, qk_norm, self.cos, self.sin, positions, slots, q, keys,
+                                 values, page, rows, self.heads, self.kv_heads, dim, self.eps)
+            if lib.qg_attend_paged(q, keys, values, tables, meta.width, page, q_start, q_len,
+                                   ctx_len, sessions, self.heads, self.kv_heads, dim, attended):
                 raise _out_of_memory(max(meta.ctx_len))
-            project(attended, o_w, o_t, x, x_next)
-            lib.qg_rms_norm(x_next.data_ptr(), post_norm, normed.data_ptr(), rows, hidden,
-                            self.eps)
-            project(normed, gate_up_w, gate_up_t, None, gate_up)
-            lib.qg_silu_mul(gate_up.data_ptr(), act.data_ptr(), rows, inter)
-            project(act, down_w, down_t, x_next, x)
+            lib.qg_gemm(attended, o_w, x, x_next, rows, q_width, hidden)  # + the residual
+            lib.qg_rms_norm(x_next, post_norm, normed, rows, hidden, self.eps)
+            lib.qg_gemm(normed, gate_up_w, None, gate_up, rows, hidden, 2 * inter)
+            lib.qg_silu_mul(gate_up, act, rows, inter)
+            lib.qg_gemm(act, down_w, x_next, x, rows, inter, hidden)  # + the residual
 
     def _buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Scratch views for `rows` rows (the buffers grow to the largest step seen)."""

@@ -43,8 +43,8 @@ from qguard_stream.runtime.attention import (
     flash_paged,
     flash_paged_available,
 )
-from qguard_stream.runtime.cpu_step import C_GEMM_ROWS, CpuStep, host_meta, torch_on_one_thread
 from qguard_stream.runtime.cpu_step import MAX_TOKENS as C_STEP_TOKENS
+from qguard_stream.runtime.cpu_step import CpuStep, host_meta, torch_on_one_thread
 from qguard_stream.runtime.layer import (
     ActFn,
     NormFn,
@@ -253,8 +253,6 @@ class PagedRunner:
                 ids = chunks[0].token_ids if len(chunks) == 1 else \
                     torch.cat([chunk.token_ids for chunk in chunks])
                 meta = host_meta(chunks, self.pool.block_size)
-                if rows > C_GEMM_ROWS:  # projections in torch's BLAS, on torch's threads
-                    return self.output.on_host(self.cpu_step(ids, meta), chunks)
                 with torch_on_one_thread() as threads:  # the library's pool does the work
                     return self.output.on_host(self.cpu_step(ids, meta, threads), chunks)
             bucket = self._bucket(rows) if longest <= MAX_QUERIES else None
