@@ -232,6 +232,47 @@ def test_the_thread_pool_serves_concurrent_callers_and_forked_children(library) 
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+def test_torch_runs_on_one_thread_during_a_c_step_and_gets_its_count_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a block torch runs on one thread in every thread that entered one (nested and
+    concurrent blocks too), each block yields the count from before the first, and the count
+    is back once all have left; with a torch whose pool cannot be resized (not OpenMP) nothing
+    is changed."""
+    import threading
+
+    from qguard_stream.runtime import cpu_step as step_module
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inside: list[int] = []
+        barrier = threading.Barrier(3)
+
+        def hold() -> None:
+            with step_module.torch_on_one_thread() as threads:
+                barrier.wait(timeout=10)
+                inside.append(threads)
+                barrier.wait(timeout=10)
+
+        workers = [threading.Thread(target=hold) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        with step_module.torch_on_one_thread() as threads:
+            barrier.wait(timeout=10)
+            assert torch.get_num_threads() == 1 and threads == 2
+            with step_module.torch_on_one_thread() as nested:
+                assert nested == 2 and torch.get_num_threads() == 1
+            barrier.wait(timeout=10)
+        for worker in workers:
+            worker.join(timeout=10)
+        assert inside == [2, 2] and torch.get_num_threads() == 2
+        monkeypatch.setattr(step_module, "_openmp_backend", lambda: False)
+        with step_module.torch_on_one_thread() as threads:
+            assert threads == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_runner_takes_the_c_step_for_up_to_16_tokens_per_session(
         tiny_guard: StreamGuard, library, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = tiny_guard.paged_runtime()[1]

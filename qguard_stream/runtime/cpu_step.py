@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import threading
 from array import array
 from collections.abc import Iterator, Sequence
@@ -72,6 +73,12 @@ def host_meta(chunks: Sequence[Chunk], block_size: int) -> HostMeta:
     return HostMeta(positions, slots, tables, width, q_start, q_len, ctx_len)
 
 
+@functools.cache
+def _openmp_backend() -> bool:
+    """Whether torch's intra-op threads are OpenMP's (resizable at any time)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 _one_thread_lock = threading.Lock()
 _one_thread_depth = 0
 _saved_threads = 1
@@ -80,24 +87,31 @@ _saved_threads = 1
 @contextlib.contextmanager
 def torch_on_one_thread() -> Iterator[int]:
     """Run torch's own ops on one thread inside the block and yield the thread count set before
-    it (nested and concurrent blocks share one saved count). The C step parallelizes on the
-    library's pool; torch's OpenMP workers, left spinning after each of torch's parallel ops,
-    would take the cores from it (measured: k = 16 steps 7.4 ms with torch on one thread vs 10.1
-    with both pools on 2 cores, quiet)."""
+    it. The C step parallelizes on the library's pool; torch's OpenMP workers, left spinning
+    after each of torch's parallel ops, would take the cores from it (measured: k = 16 steps
+    7.4 ms with torch on one thread vs 10.1 with both pools on 2 cores, quiet).
+
+    libgomp keeps the thread count per thread for threads that have run a parallel region and
+    process-wide for the others, so every entering thread sets its own (1) and every leaving one
+    restores the count saved by the first to enter: whichever interleaving, each thread's count
+    and the process-wide one end as they were (in between, a thread may briefly see its usual
+    count again, which costs nothing but speed)."""
     global _one_thread_depth, _saved_threads
+    if not _openmp_backend():  # the native pool refuses resizing once it has run (warns)
+        yield torch.get_num_threads()
+        return
     with _one_thread_lock:
         if _one_thread_depth == 0:
             _saved_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
         _one_thread_depth += 1
         threads = _saved_threads
+        torch.set_num_threads(1)
     try:
         yield threads
     finally:
         with _one_thread_lock:
             _one_thread_depth -= 1
-            if _one_thread_depth == 0:
-                torch.set_num_threads(_saved_threads)
+            torch.set_num_threads(threads)
 
 
 def _address(values: array) -> int:
