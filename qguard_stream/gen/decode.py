@@ -137,10 +137,9 @@ class Decoder:
         max_position_embeddings); PoolTooSmallError at once if the pool could never hold it."""
         with self.lock:
             pool, _ = self._runtime()
-            limit = min(len(prompt) + max_new_tokens, self.config.max_position_embeddings)
+            limit = self._check_fits(len(prompt), max_new_tokens)
             request = GenRequest(torch.tensor(list(prompt), dtype=torch.int64), limit, stop_ids,
                                  sampling, on_token, pool.block_size)
-            self._check_fits(len(prompt), max_new_tokens)
             if sampling.temperature > 0:
                 request.generator = torch.Generator(device=self.device)
                 request.generator.manual_seed(sampling.seed if sampling.seed is not None
@@ -153,8 +152,9 @@ class Decoder:
             self.lock.notify()
         return request
 
-    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """PoolTooSmallError when a sequence of this prompt could never fit the pool."""
+    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """The length a sequence of this prompt may reach (never past max_position_embeddings),
+        or PoolTooSmallError when the pool could never hold it."""
         pool, _ = self._runtime()
         limit = min(prompt_tokens + max_new_tokens, self.config.max_position_embeddings)
         need = -(-limit // pool.block_size)
@@ -162,6 +162,7 @@ class Decoder:
             raise PoolTooSmallError(
                 f"a sequence that may reach {limit} tokens needs {need} KV blocks; the pool "
                 f"holds {pool.num_blocks} (raise kv_memory_gb)")
+        return limit
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: frozenset[int]) -> list[list[int]]:

@@ -325,12 +325,12 @@ class PagedRunner:
         over the pool, or each session's context gathered."""
         if flash_rows is not None:
             def flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-                layout = flash_rows
-                padded = q.new_zeros(layout.sessions * layout.width, *q.shape[1:])
-                padded[layout.index] = q
-                out = flash_paged(padded.view(layout.sessions, layout.width, *q.shape[1:]),
-                                  keys, values, meta.ctx_len, meta.block_tables)
-                return out.reshape(layout.sessions * layout.width, -1)[layout.index]
+                sessions, width, index = flash_rows.sessions, flash_rows.width, flash_rows.index
+                padded = q.new_zeros(sessions * width, *q.shape[1:])
+                padded[index] = q
+                out = flash_paged(padded.view(sessions, width, *q.shape[1:]), keys, values,
+                                  meta.ctx_len, meta.block_tables)
+                return out.reshape(sessions * width, -1)[index]
 
             return flash
         if max_queries is not None:
