@@ -138,7 +138,8 @@ class CpuStep:
         base, pool_bytes = pointer(pool.kv), pool.kv[0, 0].numel() * 4
         self.kv = [(base + 2 * index * pool_bytes, base + (2 * index + 1) * pool_bytes)
                    for index in range(len(weights.layers))]
-        # One row: each layer is one C call (projections as C GEMVs over the [out, in] weights).
+        # Each layer's norms and projections as the library reads them ([out, in] weights): one C
+        # call per layer for one row (GEMVs), qg_gemm per projection for more rows.
         self.single = [(pointer(w.input_norm), pointer(w.qkv), pointer(w.qk_norm), pointer(w.o),
                         pointer(w.post_norm), pointer(w.gate_up), pointer(w.down))
                        for w in weights.layers]
