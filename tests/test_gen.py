@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3ForCausalLM
 
 from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
-from qguard_stream.gen.decode import Decoder
+from qguard_stream.gen.decode import Decoder, Sampling, pick_token, top_p_filter
 from qguard_stream.gen.guard import GenGuard
 from qguard_stream.gen.parse import GenVerdict
 from qguard_stream.kvcache.paged import PoolTooSmallError, bytes_per_token
@@ -255,3 +255,26 @@ def test_checkpoint_saved_by_transformers_loads_and_decodes_the_same(tmp_path, t
     guard = GenGuard.from_pretrained(tmp_path, device="cpu")
     ids = random_prompts()[1]
     assert guard.generate_ids(ids, NEW_TOKENS) == _hf_generate(hf, ids, 151645, NEW_TOKENS)
+
+
+PROBS = torch.tensor([0.0625, 0.5, 0.1875, 0.25])  # exact in binary: the cut is not rounding's
+
+
+@pytest.mark.parametrize("top_p, kept", [
+    (1e-6, [1]), (0.5, [1]), (0.51, [1, 3]), (0.75, [1, 3]), (0.76, [1, 3, 2]),
+    (0.9375, [1, 3, 2]), (0.94, [1, 3, 2, 0]), (1.0, [1, 3, 2, 0]),
+])
+def test_top_p_keeps_the_smallest_set_of_top_tokens_reaching_top_p(top_p, kept):
+    expected = torch.zeros(4)
+    expected[kept] = PROBS[kept]
+    assert torch.equal(top_p_filter(PROBS, top_p), expected)
+
+
+def test_pick_token_is_the_argmax_when_greedy_and_draws_from_the_nucleus_otherwise():
+    logits = PROBS.log()
+    assert pick_token(logits, Sampling()) == 1
+    generator = torch.Generator().manual_seed(0)
+    draws = [pick_token(logits, Sampling(1.0, 0.75), generator) for _ in range(200)]
+    assert set(draws) == {1, 3}  # 2/3 and 1/3 once renormalised: both come up in 200 draws
+    assert {pick_token(logits, Sampling(2.0, 1e-6), generator) for _ in range(50)} == {1}
+    assert set(pick_token(logits, Sampling(2.0), generator) for _ in range(200)) == {0, 1, 2, 3}

@@ -1,13 +1,15 @@
 """Qwen3Guard-Gen behind an OpenAI-compatible endpoint: the official `openai` client (sync and
 async) against `create_gen_app` over a random Gen checkpoint in the real format, on loopback. The
 content must equal GenGuard's greedy decoding and transformers' generate(do_sample=False) on the
-same templated ids; streams concatenate to it; max_tokens, stop, seeds and bad requests behave as
-OpenAI documents."""
+same templated ids; streams concatenate to it; max_tokens, stop, seeds, sampling, unknown fields and
+bad requests behave as OpenAI documents (and vLLM, for unknown fields)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,9 @@ from transformers import Qwen3ForCausalLM
 from benchmarks.fake_upstream import Loopback
 from qguard_stream import GenGuard, StreamGuard
 from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
+from qguard_stream.cli.serve import add_arguments, served_model_name
 from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.gen.parse import GenVerdict, parse_gen_output
 from qguard_stream.server import create_app
 from qguard_stream.server.chat import DEFAULT_MAX_TOKENS, create_gen_app
 
@@ -59,6 +63,20 @@ def greedy_text(gen: GenGuard, messages: list[dict], max_tokens: int) -> str:
                                 skip_special_tokens=True)
 
 
+def as_qguard(verdict: GenVerdict) -> dict:
+    """The `qguard` field a verdict should come back as."""
+    return {"safety": verdict.safety, "categories": list(verdict.categories),
+            "refusal": verdict.refusal, "parsed": verdict.parsed}
+
+
+def scrape(server: Loopback) -> dict[tuple[str, str | None], float]:
+    """/metrics as {(sample name, its 'le' label): value}."""
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer KEY"},
+                     timeout=10).text
+    return {(s.name, s.labels.get("le")): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def test_the_cards_prompt_and_response_examples_run_unchanged(server, gen) -> None:
     openai_api_key, openai_api_base = "KEY", f"{server.url}/v1"  # the card's two variables
     api = openai.OpenAI(api_key=openai_api_key, base_url=openai_api_base, max_retries=0)
@@ -69,15 +87,20 @@ def test_the_cards_prompt_and_response_examples_run_unchanged(server, gen) -> No
     ids = gen.render(prompt_messages)
     usage = chat_completion.usage
     assert usage.prompt_tokens == len(ids) and chat_completion.model == MODEL
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert chat_completion.choices[0].finish_reason == (
         "length" if usage.completion_tokens == DEFAULT_MAX_TOKENS else "stop")
-    verdict = chat_completion.model_extra["qguard"]
-    assert set(verdict) == {"safety", "categories", "refusal", "parsed"}
+    assert chat_completion.model_extra["qguard"] == as_qguard(parse_gen_output(content, "prompt"))
     response_messages = [{"role": "user", "content": PROMPT},
                          {"role": "assistant", "content": RESPONSE}]
     chat_completion = api.chat.completions.create(messages=response_messages, model=MODEL)
-    assert chat_completion.choices[0].message.content == \
-        greedy_text(gen, response_messages, DEFAULT_MAX_TOKENS)
+    content = chat_completion.choices[0].message.content
+    assert content == greedy_text(gen, response_messages, DEFAULT_MAX_TOKENS)
+    usage = chat_completion.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert chat_completion.model_extra["qguard"] == \
+        chat_completion.choices[0].model_extra["qguard"] == \
+        as_qguard(parse_gen_output(content, "response"))
     assert [m.id for m in api.models.list()] == [MODEL]
 
 
@@ -109,6 +132,29 @@ def test_streamed_deltas_concatenate_to_the_completion(server, gen) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= MAX
 
 
+def test_the_raw_event_stream_is_completion_chunks_then_done(server, gen) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=120,
+                      headers={"Authorization": "Bearer KEY"},
+                      json={"model": MODEL, "messages": messages, "max_tokens": MAX,
+                            "stream": True}) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in reply.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    data = [line.removeprefix("data: ") for line in lines]
+    assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1]
+    chunks = [json.loads(item) for item in data[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert {(chunk["id"], chunk["model"]) for chunk in chunks} == {(chunks[0]["id"], MODEL)}
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    assert text == greedy_text(gen, messages, MAX)
+    final = chunks[-1]
+    assert final["choices"][0]["finish_reason"] in ("stop", "length")
+    assert final["qguard"] == final["choices"][0]["qguard"] == \
+        as_qguard(parse_gen_output(text, "prompt"))
+
+
 def test_max_tokens_and_stop_behave_as_openai_documents(server, gen) -> None:
     messages = [{"role": "user", "content": PROMPT}]
     full = greedy_text(gen, messages, MAX)
@@ -127,15 +173,76 @@ def test_max_tokens_and_stop_behave_as_openai_documents(server, gen) -> None:
         full[:full.find(stop)]
 
 
-def test_seeded_sampling_repeats_and_n_choices_come_back(server) -> None:
-    def sample(seed: int) -> list[str]:
-        reply = client(server).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
-            temperature=1.0, top_p=0.9, seed=seed, n=2)
-        return [choice.message.content for choice in reply.choices]
+def test_completion_tokens_end_at_the_token_that_completes_the_stop_string(server, gen,
+                                                                          monkeypatch) -> None:
+    """The decoder adds tokens until it sees the cancel; they are not the completion's. A slow
+    decode of the text (a busy event loop) lets the decoder run ahead, as it may in production."""
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = gen.generate_ids(gen.render(messages), MAX)
+    texts = [gen.tokenizer.decode([t for t in ids[:k] if t not in gen.stop_ids],
+                                  skip_special_tokens=True) for k in range(len(ids) + 1)]
+    stop = texts[-1][len(texts[-1]) // 2:len(texts[-1]) // 2 + 2]
+    assert stop.strip(), texts[-1]
+    ending = next(k for k, text in enumerate(texts) if stop in text)
+    assert ending < len(ids)  # tokens follow it that a late count would include
+    decode = gen.tokenizer.decode
 
-    first = sample(7)
-    assert sample(7) == first and len(first) == 2
+    def slow_decode(*args, **kwargs) -> str:
+        time.sleep(0.02)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(gen.tokenizer, "decode", slow_decode)
+    for _ in range(3):
+        reply = client(server).chat.completions.create(model=MODEL, messages=messages,
+                                                       max_tokens=MAX, stop=stop)
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage.completion_tokens == ending
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + ending
+    chunks = list(client(server).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX, stop=stop, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == ending
+
+
+def test_unknown_fields_are_ignored(server) -> None:
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX}
+    plain = client(server).chat.completions.create(**ask)
+    extra = client(server).chat.completions.create(**ask,
+                                                   extra_body={"foo": 1, "guided_json": None})
+    assert extra.choices[0].message.content == plain.choices[0].message.content
+    assert extra.choices[0].finish_reason == plain.choices[0].finish_reason
+    assert extra.usage == plain.usage
+    assert extra.model_extra["qguard"] == plain.model_extra["qguard"]
+
+
+def sample(server: Loopback, seed: int | None, n: int = 1, temperature: float = 2.0,
+           top_p: float = 1.0, max_tokens: int = 8) -> list[str]:
+    reply = client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, n=n)
+    return [choice.message.content for choice in reply.choices]
+
+
+def test_seeded_sampling_repeats_and_n_choices_come_back(server) -> None:
+    first = sample(server, 7, n=2, temperature=1.0, top_p=0.9)
+    assert sample(server, 7, n=2, temperature=1.0, top_p=0.9) == first and len(first) == 2
+
+
+def test_a_tiny_top_p_samples_the_greedy_text(server, gen) -> None:
+    """The nucleus of top_p -> 0 is the most probable token alone, whatever the temperature."""
+    greedy = greedy_text(gen, [{"role": "user", "content": PROMPT}], MAX)
+    for seed in (1, 2):
+        assert sample(server, seed, temperature=2.0, top_p=1e-6, max_tokens=MAX) == [greedy]
+
+
+def test_different_seeds_at_a_high_temperature_give_different_texts(server) -> None:
+    assert sample(server, 1) != sample(server, 2)
+    assert sample(server, 1) == sample(server, 1)  # the difference is the seed's
+
+
+def test_sampled_choices_are_distinct(server) -> None:
+    choices = sample(server, 11, n=3)
+    assert len(set(choices)) == 3, choices
 
 
 def test_concurrent_requests_share_batches_and_match_sequential_ones(server, gen) -> None:
@@ -163,6 +270,25 @@ def test_concurrent_requests_share_batches_and_match_sequential_ones(server, gen
     assert samples[("qguard_gen_generated_tokens_total", None)] >= 32 * MAX - 32
 
 
+def test_metrics_show_tokens_per_second_and_queue_time_moving(server) -> None:
+    before = scrape(server)
+    reply = client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX)
+    after = scrape(server)
+
+    def moved(name: str) -> float:
+        return after[(name, None)] - before.get((name, None), 0.0)
+
+    usage = reply.usage
+    assert moved("qguard_gen_generated_tokens_total") >= usage.completion_tokens
+    assert moved("qguard_gen_processed_tokens_total") >= usage.total_tokens - 1
+    assert moved("qguard_gen_step_seconds_count") >= usage.completion_tokens
+    assert moved("qguard_gen_queue_seconds_count") == 1
+    assert after[("qguard_gen_queue_seconds_bucket", "+Inf")] == \
+        after[("qguard_gen_queue_seconds_count", None)]
+    assert after[("qguard_gen_tokens_per_second", None)] > 0
+
+
 @pytest.mark.parametrize("body, param", [
     ({"model": MODEL}, "messages"),
     ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages"),
@@ -179,11 +305,32 @@ def test_bad_requests_get_openai_shaped_400s(server, body, param) -> None:
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
-    huge = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
-                      headers={"Authorization": "Bearer KEY", "Content-Type": "application/json"},
-                      content=json.dumps({"messages": [{"role": "user",
-                                                         "content": "x" * (2 << 20)}]}))
-    assert huge.status_code == 413 and "error" in huge.json()
+    ok = client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert ok.choices[0].message.content is not None  # still serving
+
+
+@pytest.mark.parametrize("chars, chunked, limit", [
+    (2 << 20, False, "1048576"),  # the declared length is over max_frame_bytes
+    (2 << 20, True, "1048576"),  # no declared length: the body read is over it
+    (300_000, False, "262144"),  # a body within bounds whose messages are over max_feed_text
+], ids=["declared", "chunked", "messages"])
+def test_huge_bodies_get_openai_shaped_400s_naming_the_limit(server, chars, chunked,
+                                                             limit) -> None:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * chars}]})
+    content = iter([body.encode()]) if chunked else body
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, content=content,
+                       headers={"Authorization": "Bearer KEY",
+                                "Content-Type": "application/json"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
+    size = str(chars) if limit == "262144" else str(len(body))
+    assert limit in error["message"] and size in error["message"], error["message"]
+    with pytest.raises(openai.BadRequestError):  # what the openai client makes of it
+        client(server).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x" * chars}])
     ok = client(server).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert ok.choices[0].message.content is not None  # still serving
@@ -210,9 +357,18 @@ def test_a_stream_checkpoint_answers_the_same_client_with_its_moderation(tmp_pat
         served.stop()
 
 
+def test_the_served_model_name_defaults_to_the_model_as_given() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for model in ("Qwen/Qwen3Guard-Gen-8B", "./checkpoints/gen"):
+        assert served_model_name(parser.parse_args(["--model", model])) == model
+    named = parser.parse_args(["--model", "./gen", "--served-model-name", MODEL])
+    assert served_model_name(named) == MODEL
+
+
 def test_qguard_stream_serve_detects_a_gen_checkpoint(checkpoint, gen, tmp_path) -> None:
     """The command a user runs: `qguard-stream serve --model <Gen checkpoint>`, then the card's
-    client call against it."""
+    client call against it; with no --served-model-name the model is named by its path."""
     import os
     import shutil
     import socket
@@ -228,16 +384,18 @@ def test_qguard_stream_serve_detects_a_gen_checkpoint(checkpoint, gen, tmp_path)
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
         [executable or "qguard-stream", "serve", "--model", str(checkpoint), "--port", str(port),
-         "--served-model-name", MODEL, "--device", "cpu", "--torch-threads", "1"],
+         "--device", "cpu", "--torch-threads", "1"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, process, 60, log=tmp_path / "serve.log")
         api = openai.OpenAI(api_key="EMPTY", base_url=f"{base}/v1", max_retries=0, timeout=120)
-        assert [m.id for m in api.models.list()] == [MODEL]
+        assert [m.id for m in api.models.list()] == [str(checkpoint)]
         messages = [{"role": "user", "content": PROMPT}]
-        reply = api.chat.completions.create(messages=messages, model=MODEL, max_tokens=MAX)
+        reply = api.chat.completions.create(messages=messages, model=str(checkpoint),
+                                            max_tokens=MAX)
         assert reply.choices[0].message.content == greedy_text(gen, messages, MAX)
+        assert reply.model == str(checkpoint)
     finally:
         process.terminate()
         process.wait(timeout=30)

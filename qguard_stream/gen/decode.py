@@ -58,7 +58,32 @@ class Sampling:
 
 
 GREEDY = Sampling()
-StepListener = Callable[[int, int, float], None]  # (sequences, tokens, seconds) of a step
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` (one row) with every token outside the nucleus zeroed, not renormalised: the
+    nucleus is the smallest set of most probable tokens whose probability reaches `top_p`
+    (OpenAI's and vLLM's top_p), so it always holds the top token."""
+    ordered, order = probs.sort(descending=True)
+    before = ordered.cumsum(0) - ordered  # mass of the tokens ranked above each
+    ordered = ordered.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(0, order, ordered)
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling,
+               generator: torch.Generator | None = None) -> int:
+    """The next token from one row of logits: the argmax when greedy, else drawn with
+    `generator` from softmax(logits / temperature) cut to the top_p nucleus."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        probs = top_p_filter(probs, sampling.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# (sequences, tokens fed to the model, seconds) of a step; each sequence gains one token a step
+StepListener = Callable[[int, int, float], None]
 TokenListener = Callable[["GenRequest", "int | None"], None]  # a token; None: it ended
 
 
@@ -221,6 +246,9 @@ class Decoder:
                 running = []
                 continue
             seconds = time.perf_counter() - began
+            # the step is recorded before its tokens go out: whoever sees a token sees its step
+            for listener in self.step_listeners:
+                listener(len(batch), sum(c.token_ids.shape[0] for c in chunks), seconds)
             running = []
             for request, token in zip(batch, tokens):
                 request.generated.append(token)
@@ -233,8 +261,6 @@ class Decoder:
                         or self._ended(request, pool, "length",
                                        request.length >= request.limit)):
                     running.append(request)
-            for listener in self.step_listeners:
-                listener(len(batch), sum(c.token_ids.shape[0] for c in chunks), seconds)
 
     @staticmethod
     def _ended(request: GenRequest, pool: BlockPool, reason: str, ended: bool) -> bool:
@@ -251,16 +277,7 @@ class Decoder:
 
     @staticmethod
     def _pick(request: GenRequest, row: torch.Tensor) -> int:
-        sampling = request.sampling
-        if sampling.temperature == 0:
-            return int(row.argmax())
-        probs = torch.softmax(row.float() / sampling.temperature, dim=-1)
-        if sampling.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            before = ordered.cumsum(0) - ordered  # mass of the tokens ranked above each
-            ordered[before >= sampling.top_p] = 0.0  # keeps at least the top token
-            probs = torch.zeros_like(probs).scatter_(0, order, ordered)
-        return int(torch.multinomial(probs, 1, generator=request.generator))
+        return pick_token(row, request.sampling, request.generator)
 
     @staticmethod
     def _admit(waiting: deque[GenRequest], pool: BlockPool, room: int | None = None

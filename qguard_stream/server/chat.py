@@ -6,9 +6,9 @@ serve Qwen/Qwen3Guard-Gen-8B`), so the card's `openai` client code runs against 
 it rides along in an extra field, `qguard: {safety, categories, refusal, parsed}`, that standard
 clients ignore. Decoding is greedy unless `temperature` > 0 (a guard's verdict should repeat);
 `top_p`, `seed`, `max_tokens` (or `max_completion_tokens`), `stop` and `n` are honoured as OpenAI
-defines them, unknown fields are ignored (as vLLM does), bad values get a 400 in OpenAI's error
-shape. Concurrent requests share the decoder's running batch (gen/decode.py: a request joins
-between steps, a finished one leaves).
+defines them, unknown fields are ignored (as vLLM does), bad values and bodies over the limits
+get a 400 in OpenAI's error shape. Concurrent requests share the decoder's running batch
+(gen/decode.py: a request joins between steps, a finished one leaves).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from qguard_stream.gen.decode import GenRequest, Sampling
 from qguard_stream.gen.guard import GenGuard
@@ -36,6 +37,7 @@ from qguard_stream.template import text_messages
 DEFAULT_MAX_TOKENS = 512
 MAX_CHOICES = 8
 MAX_STOP_SEQUENCES = 4
+RATE_WINDOW_STEPS = 32  # decoding steps the tokens-per-second gauge averages over
 
 
 def openai_error(message: str, status: int, kind: str = "invalid_request_error",
@@ -118,11 +120,21 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
 
 
 class GenMetrics:
+    """The Gen app's Prometheus metrics: steps are observed on the decoder's thread, queue times
+    when a request finishes."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("qguard_gen_requests", "Chat completion requests by outcome",
                                 ["outcome"], registry=r)
-        self.tokens = Counter("qguard_gen_generated_tokens", "Tokens generated", registry=r)
+        self.tokens = Counter("qguard_gen_generated_tokens",
+                              "Tokens generated, counted at each step", registry=r)
+        self.fed = Counter("qguard_gen_processed_tokens", "Tokens run through the model: "
+                           "prompts prefilled and generated tokens fed back", registry=r)
+        self.tokens_per_second = Gauge(
+            "qguard_gen_tokens_per_second", f"Tokens generated per second of decoding over the "
+            f"last {RATE_WINDOW_STEPS} steps", registry=r)
+        self.recent: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW_STEPS)
         self.batch = Histogram("qguard_gen_batch_sequences", "Sequences per decoding step",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.step = Histogram("qguard_gen_step_seconds", "Decoding step wall time", registry=r,
@@ -131,20 +143,29 @@ class GenMetrics:
                                registry=r, buckets=(.001, .005, .01, .05, .1, .5, 1, 5))
 
     def observe_step(self, sequences: int, tokens: int, seconds: float) -> None:
+        """One decoding step of `tokens` fed tokens: each of its sequences gained a token."""
         self.batch.observe(sequences)
         self.step.observe(seconds)
+        self.tokens.inc(sequences)
+        self.fed.inc(tokens)
+        self.recent.append((sequences, seconds))
+        spent = sum(step_seconds for _, step_seconds in self.recent)
+        if spent > 0:
+            self.tokens_per_second.set(sum(count for count, _ in self.recent) / spent)
 
 
 class Choice:
     """One choice being decoded: the tokens arrive on the decoder's thread and are handed to the
-    event loop; text is the generated ids decoded (special tokens skipped), cut at a stop
-    string."""
+    event loop; text is the ids received decoded (special tokens skipped), cut at a stop string.
+    The ids stop at the token that ended the choice (the decoder may add a few more before it
+    sees a cancel), so `completion_tokens` does not depend on timing."""
 
     def __init__(self, index: int, gen: GenGuard, chat: ChatRequest,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.index, self.gen, self.chat, self.loop = index, gen, chat, loop
         self.events: asyncio.Queue[int | None] = asyncio.Queue()
         self.request: GenRequest | None = None
+        self.ids: list[int] = []  # the tokens received while the choice ran
         self.text, self.sent = "", 0  # the text so far; how much of it was streamed
         self.finish_reason: str | None = None
 
@@ -161,8 +182,9 @@ class Choice:
             self.finish_reason = self.finish_reason or (
                 "length" if self.request.finish_reason == "length" else "stop")
             return self._release(final=True)
-        ids = [t for t in self.request.generated if t not in self.request.stop_ids]
-        self.text = self.gen.tokenizer.decode(ids, skip_special_tokens=True)
+        self.ids.append(token)
+        text_ids = [t for t in self.ids if t not in self.request.stop_ids]
+        self.text = self.gen.tokenizer.decode(text_ids, skip_special_tokens=True)
         for stop in self.chat.stop:
             at = self.text.find(stop)
             if at >= 0:
@@ -187,9 +209,11 @@ class Choice:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.request.generated) if self.request is not None else 0
+        """Tokens up to the one that ended the choice (its stop id, or its stop string's last)."""
+        return len(self.ids)
 
     def verdict(self, kind: str) -> dict[str, Any]:
+        """`qguard`: parse_gen_output of the text, as JSON."""
         parsed = parse_gen_output(self.text, kind)
         return {"safety": parsed.safety, "categories": list(parsed.categories),
                 "refusal": parsed.refusal, "parsed": parsed.parsed}
@@ -236,14 +260,15 @@ def create_gen_app(gen: GenGuard, served_model_name: str = "qwen3guard-gen",
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_frame_bytes:
             return openai_error(f"body of {declared} bytes exceeds the server's limit of "
-                                f"{limits.max_frame_bytes}", 413)
+                                f"{limits.max_frame_bytes} (max_frame_bytes)", 400,
+                                code="request_too_large")
         try:
             body = load_json(await request.body(), limits)
             parsed = ChatRequest.parse(body)
             limits.check_text(sum(len(m["content"]) for m in parsed.messages), "'messages'")
             ids = await asyncio.to_thread(gen.render, parsed.messages)
-        except TooLargeError as error:
-            return openai_error(str(error), 413)
+        except TooLargeError as error:  # OpenAI answers oversized requests 400, not 413
+            return openai_error(str(error), 400, code="request_too_large")
         except BadParameter as error:
             return openai_error(str(error), 400, param=error.param)
         except ValueError as error:
@@ -301,7 +326,6 @@ def finished(choices: list[Choice], metrics: GenMetrics) -> None:
         request = choice.request
         if request is not None and request.started_at is not None:
             metrics.queue.observe(request.started_at - request.submitted_at)
-        metrics.tokens.inc(choice.completion_tokens)
     metrics.requests.labels("completed").inc()
 
 
