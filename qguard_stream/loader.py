@@ -69,8 +69,8 @@ def _from_hub(repo_id: str) -> Path:
     raise CheckpointError(
         f"checkpoint {repo_id!r} is not a local directory and could not be fetched; tried "
         + "; ".join(tried) + ". Offline, pass a checkpoint directory instead (one downloaded "
-        f"elsewhere with `huggingface-cli download {repo_id}`); `qguard-stream demo` runs "
-        "without one"
+        f"elsewhere with `hf download {repo_id} --local-dir DIR`, or `huggingface-cli download` "
+        "on huggingface_hub < 1.0); `qguard-stream demo` runs without one"
     )
 
 

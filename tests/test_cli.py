@@ -85,17 +85,43 @@ def test_unknown_options_of_an_available_subcommand_are_still_refused():
     assert done.value.code == 2
 
 
-@pytest.mark.parametrize("command", ["serve", "moderate", "demo"])
+def model_argv(command: str, model: str, tmp_path: Path) -> list[str]:
+    """`command --model MODEL` with the other options the command requires."""
+    argv = [command, "--model", model]
+    if command == "moderate":
+        argv += ["--prompt", "hi"]
+    if command == "eval":
+        data = tmp_path / "data.jsonl"
+        data.write_text('{"message": [{"role": "user", "content": "hi"}], "label": "Safe"}\n')
+        argv += ["--input", str(data), "--output", str(tmp_path / "pred.jsonl"),
+                 "--data-type", "prompt"]
+    return argv
+
+
+@pytest.mark.parametrize("command", ["serve", "moderate", "demo", "eval"])
 def test_a_missing_checkpoint_is_one_line_not_a_traceback(tmp_path, capsys, command):
     from qguard_stream.cli import main
 
-    argv = [command, "--model", str(tmp_path / "missing")]
-    if command == "moderate":
-        argv += ["--prompt", "hi"]
-    assert main(argv) == 2
+    assert main(model_argv(command, str(tmp_path / "missing"), tmp_path)) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["serve", "moderate", "demo", "eval"])
+def test_an_unreachable_hub_id_is_one_line_saying_what_to_do_offline(tmp_path, monkeypatch,
+                                                                     capsys, command):
+    from huggingface_hub import constants
+
+    from qguard_stream.cli import main
+
+    (tmp_path / "hub").mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(model_argv(command, "nobody/no-such-guard", tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "hf download nobody/no-such-guard --local-dir" in err
 
 
 def test_a_malformed_vocab_json_names_the_tokenizer_files(tmp_path):

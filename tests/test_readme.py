@@ -13,34 +13,48 @@ A directive in an HTML comment on the line before a block says how it runs:
   <!-- readme-test: gen -->           needs `qguard-stream serve` of a Gen checkpoint on
                                       127.0.0.1:8000: the test serves a random one
 Python blocks run unless skipped; a bash block without a directive fails the test, so each shell
-command is decided on.
+command is decided on. A skipped bash block's `qguard-stream ...` commands are still parsed by the
+real CLI parser (a renamed or removed flag fails), and the benchmark's `qguard-stream bench
+--quick` runs as `--smoke --no-plot`. A block whose output is deterministic shows it in comment
+lines `# prints: TEXT`; each TEXT must appear in what the block prints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from benchmarks.fake_upstream import FakeUpstream, Loopback
 from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_checkpoint
+from qguard_stream.cli import build_parser
 from qguard_stream.engine import Engine, EngineSettings
-from qguard_stream.proxy.app import create_proxy_app
-from qguard_stream.server import create_app
+
+if TYPE_CHECKING:  # the server extra's; imported by the fixtures that serve
+    from benchmarks.fake_upstream import Loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\s*$")
 DIRECTIVE = re.compile(r"^<!-- readme-test: (skip: .+|run|server|proxy|gen) -->$")
+PRINTS = re.compile(r"^\s*# prints: (.+?)\s*$", re.MULTILINE)
 BLOCK_TIMEOUT_S = 240
 ADDRESS = "127.0.0.1:8000"
+SHELL_OPERATORS = ("&&", "||", ";", "|", "&")
+# what a served block needs installed: the server extra, and openai for the OpenAI clients
+SERVED_NEEDS = {"server": ("fastapi", "uvicorn", "httpx", "websockets"),
+                "proxy": ("fastapi", "uvicorn", "httpx", "openai"),
+                "gen": ("fastapi", "uvicorn", "httpx", "openai")}
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,39 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
+def shell_commands(code: str) -> list[list[str]]:
+    """The simple commands of a bash block as words: continuation lines joined, comments dropped,
+    split at control operators, a redirection and what follows it dropped (close enough to bash
+    for the README's commands)."""
+    commands: list[list[str]] = []
+    for line in code.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words: list[str] = []
+        for word in lexer:
+            if word in SHELL_OPERATORS:
+                commands.append(words)
+                words = []
+            else:
+                words.append(word)
+        commands.append(words)
+    return [command[:_redirection(command)] for command in commands if command]
+
+
+def _redirection(words: list[str]) -> int:
+    return next((i for i, word in enumerate(words) if set(word) <= set("<>")), len(words))
+
+
+def cli_commands(code: str) -> list[list[str]]:
+    """The arguments of each `qguard-stream ...` command of a bash block."""
+    return [words[1:] for words in shell_commands(code) if words[0] == "qguard-stream"]
+
+
+def expected_output(code: str) -> list[str]:
+    """The TEXTs of a block's `# prints: TEXT` comment lines."""
+    return PRINTS.findall(code)
+
+
 BLOCKS = [block for block in readme_blocks(README.read_text())
           if block.language in ("python", "bash")]
 
@@ -89,6 +136,43 @@ def test_the_block_parser_reads_languages_bodies_and_directives() -> None:
                                    Block(13, "bash", "ls\n", "run")]
 
 
+def test_shell_commands_join_lines_drop_comments_and_split_at_operators() -> None:
+    code = ('pip install -e ".[server]" && qguard-stream serve --model m \\\n'
+            '    --port 8000   # or --api-key KEY\nprintf x > data.jsonl; qguard-stream demo\n')
+    assert shell_commands(code) == [["pip", "install", "-e", ".[server]"],
+                                    ["qguard-stream", "serve", "--model", "m", "--port", "8000"],
+                                    ["printf", "x"], ["qguard-stream", "demo"]]
+    assert cli_commands(code) == [["serve", "--model", "m", "--port", "8000"], ["demo"]]
+
+
+def test_a_renamed_flag_fails_to_parse() -> None:
+    parse_cli(["serve", "--model", "m", "--kv-memory-gb", "2"])
+    with pytest.raises(pytest.fail.Exception, match="unrecognized arguments: --kv-gb"):
+        parse_cli(["serve", "--model", "m", "--kv-gb", "2"])
+
+
+def test_prints_comments_are_the_expected_output() -> None:
+    code = "print(1)  # not this one\n# prints: 1\nx = 2\n    # prints: ['a', 'b'] \n"
+    assert expected_output(code) == ["1", "['a', 'b']"]
+
+
+def parse_cli(arguments: list[str]) -> None:
+    """Parse `qguard-stream ARGUMENTS` with the real parser, running nothing."""
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        try:
+            build_parser().parse_args(arguments)
+        except SystemExit:
+            pytest.fail(f"`qguard-stream {shlex.join(arguments)}` does not parse:\n"
+                        f"{errors.getvalue()}")
+
+
+def readme_env() -> dict[str, str]:
+    """The environment blocks run in: offline, this checkout importable, this venv's commands."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return make_random_checkpoint(tmp_path_factory.mktemp("readme"), "tiny", seed=3)
@@ -96,6 +180,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path) -> Iterator[Loopback]:
+    from benchmarks.fake_upstream import Loopback
+    from qguard_stream.server import create_app
+
     engine = Engine(StreamGuard.from_pretrained(checkpoint, device="cpu"),
                     EngineSettings(max_tokens=8192))
     served = Loopback(create_app(engine, api_key="KEY"))
@@ -105,6 +192,9 @@ def server(checkpoint: Path) -> Iterator[Loopback]:
 
 @pytest.fixture(scope="module")
 def proxy(checkpoint: Path) -> Iterator[Loopback]:
+    from benchmarks.fake_upstream import FakeUpstream, Loopback
+    from qguard_stream.proxy.app import create_proxy_app
+
     upstream = FakeUpstream()
     engine = Engine(StreamGuard.from_pretrained(checkpoint, device="cpu"),
                     EngineSettings(max_tokens=8192))
@@ -116,6 +206,7 @@ def proxy(checkpoint: Path) -> Iterator[Loopback]:
 
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory) -> Iterator[Loopback]:
+    from benchmarks.fake_upstream import Loopback
     from qguard_stream.gen.guard import GenGuard
     from qguard_stream.server.chat import create_gen_app
 
@@ -133,16 +224,41 @@ def test_readme_block_runs(block: Block, request: pytest.FixtureRequest,
         pytest.fail(f"{block.id}: a bash block needs a directive (run, server, proxy, gen or "
                     f"skip)")
     if block.directive is not None and block.directive.startswith("skip: "):
-        pytest.skip(block.directive[len("skip: "):])
+        parsed = cli_commands(block.code) if block.language == "bash" else []
+        for arguments in parsed:
+            parse_cli(arguments)
+        pytest.skip(block.directive[len("skip: "):]
+                    + (f" [{len(parsed)} qguard-stream command(s) parsed]" if parsed else ""))
     code = block.code
-    if block.directive in ("server", "proxy", "gen"):
+    if block.directive in SERVED_NEEDS:
+        for module in SERVED_NEEDS[block.directive]:
+            pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[server]' "
+                                               f"(and openai for the OpenAI clients)")
         served = request.getfixturevalue(block.directive)
         code = code.replace(ADDRESS, served.url.removeprefix("http://"))
     command = ([sys.executable, "-c", code] if block.language == "python"
                else ["bash", "-euo", "pipefail", "-c", code])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=BLOCK_TIMEOUT_S)
+    done = subprocess.run(command, cwd=tmp_path, env=readme_env(), capture_output=True,
+                          text=True, timeout=BLOCK_TIMEOUT_S)
     assert done.returncode == 0, (f"{block.id} failed ({done.returncode}):\n{code}\n--- stdout\n"
                                   f"{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}")
+    for text in expected_output(block.code):
+        assert text in done.stdout, (f"{block.id}: the README says it prints {text!r}; it "
+                                     f"printed:\n{done.stdout[-3000:]}")
+
+
+def test_the_readme_benchmark_runs_in_smoke_mode(tmp_path: Path) -> None:
+    """`qguard-stream bench --quick` times for minutes, so its block is skipped; the same command
+    with --smoke (a tiny grid) and --no-plot runs here, from outside the checkout as in CI."""
+    quick = [arguments for block in BLOCKS if block.language == "bash"
+             for arguments in cli_commands(block.code)
+             if arguments[:1] == ["bench"] and "--quick" in arguments]
+    assert quick, "README.md has no `qguard-stream bench --quick` command"
+    for arguments in quick:
+        smoke = [("--smoke" if word == "--quick" else word) for word in arguments]
+        done = subprocess.run(["qguard-stream", *smoke, "--no-plot"], cwd=tmp_path,
+                              env=readme_env(), capture_output=True, text=True,
+                              timeout=BLOCK_TIMEOUT_S)
+        assert done.returncode == 0, (f"qguard-stream {shlex.join(smoke)} --no-plot failed:\n"
+                                      f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        assert list((tmp_path / "benchmarks" / "out").glob("latency_*.json"))
