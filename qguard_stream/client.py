@@ -14,7 +14,9 @@ when the server answers "session unknown" (its replica died, was scaled down or 
 expired) or the connection breaks, the session is re-opened from that history, on whichever
 replica now takes it, and the call is sent again. Verdicts after a resume equal those of the
 uninterrupted session. Over "http" each call is one request carrying `x-session-id` (Ray Serve
-routes on it); over "websocket" a client's sessions share one connection.
+routes on it) and the session's last revision: a server holding an older copy of the session (its
+key moved to another replica and back) answers "session unknown" instead of scoring on stale state.
+Over "websocket" a client's sessions share one connection (and live only on it).
 
 Replies are the server's JSON frames as dicts. An error frame raises GuardServerError (its code
 and message); a server that cannot be reached, or a connection that breaks or stays silent past
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 STREAM_PATH = "/v1/stream"
 SESSION_HEADER = "x-session-id"
+REVISION_HEADER = "x-session-revision"
 RESUME_WITHIN_S = 30.0  # how long one call keeps re-opening its session before giving up
 T = TypeVar("T")
 
@@ -298,7 +301,8 @@ class WebSocketTransport:
 
 
 class HttpTransport:
-    """Each call one HTTP request to the session API, with the session's `x-session-id`."""
+    """Each call one HTTP request to the session API, with the session's `x-session-id` and,
+    after its open, the revision of its last reply (`x-session-revision`)."""
 
     def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
         import httpx
@@ -310,14 +314,18 @@ class HttpTransport:
         self.base = urlunsplit((scheme, parts.netloc, "", "", ""))
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(timeout=timeout, headers=headers)
+        self.revisions: dict[str, str] = {}  # session key -> the revision of its last reply
 
-    async def call(self, method: str, path: str, key: str,
-                   frame: dict[str, Any] | None) -> dict[str, Any]:
+    async def call(self, method: str, path: str, key: str, frame: dict[str, Any] | None,
+                   revision: str | None = None) -> dict[str, Any]:
         import httpx
 
+        headers = {SESSION_HEADER: key}
+        if revision is not None:
+            headers[REVISION_HEADER] = revision
         try:
             reply = await self.http.request(method, f"{self.base}{path}", json=frame,
-                                            headers={SESSION_HEADER: key})
+                                            headers=headers)
         except httpx.HTTPError as error:
             raise GuardUnavailableError(f"the guard server at {self.base} failed to answer: "
                                         f"{type(error).__name__}: {error}") from error
@@ -331,7 +339,10 @@ class HttpTransport:
                                             f"{reply.status_code}: {reply.text[:200]}")
             raise GuardServerError("bad_request", f"HTTP {reply.status_code}: "
                                                   f"{reply.text[:200]}")
-        return _raise_for(body)
+        body = _raise_for(body)
+        if "revision" in body:
+            self.revisions[key] = body["revision"]
+        return body
 
     async def open(self, key: str, frame: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -343,9 +354,11 @@ class HttpTransport:
             return await self.call("POST", "/v1/sessions", key, frame)
 
     async def send(self, key: str, kind: str, frame: dict[str, Any]) -> dict[str, Any]:
+        revision = self.revisions.get(key)
         if kind == "close":
-            return await self.call("DELETE", f"/v1/sessions/{key}", key, None)
-        return await self.call("POST", f"/v1/sessions/{key}/{kind}", key, frame)
+            self.revisions.pop(key, None)
+            return await self.call("DELETE", f"/v1/sessions/{key}", key, None, revision)
+        return await self.call("POST", f"/v1/sessions/{key}/{kind}", key, frame, revision)
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -15,6 +15,7 @@ from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.client import (
     AsyncGuardClient,
+    AsyncSessionClient,
     GuardServerError,
     GuardUnavailableError,
     stream_url,
@@ -22,6 +23,8 @@ from qguard_stream.client import (
 from qguard_stream.engine import AsyncEngine, Engine, EngineSettings
 from qguard_stream.integrations.retokenize import HeldText, TokenText
 from qguard_stream.server import create_app
+
+from oracles import same
 
 BOMB, FUSE = 12764, 31702
 FLAGGED = "Mix flour and water. Light the bomb fuse now, then run."
@@ -38,6 +41,14 @@ def engine(tmp_path_factory) -> Engine:
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[Loopback]:
     served = Loopback(create_app(engine, api_key="k"))
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def forgetful(engine: Engine) -> Iterator[Loopback]:
+    """The same guard, closing sessions idle for a second."""
+    served = Loopback(create_app(engine, api_key="k", session_ttl_s=1.0))
     yield served
     served.stop()
 
@@ -181,3 +192,38 @@ def test_held_text_releases_all_but_the_holdback_and_nothing_of_a_flagged_run() 
     assert flagged.release() == "!"
     with pytest.raises(ValueError, match="holdback"):
         HeldText(text, holdback=-1)
+
+
+async def resumable_replies(url: str, transport: str, engine: Engine | None = None
+                            ) -> tuple[list[dict], int]:
+    """Open, feed text, roll back, then (with `engine`: once the server has expired the
+    session) finish the text; the replies and how many times the session was re-opened."""
+    async with AsyncSessionClient(url, api_key="k", transport=transport) as client:
+        session = await client.open(messages=PROMPT, holdback=2)
+        replies = [session.opened, await session.feed(text="Mix flour and wa")]
+        replies.append(await session.rollback(session.length - 1))
+        if engine is not None:
+            for _ in range(200):  # the TTL sweep closes it: the next call finds no session
+                if engine.stats().active_sessions == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.stats().active_sessions == 0
+        replies.append(await session.feed(text="ter. Light the bomb fuse now, then run.",
+                                          final=True))
+        replies.append(await session.feed(token_ids=[BOMB]))
+        await session.close()
+        return replies, session.resumes
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+async def test_async_session_client_resumes_a_lost_session(server, forgetful, engine,
+                                                           transport) -> None:
+    expected, _ = await resumable_replies(server.url, transport)
+    replies, resumes = await resumable_replies(forgetful.url, transport, engine)
+    assert resumes >= 1
+    assert replies[0]["prompt"] == expected[0]["prompt"]
+    assert replies[2]["type"] == "rolled_back" and replies[2]["length"] == expected[2]["length"]
+    for reply, reference in zip(replies[1:], expected[1:]):
+        same(reply, reference)
+    assert "bomb" not in "".join(reply.get("released", "") for reply in replies)
+    assert [flag["stop"] for reply in replies for flag in reply.get("flags", [])] == [True]

@@ -1,8 +1,10 @@
 """The guard on Ray Serve (`qguard-stream serve --ray`): two replicas of a tiny checkpoint on a
 local Ray cluster (2 CPUs, half a CPU per replica), reached over loopback through Serve's HTTP
 proxy. Sessions stick to one replica for all their calls (x-session-id, consistent hashing, no
-fallback); when a replica is killed mid-stream its sessions resume through qguard_stream.client on
-a live one, and every reply equals that of a single-process server that never lost them."""
+fallback); when a replica is killed mid-stream, or stopped by a scale-down, its sessions (HTTP and
+WebSocket) resume through qguard_stream.client on a live one, and every reply equals that of a
+single-process server that never lost them. /v1/moderate, /metrics and the KV-pool autoscaling
+metric answer through the deployment as on one server."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -38,6 +41,7 @@ from qguard_stream.server.protocol import ServerLimits
 from oracles import PROMPT, expected_replies, run, same, script
 
 STARTUP_S = 150
+DRAIN_S = 2.0  # seconds a stopping replica serves its open WebSockets before it is killed
 
 
 def free_port() -> int:
@@ -70,7 +74,8 @@ def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
     process = subprocess.Popen(
         [executable or "qguard-stream", "serve", "--ray", "--model", str(tiny_checkpoint),
          "--replicas", "2", "--num-cpus-per-replica", "0.5", "--torch-threads", "1",
-         "--max-tokens", "8192", "--host", "127.0.0.1", "--port", str(port)],
+         "--max-tokens", "8192", "--drain-timeout", str(DRAIN_S), "--host", "127.0.0.1",
+         "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -134,6 +139,56 @@ def test_sessions_stick_to_one_replica_and_both_replicas_serve(deployment) -> No
             *by_session.values())
 
 
+def close_to(actual: object, expected: object) -> None:
+    """JSON equal, floats within 1e-4 (the replicas run torch on one thread)."""
+    if isinstance(expected, float):
+        assert actual == pytest.approx(expected, abs=1e-4)
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys()
+        for key in expected:
+            close_to(actual[key], expected[key])
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected)
+        for item, reference in zip(actual, expected):
+            close_to(item, reference)
+    else:
+        assert actual == expected
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value in Prometheus text."""
+    return next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith(f"{name} "))
+
+
+def test_moderate_metrics_and_the_kv_metric_answer_through_the_deployment(
+        deployment, reference) -> None:
+    from ray import serve
+
+    from qguard_stream.deploy.ray import KV_METRIC
+
+    body = {"messages": [*PROMPT, {"role": "assistant", "content": "Mix flour and water."}]}
+    moderated = httpx.post(f"{deployment}/v1/moderate", json=body, timeout=30)
+    assert moderated.status_code == 200 and moderated.headers["x-qguard-replica"]
+    close_to(moderated.json(),
+             httpx.post(f"{reference.url}/v1/moderate", json=body, timeout=30).json())
+    headers = {"x-session-id": "kv-metric"}  # a session holds blocks on its replica
+    opened = httpx.post(f"{deployment}/v1/sessions", headers=headers, timeout=30,
+                        json={"messages": PROMPT})
+    assert opened.status_code == 200, opened.text
+    scraped = httpx.get(f"{deployment}/metrics", headers=headers, timeout=30)
+    assert scraped.status_code == 200
+    assert scraped.headers["x-qguard-replica"] == opened.headers["x-qguard-replica"]
+    assert metric(scraped.text, "qguard_active_sessions") >= 1
+    # what Serve's autoscaler reads, asked of the same replica (same key, same ring)
+    handle = serve.get_deployment_handle("qguard-stream", app_name="qguard-stream")
+    stats = handle.options(session_id="kv-metric").record_autoscaling_stats.remote().result(
+        timeout_s=30)
+    usage = metric(scraped.text, "qguard_kv_pool_usage_ratio")
+    assert usage > 0 and stats == {KV_METRIC: pytest.approx(usage)}
+    httpx.delete(f"{deployment}/v1/sessions/kv-metric", headers=headers, timeout=30)
+
+
 def test_sessions_of_a_killed_replica_resume_elsewhere(deployment, reference) -> None:
     expected = {transport: expected_replies(reference, transport)
                 for transport in ("http", "websocket")}
@@ -162,34 +217,51 @@ def test_sessions_of_a_killed_replica_resume_elsewhere(deployment, reference) ->
 
 def test_scaling_down_moves_sessions_to_the_remaining_replica(deployment, reference,
                                                               tiny_checkpoint) -> None:
-    """Redeploying with one replica (Serve stops replicas as it sees fit): sessions whose
-    replica went away resume on the one left, replies unchanged."""
+    """Redeploying with one replica: Serve removes one replica (the scale-down) and, the code
+    version being new, replaces the other, so every session moves. Serve runs no user code on a
+    stopping replica until it has no ongoing request, and an open WebSocket is one, so a replica
+    holding WebSockets is killed when the drain timeout (`--drain-timeout`, DRAIN_S here) is up,
+    not at Serve's 20 s default. Every session resumes on the replica left (WebSocket clients on
+    the broken connection, HTTP ones on "session_unknown"), replies unchanged."""
     from ray import serve
 
     from qguard_stream.deploy.ray import build_app
 
-    expected = expected_replies(reference, "http")
+    expected = {transport: expected_replies(reference, transport)
+                for transport in ("http", "websocket")}
     steps = script()
-    with SessionClient(deployment, transport="http") as client:
-        sessions = [client.open(messages=PROMPT, holdback=2) for _ in range(6)]
+    # one client's HTTP sessions, and WebSocket clients (a connection is routed on its own key)
+    clients = [SessionClient(deployment, transport=transport)
+               for transport in ("http", "websocket", "websocket")]
+    try:
+        sessions = [("http", clients[0].open(messages=PROMPT, holdback=2)) for _ in range(3)]
+        sessions += [("websocket", client.open(messages=PROMPT, holdback=2))
+                     for client in clients[1:]]
+        old_replicas = set(ray_replicas())  # the killed one's successor too, started or not
         for index, step in enumerate(steps[:5]):
-            for session in sessions:
-                same(run(session, step), expected[index])
-        serve.run(build_app(str(tiny_checkpoint), replicas=1, num_cpus_per_replica=0.5,
-                            torch_threads=1, settings=EngineSettings(max_tokens=8192),
-                            limits=ServerLimits()),
-                  name="qguard-stream", route_prefix="/")
-        for _ in range(240):  # until the stopped replica has left
-            if len(ray_replicas()) == 1:
-                break
-            time.sleep(0.25)
+            for transport, session in sessions:
+                same(run(session, step), expected[transport][index])
+        app = build_app(str(tiny_checkpoint), replicas=1, num_cpus_per_replica=0.5,
+                        torch_threads=1, settings=EngineSettings(max_tokens=8192),
+                        limits=ServerLimits(), drain_timeout_s=DRAIN_S)
+        with ThreadPoolExecutor(1) as pool:
+            stopped = time.monotonic()
+            redeployed = pool.submit(serve.run, app, name="qguard-stream", route_prefix="/")
+            while old_replicas & set(ray_replicas()) and time.monotonic() - stopped < 60:
+                time.sleep(0.1)
+            drained_s = time.monotonic() - stopped  # Serve stops the old replicas in turn
+            redeployed.result(timeout=STARTUP_S)
+        assert drained_s < 2 * DRAIN_S + 8, drained_s
         assert len(ray_replicas()) == 1
         for index, step in enumerate(steps[5:], 5):
-            for session in sessions:
-                same(run(session, step), expected[index])
-        assert any(session.resumes for session in sessions)  # some lived on the stopped one
-        for session in sessions:
+            for transport, session in sessions:
+                same(run(session, step), expected[transport][index])
+        assert all(session.resumes >= 1 for _, session in sessions)
+        for _, session in sessions:
             session.close()
+    finally:
+        for client in clients:
+            client.close()
 
 
 def ray_replicas() -> list[str]:
@@ -209,6 +281,8 @@ def test_build_app_and_autoscale_options_are_checked(tiny_checkpoint) -> None:
         build_app(str(tiny_checkpoint), replicas=0)
     with pytest.raises(ValueError, match="autoscale"):
         build_app(str(tiny_checkpoint), autoscale=(3, 2))
+    with pytest.raises(ValueError, match="drain_timeout_s"):
+        build_app(str(tiny_checkpoint), drain_timeout_s=-1.0)
     app = build_app(str(tiny_checkpoint), autoscale=(1, 3))  # binds without a cluster
     assert app is not None
 

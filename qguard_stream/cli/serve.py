@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from qguard_stream.engine.settings import EngineSettings
+from qguard_stream.engine.settings import DEFAULT_MAX_TOKENS, EngineSettings
 
 API_KEY_ENV = "QGUARD_STREAM_API_KEY"
 
@@ -28,8 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--kv-memory-gb", type=float, default=None, help="KV pool size in GiB")
-    budget.add_argument("--max-tokens", type=int, default=None, help="KV pool size in tokens")
+    budget.add_argument("--kv-memory-gb", type=float, default=None,
+                        help="KV pool size in GiB, all sessions together (default: "
+                             "--max-tokens's; for a Gen checkpoint 2 GiB on CUDA, 4 on the CPU)")
+    budget.add_argument("--max-tokens", type=int, default=None,
+                        help="KV pool size in tokens, Stream checkpoints (default: "
+                             f"{DEFAULT_MAX_TOKENS} when neither this nor --kv-memory-gb is given)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--on-pool-exhausted", choices=("error", "wait"), default="error")
@@ -37,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info")
-    limits = parser.add_argument_group("limits per frame or request (errors: 'too_large', 413)")
+    limits = parser.add_argument_group("limits per frame or request (errors: 'too_large', 413; "
+                                       "a 400 on a Gen checkpoint's chat completions)")
     limits.add_argument("--max-frame-bytes", type=int, default=1 << 20,
                         help="WebSocket frame or HTTP body (default 1 MiB)")
     limits.add_argument("--max-json-depth", type=int, default=32)
@@ -63,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--num-cpus-per-replica", type=float, default=1.0)
     ray.add_argument("--target-ongoing-requests", type=float, default=64.0,
                      help="autoscaling target per replica (a WebSocket counts as one)")
+    ray.add_argument("--drain-timeout", type=float, default=5.0,
+                     help="seconds a replica being stopped keeps serving its open WebSockets "
+                          "before it is killed and their clients resume elsewhere (default 5)")
     ray.add_argument("--ray-address", default=None,
                      help="an existing Ray cluster (default: RAY_ADDRESS, else a local one)")
 
@@ -95,6 +103,12 @@ def limits_from_args(args: argparse.Namespace) -> Any:
                         args.max_feed_tokens, args.max_pending_text)
 
 
+def served_model_name(args: argparse.Namespace) -> str:
+    """The model name /v1/models and chat completions answer with: --served-model-name, else
+    --model as given (a path or a hub id, as `vllm serve` does)."""
+    return args.served_model_name or str(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted."""
     if args.ray:
@@ -123,14 +137,14 @@ def run(args: argparse.Namespace) -> int:
 
         gen = GenGuard.from_pretrained(args.model, device=args.device, dtype=dtype,
                                        kv_memory_gb=args.kv_memory_gb)
-        app = create_gen_app(gen, args.served_model_name or str(args.model), api_key=api_key,
+        app = create_gen_app(gen, served_model_name(args), api_key=api_key,
                              limits=limits_from_args(args))
     else:
         guard = StreamGuard.from_pretrained(args.model, device=args.device, dtype=dtype)
         app = create_app(Engine(guard, settings_from_args(args)), api_key=api_key,
                          limits=limits_from_args(args), open_docs=args.open_docs,
                          session_ttl_s=args.session_ttl,
-                         served_model_name=args.served_model_name or str(args.model))
+                         served_model_name=served_model_name(args))
     # Frames over --max-frame-bytes get a 'too_large' error frame; past uvicorn's own bound
     # (16 MiB, or the limit if larger) the WebSocket layer closes the connection (1009).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -157,7 +171,7 @@ def run_ray(args: argparse.Namespace) -> int:
                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                     device=args.device, dtype=args.dtype, torch_threads=args.torch_threads,
                     settings=settings_from_args(args), limits=limits_from_args(args),
-                    session_ttl_s=args.session_ttl)
+                    session_ttl_s=args.session_ttl, drain_timeout_s=args.drain_timeout)
     ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"),
              include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -13,6 +13,16 @@ its sessions' next calls get "session_unknown" (or a broken connection) and
 `qguard_stream.client` re-opens them on the replica that now owns their key. Autoscaling follows
 Ray Serve's `target_ongoing_requests` and, where Serve takes custom metrics, the replicas' KV pool
 use (`kv_aware_policy`).
+
+Scale-down: Serve calls the replica actor's `perform_graceful_shutdown`, which waits until the
+replica has no ongoing requests (polled every `graceful_shutdown_wait_loop_s`) and only then runs
+the user code's `__del__` (the app's shutdown); the controller kills the replica once
+`graceful_shutdown_timeout_s` has passed. No user code runs before that wait, and an open
+WebSocket is an ongoing request for its whole life, so a replica cannot close its WebSockets
+early: it serves them (it holds their sessions) until the kill. `drain_timeout_s` (5 s, Serve's
+default 20) bounds that; the client takes the broken connection as a lost session and resumes on
+the replica that owns its key now. HTTP sessions are between requests, not ongoing: the router
+sends their next call to another replica at once, which answers "session_unknown".
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 KV_METRIC = "kv_pool_usage"
 KV_TARGET = 0.75  # mean KV pool use above which the autoscaler adds replicas
 MAX_ONGOING = 4096  # a WebSocket counts as one ongoing request for as long as it is open
+DRAIN_TIMEOUT_S = 5.0  # a stopping replica is killed this long after, WebSockets open or not
+DRAIN_POLL_S = 0.5  # how often a stopping replica looks for its last ongoing request
 
 
 @serve.ingress()
@@ -92,10 +104,11 @@ def build_app(model: str, *, replicas: int = 1, autoscale: tuple[int, int] | Non
               device: str | None = None, dtype: str | None = None,
               torch_threads: int | None = None, settings: EngineSettings | None = None,
               limits: ServerLimits | None = None, session_ttl_s: float | None = 600.0,
-              name: str = "qguard-stream") -> Any:
+              drain_timeout_s: float = DRAIN_TIMEOUT_S, name: str = "qguard-stream") -> Any:
     """A bound Ray Serve application of the guard server: `replicas` fixed replicas, or
     `autoscale=(min, max)`; each replica gets `num_gpus_per_replica` GPUs (0: CPU) and
-    `num_cpus_per_replica` CPUs, and its own engine with `settings`."""
+    `num_cpus_per_replica` CPUs, and its own engine with `settings`. A replica being stopped is
+    killed `drain_timeout_s` seconds later, its WebSocket clients resuming elsewhere."""
     if autoscale is not None:
         low, high = autoscale
         if not 0 <= low <= high or high < 1:
@@ -109,6 +122,8 @@ def build_app(model: str, *, replicas: int = 1, autoscale: tuple[int, int] | Non
         scaling = {"num_replicas": replicas}
     else:
         raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+    if not drain_timeout_s >= 0:
+        raise ValueError(f"drain_timeout_s must be >= 0 seconds, got {drain_timeout_s!r}")
     if num_gpus_per_replica < 0 or num_cpus_per_replica <= 0:
         raise ValueError(f"GPUs per replica must be >= 0 and CPUs > 0, got "
                          f"{num_gpus_per_replica} and {num_cpus_per_replica}")
@@ -116,7 +131,8 @@ def build_app(model: str, *, replicas: int = 1, autoscale: tuple[int, int] | Non
         device = "cuda" if num_gpus_per_replica > 0 else "cpu"
     deployment = serve.deployment(GuardReplica, name=name).options(
         ray_actor_options={"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica},
-        max_ongoing_requests=MAX_ONGOING,
+        max_ongoing_requests=MAX_ONGOING, graceful_shutdown_timeout_s=drain_timeout_s,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER, request_router_kwargs={"num_fallback_replicas": 0}),
         **scaling)

@@ -4,8 +4,12 @@ The `serve` subcommand that runs it is qguard_stream.cli.serve.
 Routes: WS /v1/stream (see protocol.py), POST /v1/moderate, GET /health, GET /metrics, and the
 same sessions over HTTP for clients that cannot hold a WebSocket: POST /v1/sessions (header
 x-session-id names the session; the body is an open frame), POST /v1/sessions/{id}/feed and
-/rollback, DELETE /v1/sessions/{id}. Sessions idle longer than `session_ttl_s` are closed (their
-next frame gets "session_unknown", and a client holding the history resumes). Optional
+/rollback, DELETE /v1/sessions/{id}. Every HTTP session reply carries the session's "revision"
+(new at each change); a call whose x-session-revision header names another one finds a stale
+copy (the session was served elsewhere since, e.g. its key moved to another replica and back):
+the copy is closed and the call gets "session_unknown", like a session this replica never held.
+Sessions idle longer than `session_ttl_s` are closed (their next frame gets "session_unknown",
+and a client holding the history resumes). Optional
 bearer-token auth on every route but /health. All model work goes through one AsyncEngine, so
 concurrent connections share batched steps. With `replica_id`, every HTTP response carries it in
 x-qguard-replica and every "opened" frame in "replica".
@@ -17,6 +21,7 @@ import asyncio
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +43,7 @@ from qguard_stream.verdicts import NonFiniteScoresError
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-session-id"
+REVISION_HEADER = "x-session-revision"
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ERROR_STATUS = {"bad_request": 400, "session_unknown": 404, "session_exists": 409,
                 "too_large": 413, "pool_exhausted": 503, "model_error": 500, "internal": 500}
@@ -66,6 +72,7 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
     http = Connection(runtime, tokenizer, limits, replica_id)  # the HTTP API's sessions
     connections.add(http)
     http_ids: dict[str, int] = {}  # x-session-id -> session number in `http`
+    revisions: dict[str, str] = {}  # x-session-id -> the revision of its last reply
 
     async def sweep() -> None:
         assert session_ttl_s is not None
@@ -78,7 +85,7 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
                         metrics.sessions_expired.inc(len(stale))
                         await connection.close_sessions(stale)
                 for key in [k for k, number in http_ids.items() if number not in http.sessions]:
-                    del http_ids[key]
+                    del http_ids[key], revisions[key]
             except Exception:  # the sweep must outlive any one failure
                 log.exception("session TTL sweep failed")
 
@@ -150,17 +157,33 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
             return json_error(f"unknown session {key!r} on this replica (closed, expired, or "
                               f"opened on another): open it again with its history (spans)",
                               "session_unknown")
+        elif request.headers.get(REVISION_HEADER, revisions[key]) != revisions[key]:
+            held = await drop_stale(key)
+            return json_error(
+                f"session {key!r} on this replica is at revision {held!r}, not the client's "
+                f"{request.headers[REVISION_HEADER]!r}: it was served elsewhere since (moved "
+                f"away and back); this copy is closed: open it again with its history (spans)",
+                "session_unknown")
         else:
             body = {**body, "session": http_ids[key]}
         reply = await http.handle_frame(json.dumps({**body, "type": kind}))
         if reply["type"] == "error":
             reply.pop("session", None)
             return JSONResponse(reply, status_code=ERROR_STATUS.get(reply["code"], 500))
-        if kind == "open":
-            http_ids[key] = reply["session"]
-        elif kind == "close":
+        if kind == "close":
             http_ids.pop(key, None)
-        return JSONResponse({**reply, "session": key})
+            revisions.pop(key, None)
+            return JSONResponse({**reply, "session": key})
+        http_ids[key] = reply["session"]
+        revisions[key] = uuid.uuid4().hex
+        return JSONResponse({**reply, "session": key, "revision": revisions[key]})
+
+    async def drop_stale(key: str) -> str:
+        """Close the stale copy of session `key`; the revision it was at."""
+        live = http.sessions.pop(http_ids.pop(key), None)
+        if live is not None:
+            await http.close_sessions([live])
+        return revisions.pop(key)
 
     @app.post("/v1/sessions")
     async def open_session(request: Request) -> Response:
