@@ -353,6 +353,10 @@ def test_a_stream_checkpoint_answers_the_same_client_with_its_moderation(tmp_pat
         chunks = list(api.chat.completions.create(model="x", messages=messages, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
             reply.choices[0].message.content
+        huge = httpx.post(f"{served.url}/v1/chat/completions", timeout=30, json={
+            "model": "x", "messages": [{"role": "user", "content": "x" * 300_000}]})
+        assert huge.status_code == 400  # as for a Gen checkpoint, and as OpenAI answers
+        assert huge.json()["error"]["code"] == "request_too_large"
     finally:
         served.stop()
 

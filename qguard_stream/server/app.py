@@ -243,8 +243,8 @@ def create_app(engine_or_guard: Engine | StreamGuard, api_key: str | None = None
                 raise ValueError(f"stream must be a boolean, got {stream!r}")
             messages = text_messages(body.get("messages"))
             verdict = await moderate_body(runtime, tokenizer, {"messages": messages}, limits)
-        except TooLargeError as error:
-            return openai_error(str(error), 413)
+        except TooLargeError as error:  # OpenAI answers oversized requests 400, as Gen's does
+            return openai_error(str(error), 400, code="request_too_large")
         except (ValueError, TypeError) as error:
             return openai_error(str(error), 400, param="messages")
         except PoolExhaustedError as error:
