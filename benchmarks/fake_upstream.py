@@ -1,6 +1,7 @@
 """A fake OpenAI-compatible upstream (and a loopback uvicorn runner) for the proxy's tests and
 benchmark: streams a chosen text in chosen delta sizes, optionally paced, can fail mid-stream or
-answer an error status, counts the requests it received. Loopback only."""
+answer an error status, counts the requests it received (and the keys they carried) and times
+when it sent each text delta. Loopback only."""
 
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ class FakeUpstream:
         self.text, self.sizes, self.fail_after, self.status = CLEAN, [3], None, 200
         self.pause = 0.0  # seconds between chunks
         self.requests: list[dict] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.sent_chunks = 0
+        self.sent_at: list[float] = []  # perf_counter() as each text delta of the latest stream
+        # was sent
         app = FastAPI()
 
         @app.get("/v1/models")
@@ -57,6 +61,7 @@ class FakeUpstream:
         async def chat(request: Request):
             body = await request.json()
             self.requests.append(body)
+            self.authorizations.append(request.headers.get("authorization"))
             if self.status != 200:
                 return JSONResponse({"error": {"message": "upstream says no", "type": "x",
                                                "param": None, "code": "nope"}},
@@ -78,6 +83,7 @@ class FakeUpstream:
         self.text, self.sizes, self.fail_after, self.status = CLEAN, [3], None, 200
         self.pause = 0.0
         self.requests.clear()
+        self.authorizations.clear()
         self.sent_chunks = 0
 
     def deltas(self) -> list[str]:
@@ -96,10 +102,12 @@ class FakeUpstream:
 
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                       "finish_reason": None} for i in range(n)])
+        self.sent_at = []
         for number, delta in enumerate(self.deltas()):
             if self.fail_after is not None and number >= self.fail_after:
                 raise RuntimeError("upstream died mid-stream")
             self.sent_chunks += 1
+            self.sent_at.append(time.perf_counter())
             yield chunk([{"index": i, "delta": {"content": delta}, "finish_reason": None}
                          for i in range(n)])
             await asyncio.sleep(self.pause)

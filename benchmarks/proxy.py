@@ -4,12 +4,16 @@ upstream and through `qguard-stream proxy` (in this process, loopback), interlea
     python -m benchmarks.proxy --shape small --requests 20 --out benchmarks/results
 
 The upstream (benchmarks/fake_upstream.py) streams a fixed text in deltas of `--delta-chars`
-characters every `--interval-ms`, like an LLM decoding. Per request: time to the first content
-byte, and the arrival time of each content chunk. Reported: p50/p99 of time-to-first-token
-(direct, proxy, added) and of the per-chunk delay the proxy adds (proxy arrival - direct arrival
-of the same chunk index, which includes the holdback: with holdback h the text of a token leaves
-only after h more tokens arrived). The guard has random `--shape` weights with heads that never
-flag (so every stream runs to its end); CPU by default.
+characters every `--interval-ms`, like an LLM decoding, and notes when it sent each delta. Per
+request: time to the first content byte, and the arrival time of each content chunk. Reported,
+p50/p99:
+- `ttft_ms`: time-to-first-token, direct, through the proxy, and added (proxy - direct);
+- `chunk_delay_ms`: per chunk the client receives, its arrival minus the time the upstream sent
+  the last character it carries (direct: the loopback's own cost; proxy: that plus the guard);
+- `added_per_char_ms`: per character, its proxy arrival minus its direct arrival.
+The proxy's figures include the holdback: with holdback h a token's text leaves only after h
+more tokens arrived. The guard has random `--shape` weights with heads that never flag (so every
+stream runs to its end); CPU by default.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ TEXT = ("To make bread, mix flour, water, salt and yeast; knead the dough for te
         "minutes until the crust is brown and it sounds hollow when tapped.")
 
 
-def read(url: str, body: dict) -> tuple[float, list[float], list[str]]:
-    """(seconds to the first content, arrival of each content chunk, each chunk's text) of one
-    stream."""
+def read(url: str, body: dict) -> tuple[float, list[float], list[str], float]:
+    """(seconds to the first content, arrival of each content chunk, each chunk's text, the
+    perf_counter() it began at) of one stream."""
     began = time.perf_counter()
     first, arrivals, text = None, [], []
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as reply:
@@ -47,7 +51,7 @@ def read(url: str, body: dict) -> tuple[float, list[float], list[str]]:
                     first = now if first is None else first
                     arrivals.append(now)
                     text.append(content)
-    return first if first is not None else float("nan"), arrivals, text
+    return first if first is not None else float("nan"), arrivals, text, began
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -91,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         read(proxy.url, body)  # warm-up (the guard's first steps, the tokenizer)
         direct_ttft, proxy_ttft, added = [], [], []
+        delays: dict[str, list[float]] = {"direct": [], "proxy": []}
         for _ in range(args.requests):  # interleaved: load on the box falls on both alike
-            d_first, d_arrivals, d_pieces = read(upstream.loop.url, body)
-            p_first, p_arrivals, p_pieces = read(proxy.url, body)
+            d_first, d_arrivals, d_pieces, d_began = read(upstream.loop.url, body)
+            delays["direct"] += _chunk_delays(d_began, d_arrivals, d_pieces, upstream)
+            p_first, p_arrivals, p_pieces, p_began = read(proxy.url, body)
+            delays["proxy"] += _chunk_delays(p_began, p_arrivals, p_pieces, upstream)
             if "".join(p_pieces) != "".join(d_pieces):
                 raise SystemExit(f"the proxy changed the text: {''.join(p_pieces)!r}")
             direct_ttft.append(d_first)
@@ -112,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                            "p99": round(1000 * percentile(v, 0.99), 2)}
                     for name, v in (("direct", direct_ttft), ("proxy", proxy_ttft),
                                     ("added", [p - d for p, d in zip(proxy_ttft, direct_ttft)]))},
+        "chunk_delay_ms": {name: {"p50": round(1000 * percentile(v, 0.5), 2),
+                                  "p99": round(1000 * percentile(v, 0.99), 2)}
+                           for name, v in delays.items()},
         "added_per_char_ms": {"p50": round(1000 * percentile(added, 0.5), 2),
                               "p99": round(1000 * percentile(added, 0.99), 2),
                               "mean": round(1000 * statistics.fmean(added), 2)},
@@ -122,6 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"proxy_{args.shape}_{args.device}.json").write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _chunk_delays(began: float, arrivals: list[float], pieces: list[str],
+                  upstream: FakeUpstream) -> list[float]:
+    """Per chunk of the stream just read: its arrival minus when the upstream sent the last
+    character it carries."""
+    sent = _char_times([at - began for at in upstream.sent_at], upstream.deltas())
+    delays, end = [], 0
+    for arrival, piece in zip(arrivals, pieces):
+        end += len(piece)
+        delays.append(arrival - sent[end - 1])
+    return delays
 
 
 def _char_times(arrivals: list[float], pieces: list[str]) -> list[float]:

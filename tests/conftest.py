@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,3 +51,50 @@ def upstream() -> Iterator[object]:
     fake = FakeUpstream()
     yield fake
     fake.loop.stop()
+
+
+class GuardBreaker:
+    """An ASGI wrapper of a guard server: while `after` is set, each WebSocket opened is closed
+    (code 1011) in place of its reply number `after` + 1, and the server's later messages on it
+    are dropped. A guard that fails mid-stream, the same way every time."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.after: int | None = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        after = self.after
+        if scope["type"] != "websocket" or after is None:
+            await self.app(scope, receive, send)
+            return
+        replies = 0
+
+        async def breaking_send(message: dict) -> None:
+            nonlocal replies
+            if message["type"] == "websocket.send":
+                replies += 1
+                if replies == after + 1:
+                    await send({"type": "websocket.close", "code": 1011})
+            if replies <= after:
+                await send(message)
+
+        await self.app(scope, receive, breaking_send)
+
+
+@pytest.fixture(scope="module")
+def breaking_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A guard server (`qguard-stream serve`'s app; Unsafe exactly at " bomb" and " fuse") behind
+    a GuardBreaker, on loopback: `.url`, `.engine`, `.breaker` (set `.breaker.after`)."""
+    from benchmarks.fake_upstream import Loopback
+    from qguard_stream.checkpoints import make_trigger_checkpoint
+    from qguard_stream.engine import Engine, EngineSettings
+    from qguard_stream.server import create_app
+
+    path = make_trigger_checkpoint(tmp_path_factory.mktemp("breaking"), [12764, 31702])
+    engine = Engine(StreamGuard.from_pretrained(path, device="cpu"),
+                    EngineSettings(max_tokens=65536))
+    breaker = GuardBreaker(create_app(engine))
+    served = Loopback(breaker)
+    served.engine, served.breaker = engine, breaker
+    yield served
+    served.stop()

@@ -5,7 +5,8 @@ The guardrails (per request, by name): `response` talks to a real `qguard-stream
 its WebSocket with a trigger checkpoint (Unsafe exactly at " bomb" and " fuse"), `inproc` runs the
 same checkpoint in the LiteLLM process, `prompt` talks to a server whose every prompt flags
 (<|im_end|> is a trigger), `down` points at a port nobody listens on (fail closed) and `open`
-the same with unreachable_fallback: fail_open."""
+the same with unreachable_fallback: fail_open; `breaking` and `breaking_open` talk to a guard
+server that breaks mid-stream when told to (conftest.GuardBreaker), failing closed and open."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def servers(checkpoints) -> Iterator[dict[str, Loopback]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(upstream, servers, checkpoints, tmp_path_factory) -> Iterator[str]:
-    """A LiteLLM proxy process with the five guardrails, none on by default."""
+def gateway(upstream, servers, checkpoints, breaking_guard, tmp_path_factory) -> Iterator[str]:
+    """A LiteLLM proxy process with the seven guardrails, none on by default."""
     directory = tmp_path_factory.mktemp("litellm")
     dead = f"ws://127.0.0.1:{free_port()}"
 
@@ -93,7 +94,10 @@ def gateway(upstream, servers, checkpoints, tmp_path_factory) -> Iterator[str]:
             guardrail("inproc", model=str(checkpoints["response"]), device="cpu"),
             guardrail("prompt", api_base=servers["prompt"].url),
             guardrail("down", api_base=dead),
-            guardrail("open", api_base=dead, unreachable_fallback="fail_open")],
+            guardrail("open", api_base=dead, unreachable_fallback="fail_open"),
+            guardrail("breaking", api_base=breaking_guard.url),
+            guardrail("breaking_open", api_base=breaking_guard.url,
+                      unreachable_fallback="fail_open")],
     }
     path = directory / "config.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -166,7 +170,7 @@ def test_a_clean_stream_passes_unchanged(gateway, servers, upstream, guardrail, 
 
 @pytest.mark.parametrize("guardrail", ["response", "inproc"])
 def test_a_flagged_stream_ends_with_content_filter_and_done(gateway, servers, upstream,
-                                                           guardrail) -> None:
+                                                           guardrail, tokenizer) -> None:
     upstream.text, upstream.sizes = FLAGGED + " and more text after it." * 20, [4]
     upstream.pause = 0.02  # paced: the guardrail must stop reading, not drain it
     raw, events = raw_stream(gateway, guardrail)
@@ -174,7 +178,12 @@ def test_a_flagged_stream_ends_with_content_filter_and_done(gateway, servers, up
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["choices"][0]["finish_reason"] == "content_filter"
-    assert last["qguard"]["risk_level"] == "Unsafe" and last["qguard"]["stage"] == "response"
+    # the official rule flags at the second Unsafe token in a row: " fuse", counted from the
+    # response's first token; the trigger heads' category is the checkpoint's first
+    fuse = tokenizer.encode(FLAGGED, add_special_tokens=False).index(FUSE)
+    category = servers["response"].engine.guard.config.response_categories[0]
+    assert last["qguard"] == {"stage": "response", "risk_level": "Unsafe", "position": fuse,
+                              "category": category}
     text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
                    for e in events[:-1] if json.loads(e).get("choices"))
     assert text == SAFE_PREFIX
@@ -226,3 +235,35 @@ def test_an_unreachable_guard_fails_closed_unless_told_to_fail_open(gateway, ups
     assert upstream.requests == []  # refused before the call
     text, _ = streamed(gateway, "open")
     assert text == CLEAN
+
+
+@pytest.fixture
+def breaker(breaking_guard) -> Iterator[object]:
+    yield breaking_guard.breaker
+    breaking_guard.breaker.after = None
+    wait_idle(breaking_guard.engine)  # the broken connections' sessions are freed
+
+
+def text_of(events: list[str]) -> str:
+    return "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                   for e in events[:-1] if json.loads(e).get("choices"))
+
+
+def test_a_guard_failing_mid_stream_fails_closed(gateway, upstream, breaker) -> None:
+    breaker.after = 6  # the open and 5 feeds are answered, then the connection drops
+    _, events = raw_stream(gateway, "breaking")
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"][0]["finish_reason"] == "content_filter"
+    assert "GuardUnavailableError" in last["qguard"]["error"]
+    text = text_of(events)
+    assert CLEAN.startswith(text) and len(text) < 3 * 5  # 5 deltas of 3 characters were scored
+
+
+def test_a_guard_failing_mid_stream_fails_open(gateway, upstream, breaker) -> None:
+    """The text held back is released, the rest of the model's stream passes through."""
+    breaker.after = 6
+    _, events = raw_stream(gateway, "breaking_open")
+    assert events[-1] == "[DONE]" and text_of(events) == CLEAN
+    last = json.loads(events[-2])
+    assert last["choices"][0]["finish_reason"] == "stop" and "qguard" not in last

@@ -23,7 +23,9 @@ finish_reason "content_filter" and the verdict in its `qguard` field, and LiteLL
 with `data: [DONE]`. A flagged non-streamed choice keeps only the text before the flagged run,
 with finish_reason "content_filter". Each of `n` choices is guarded. If the guard server cannot be
 reached or fails, requests fail closed (503 before the call, a content_filter end mid-stream)
-unless `unreachable_fallback: fail_open`, which lets them through unguarded (logged).
+unless `unreachable_fallback: fail_open`, which lets them through unguarded (logged); a guard
+failing mid-stream then releases the text it held back and passes the rest of the stream as the
+model sends it (choices already flagged stay ended).
 
 Both backends speak the guard server's protocol (qguard_stream.client): `api_base` reaches a
 server over its WebSocket (one connection per request; the guard usually sits on a GPU box and the
@@ -49,13 +51,12 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavailableError
 from qguard_stream.policy import GuardPolicy
-from qguard_stream.proxy.guard import ChoiceGuard, Guards, failure_chunk
+from qguard_stream.proxy.guard import GUARD_FAILURES, ChoiceGuard, Guards, failure_chunk
 from qguard_stream.server.protocol import MAX_HOLDBACK
 from qguard_stream.template import text_messages
 
 log = logging.getLogger(__name__)
 FALLBACKS = ("fail_closed", "fail_open")
-GUARD_FAILURES = (GuardUnavailableError, GuardServerError)
 
 
 class QGuardStream(CustomGuardrail):
@@ -159,7 +160,8 @@ class QGuardStream(CustomGuardrail):
         completion = response.model_dump()
         try:
             async with await self.connect() as client:
-                guards = Guards(lambda: self._next_choice(client, messages))
+                guards = Guards(lambda: self._next_choice(client, messages),
+                                fail_open=self.fail_open)
                 try:
                     await guards.check_completion(completion)
                 finally:
@@ -201,7 +203,7 @@ class QGuardStream(CustomGuardrail):
             yield _stream_chunk(failure_chunk(error, []), None)
             await _close(response)
             return
-        guards = Guards(lambda: self._next_choice(client, messages))
+        guards = Guards(lambda: self._next_choice(client, messages), fail_open=self.fail_open)
         last = None
         try:
             async for chunk in response:
@@ -216,7 +218,7 @@ class QGuardStream(CustomGuardrail):
                     break  # every choice was flagged: stop reading the model
             for tail in await guards.tails():
                 yield _stream_chunk(tail, last)
-        except GUARD_FAILURES as error:
+        except GUARD_FAILURES as error:  # failing closed (Guards fails open, if told to)
             log.error("qguard-stream guardrail failed mid-stream: %s", error)
             yield _stream_chunk(guards.failure(error), last)
         finally:

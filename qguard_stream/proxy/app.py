@@ -9,7 +9,9 @@ reaches the client only after `holdback` later tokens were scored; on a flag the
 reading the upstream, sends a last chunk with finish_reason "content_filter" and the verdict in
 `qguard`, then `data: [DONE]`. Non-streamed choices are checked whole. Every request's sessions
 live on one shared engine (batched). If the guard itself fails, the request fails closed (503,
-or a `content_filter` end mid-stream) unless `fail_open`. Also /health and /metrics.
+or a `content_filter` end mid-stream) unless `fail_open`: then it is forwarded unguarded (a
+guard failing mid-stream: the held-back text is released and the rest passed through, as
+guard.Guards does). Also /health and /metrics.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from starlette.background import BackgroundTask
 from qguard_stream.client import AsyncGuardClient, GuardServerError, GuardUnavailableError
 from qguard_stream.engine import AsyncEngine, Engine
 from qguard_stream.policy import GuardPolicy
-from qguard_stream.proxy.guard import ChoiceGuard, Guards
+from qguard_stream.proxy.guard import GUARD_FAILURES, ChoiceGuard, Guards
 from qguard_stream.server.chat import openai_error
 from qguard_stream.server.metrics import add_health_and_metrics
 from qguard_stream.server.protocol import (
@@ -166,8 +168,9 @@ def create_proxy_app(engine: Engine | None, upstream: str, api_key: str | None =
             if guard is not None:
                 await guard.aclose()
             return await guard_failed(error, request, raw)
-        headers = {"x-qguard-prompt-risk": prompt["risk_level"],
-                   "x-qguard-prompt-category": prompt["category"]}
+        headers = {"x-qguard-prompt-risk": prompt["risk_level"]}
+        if prompt["risk_level"] != "Safe":  # the heads' top category means nothing on Safe
+            headers["x-qguard-prompt-category"] = prompt["category"]
         if prompt["flagged"]:
             await guard.aclose()
             metrics.requests.labels("prompt_flagged").inc()
@@ -181,7 +184,7 @@ def create_proxy_app(engine: Engine | None, upstream: str, api_key: str | None =
         def on_flag(verdict: dict[str, Any]) -> None:
             metrics.flags.labels("response", verdict["category"]).inc()
 
-        guards = Guards(open_choice, first, on_flag)
+        guards = Guards(open_choice, first, on_flag, fail_open)
         try:
             reply = await client.send(client.build_request(
                 "POST", f"{base}/v1/chat/completions", content=raw,
@@ -206,23 +209,39 @@ def create_proxy_app(engine: Engine | None, upstream: str, api_key: str | None =
         try:
             data = json.loads(await reply.aread())
             await guards.check_completion(data)
+        except GUARD_FAILURES as error:  # fail closed (Guards failed open, if told to)
+            metrics.requests.labels("guard_error").inc()
+            return unavailable(error)
         finally:
             await reply.aclose()
             metrics.tokens.inc(guards.tokens_scored)
             await close_guards(guards, guard)
-        metrics.requests.labels("completed").inc()
+        metrics.requests.labels("completed" if guards.failed_open is None
+                                else "guard_failed_open").inc()
         return JSONResponse(data, headers=headers)
 
+    def unavailable(error: Exception) -> Response:
+        return openai_error(f"the guard is unavailable ({type(error).__name__}: {error}); "
+                            f"failing closed", 503, "guard_error")
+
     async def guard_failed(error: Exception, request: Request, raw: bytes) -> Response:
+        """The guard failed before the request went upstream: a 503, or (fail open) the
+        upstream's answer as it streams, unguarded."""
         log.exception("the guard failed")
         if not fail_open:
             metrics.requests.labels("guard_error").inc()
-            return openai_error(f"the guard is unavailable ({type(error).__name__}: {error}); "
-                                f"failing closed", 503, "guard_error")
-        reply = await client.post(f"{base}/v1/chat/completions", content=raw,
-                                  headers=upstream_headers(request))
-        return Response(reply.content, status_code=reply.status_code,
-                        media_type=reply.headers.get("content-type"))
+            return unavailable(error)
+        log.warning("failing open: the request goes upstream unguarded")
+        metrics.requests.labels("guard_failed_open").inc()
+        try:
+            reply = await client.send(client.build_request(
+                "POST", f"{base}/v1/chat/completions", content=raw,
+                headers=upstream_headers(request)), stream=True)
+        except httpx.HTTPError as error:
+            return openai_error(f"upstream unreachable: {error}", 502, "upstream_error")
+        return StreamingResponse(reply.aiter_bytes(), status_code=reply.status_code,
+                                 media_type=reply.headers.get("content-type"),
+                                 background=BackgroundTask(reply.aclose))
 
     def prompt_refusal(body: dict, prompt: dict[str, Any], headers: dict[str, str]) -> Response:
         verdict = {"stage": "prompt", **{key: prompt[key] for key in
@@ -276,15 +295,17 @@ async def guarded_stream(reply: httpx.Response, guards: Guards, guard: AsyncGuar
         for tail in await guards.tails():  # the upstream ended without finishing these
             yield f"data: {json.dumps(tail)}\n\n"
         yield "data: [DONE]\n\n"
-    except Exception as error:  # the guard or the upstream failed mid-stream
+    except Exception as error:  # the guard (failing closed) or the upstream failed mid-stream
         log.exception("guarded stream failed")
-        outcome = "error"
+        outcome = "guard_error" if isinstance(error, GUARD_FAILURES) else "upstream_error"
         yield f"data: {json.dumps(guards.failure(error))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         metrics.tokens.inc(guards.tokens_scored)
         if outcome == "completed" and any(g.flag is not None for g in guards.by_choice.values()):
             outcome = "response_flagged"
+        elif outcome == "completed" and guards.failed_open is not None:
+            outcome = "guard_failed_open"
         metrics.requests.labels(outcome).inc()
         cleanup = asyncio.ensure_future(release(reply, guards, guard))
         try:  # a client that hangs up cancels us here: the cleanup finishes regardless
