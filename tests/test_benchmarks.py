@@ -110,6 +110,8 @@ def test_proxy_benchmark_runs_and_keeps_the_text(tmp_path: Path) -> None:
                        "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "proxy_tiny_cpu.json").read_text())
     assert report["ttft_ms"]["proxy"]["p50"] > 0 and "p99" in report["added_per_char_ms"]
+    delays = report["chunk_delay_ms"]
+    assert delays["proxy"]["p99"] >= delays["proxy"]["p50"] > 0 and "p50" in delays["direct"]
 
 
 def test_gen_serve_benchmark_runs_both_modes(tmp_path: Path) -> None:
