@@ -120,15 +120,9 @@ class Engine:
         check_role(role)
         ids = validate_token_ids(token_ids, self.guard.config.vocab_size)
         with self._lock:
-            self._check_open(session)
-            end = session.reserved + ids.shape[0]
-            limit = self.guard.config.max_position_embeddings
-            if end > limit:
-                raise ValueError(f"feeding {ids.shape[0]} tokens to a session of "
-                                 f"{session.reserved} would exceed max_position_embeddings={limit}")
-            self._reserve(session, end, self._should_wait(wait))
-            request = Request(session, session.reserved, ids, role)
-            session.reserved, session.queued = end, session.queued + 1
+            start = self._reserve_chunk(session, ids, self._should_wait(wait))
+            request = Request(session, start, ids, role)
+            session.queued += 1
             self.scheduler.add(request)
             return request.future
 
@@ -171,7 +165,12 @@ class Engine:
         return len(batch)
 
     def moderate(self, session: Session, token_ids: TokenIds, role: str) -> Verdicts:
-        """Score one chunk now (batched with whatever else is queued)."""
+        """Score one chunk now (batched with whatever else is queued). With nothing queued and
+        no step listeners it runs at once in the caller, a step of one chunk without the
+        queue's round trip (Future, scheduler), as a lone StreamGuard session does."""
+        with self._lock:
+            if not self.scheduler.waiting and not self.step_listeners:
+                return self._score_alone(session, token_ids, role)
         future = self.submit(session, token_ids, role)
         return self._drain(future)
 
@@ -197,6 +196,39 @@ class Engine:
                                self._tokens_scored, self._steps)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _score_alone(self, session: Session, token_ids: TokenIds, role: str) -> Verdicts:
+        """One chunk scored now (the caller holds the lock and nothing is queued); a failure
+        leaves the session as it was."""
+        check_role(role)
+        ids = validate_token_ids(token_ids, self.guard.config.vocab_size)
+        start = self._reserve_chunk(session, ids, self._should_wait(None))
+        try:
+            (risk_probs, category_probs), = self.runner.forward(
+                [Chunk(session.table, start, ids, role)])
+            verdicts = self._record(session, role, start, ids, risk_probs, category_probs)
+        except BaseException:
+            session.reserved = start
+            session.table.shrink(self.pool, start)
+            self._lock.notify_all()
+            raise
+        self._steps += 1
+        self._tokens_scored += ids.shape[0]
+        return verdicts
+
+    def _reserve_chunk(self, session: Session, ids: torch.Tensor, wait: bool) -> int:
+        """Reserve the blocks of `ids` after the session's reserved positions; returns where the
+        chunk starts."""
+        self._check_open(session)
+        start = session.reserved
+        end = start + ids.shape[0]
+        limit = self.guard.config.max_position_embeddings
+        if end > limit:
+            raise ValueError(f"feeding {ids.shape[0]} tokens to a session of {start} would "
+                             f"exceed max_position_embeddings={limit}")
+        self._reserve(session, end, wait)
+        session.reserved = end
+        return start
+
     def _drain(self, future: Future[Verdicts]) -> Verdicts:
         while not future.done():
             self.step()
@@ -227,13 +259,20 @@ class Engine:
 
     def _complete(self, request: Request, risk_probs: torch.Tensor,
                   category_probs: torch.Tensor) -> None:
-        session = request.session
-        verdicts = build_verdicts(self.guard.config, request.role, request.start,
-                                  request.token_ids, risk_probs, category_probs)
-        session.token_ids.extend(verdicts.token_ids)
-        session.queued -= 1
-        session.last_verdicts = verdicts
+        verdicts = self._record(request.session, request.role, request.start, request.token_ids,
+                                risk_probs, category_probs)
+        request.session.queued -= 1
         request.future.set_result(verdicts)
+
+    def _record(self, session: Session, role: str, start: int, ids: torch.Tensor,
+                risk_probs: torch.Tensor, category_probs: torch.Tensor) -> Verdicts:
+        """The chunk's verdicts, its tokens appended to the session (NonFiniteScoresError
+        before anything changes)."""
+        verdicts = build_verdicts(self.guard.config, role, start, ids, risk_probs,
+                                  category_probs)
+        session.token_ids.extend(verdicts.token_ids)
+        session.last_verdicts = verdicts
+        return verdicts
 
     def _fail(self, request: Request, error: Exception) -> None:
         """Undo a failed chunk and every later chunk of its session; the session keeps what was
