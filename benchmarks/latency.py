@@ -4,8 +4,10 @@ On one random checkpoint, in one process, for every (context, k): open a session
 prompt tokens, then time calls that score k new tokens, rolling the session back to `context`
 after each call (untimed) so every call sees the same context. Variants: (a) ours
 (StreamGuard.moderate), (b) the model card's loop (re-runs the whole sequence per call), (c)
-transformers' Qwen3Model with a DynamicCache fed only new tokens; see baselines.py. Prints a table
-with the ratios (b)/(a) and (c)/(a), writes JSON and a PNG plot. On CUDA it adds the roofline:
+transformers' Qwen3Model with a DynamicCache fed only new tokens; see baselines.py; and, when the
+`openvino` package is importable (pip install openvino; never a dependency of ours), (d) the same
+backbone as a stateful OpenVINO model in fp32 and in OpenVINO's default precision; see
+openvino_baseline.py. Prints a table with the ratios of each to (a), writes JSON and a PNG plot. On CUDA it adds the roofline:
 weight bytes / HBM bandwidth (measured with a device copy, or --hbm-gbps) and our step time as a
 multiple of it. `--load N` runs N busy processes beside it for the whole run (tails on a
 shared CPU: compare p99 and max with a run without).
@@ -34,10 +36,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.baselines import CachedTransformers, CardLoop, load_hf_backbone
+from benchmarks.openvino_baseline import openvino_available, openvino_runners
 from qguard_stream.checkpoints import SHAPES, make_random_checkpoint
 from qguard_stream.stream import StreamGuard
 
-VARIANTS = ("ours", "card_loop", "hf_dynamic_cache")
+VARIANTS = ("ours", "card_loop", "hf_dynamic_cache", "openvino_fp32", "openvino_default")
+OPENVINO = ("openvino_fp32", "openvino_default")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calls", type=int, default=30, help="timed calls per cell (a, c)")
     parser.add_argument("--card-calls", type=int, default=5, help="timed calls per cell (b)")
     parser.add_argument("--variants", type=_str_list, default=VARIANTS,
-                        help=f"subset of {','.join(VARIANTS)}")
+                        help=f"subset of {','.join(VARIANTS)} (the OpenVINO ones run only where "
+                             f"the openvino package is importable)")
     parser.add_argument("--hbm-gbps", type=float, default=None,
                         help="CUDA: nominal HBM bandwidth in GB/s (default: measure a copy)")
     parser.add_argument("--quick", action="store_true",
@@ -148,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                                            dtype=dtype, max_position_embeddings=max_positions,
                                            device=device)
         guard = StreamGuard.from_pretrained(directory, device=device, dtype=dtype)
-        runners = _runners(args.variants, guard, directory, device, dtype)
+        runners = _runners(args.variants, guard, directory, device, dtype, args.threads)
     if args.load < 0:
         raise SystemExit(f"--load must be >= 0, got {args.load}")
     with competing_processes(args.load):
@@ -156,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     floor_ms = roofline_ms(guard, device, args.hbm_gbps) if device.type == "cuda" else None
     report = _report(args, device, dtype, cells, floor_ms)
     report["ours_step"] = ours_step(guard)
+    report["openvino"] = {runner.name: runner.properties for runner in runners
+                          if runner.name in OPENVINO}
     print(f"ours: {report['ours_step']}")
     print(format_table(cells, floor_ms))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -188,17 +195,32 @@ def ours_step(guard: StreamGuard) -> str:
 
 
 def _runners(variants: tuple[str, ...], guard: StreamGuard, directory: Path,
-             device: torch.device, dtype: torch.dtype) -> list:
+             device: torch.device, dtype: torch.dtype, threads: int) -> list:
     runners = []
     head = guard.model.response
     backbone = None
     for name in variants:
+        if name in OPENVINO:
+            continue
         if name == "ours":
             runners.append(Ours(guard))
             continue
         backbone = backbone or load_hf_backbone(directory, guard.config, device, dtype)
         runners.append(CardLoop(backbone, head) if name == "card_loop"
                        else CachedTransformers(backbone, head))
+    wanted = tuple(name.removeprefix("openvino_") for name in variants if name in OPENVINO)
+    if not wanted:
+        return runners
+    if device.type != "cpu" or dtype != torch.float32:
+        print(f"openvino: skipped (it is the CPU baseline of an fp32 checkpoint; this run is "
+              f"{device.type} {str(dtype).removeprefix('torch.')})")
+    elif not openvino_available():
+        print("openvino: skipped (the openvino package is not importable; pip install openvino "
+              "to time it beside ours)")
+    else:
+        runners += openvino_runners(directory, guard.config, head, threads, wanted)
+        for runner in runners[-len(wanted):]:
+            print(f"{runner.name}: {runner.properties}")
     return runners
 
 
@@ -312,9 +334,12 @@ def roofline_ms(guard: StreamGuard, device: torch.device, hbm_gbps: float | None
 
 def format_table(cells: list[Cell], floor_ms: float | None) -> str:
     by_key = {(c.variant, c.context, c.k): c for c in cells}
+    openvino = any(c.variant in OPENVINO for c in cells)
     header = (f"{'context':>7} {'k':>3} | {'ours p50':>9} {'ours p99':>9} {'ours max':>9} "
               f"{'ours/tok':>9} | "
               f"{'card/tok':>9} {'hf/tok':>9} | {'card/ours':>9} {'hf/ours':>8}")
+    if openvino:
+        header += f" | {'ov32/tok':>9} {'ovdef/tok':>9} | {'ov32/ours':>9} {'ovdef/ours':>10}"
     if floor_ms is not None:
         header += f" | {'floor':>7} {'x floor':>7}"
     lines = ["per-call and per-token latency in ms (p50 unless marked)", header,
@@ -327,6 +352,11 @@ def format_table(cells: list[Cell], floor_ms: float | None) -> str:
                 f"{_ms(ours and ours.max_ms)} {_ms(ours and ours.per_token_ms)} | "
                 f"{_ms(card and card.per_token_ms)} {_ms(hf and hf.per_token_ms)} | "
                 f"{_ratio(card, ours):>9} {_ratio(hf, ours):>8}")
+        if openvino:
+            ov32 = by_key.get(("openvino_fp32", context, k))
+            ovdef = by_key.get(("openvino_default", context, k))
+            line += (f" | {_ms(ov32 and ov32.per_token_ms)} {_ms(ovdef and ovdef.per_token_ms)} | "
+                     f"{_ratio(ov32, ours, 2):>9} {_ratio(ovdef, ours, 2):>10}")
         if floor_ms is not None and ours is not None:
             line += f" | {floor_ms:7.3f} {ours.p50_ms / floor_ms:7.2f}"
         lines.append(line)
@@ -337,10 +367,10 @@ def _ms(value: float | None) -> str:
     return f"{value:9.3f}" if value is not None else f"{'-':>9}"
 
 
-def _ratio(other: Cell | None, ours: Cell | None) -> str:
+def _ratio(other: Cell | None, ours: Cell | None, digits: int = 1) -> str:
     if other is None or ours is None:
         return "-"
-    return f"{other.per_token_ms / ours.per_token_ms:.1f}x"
+    return f"{other.per_token_ms / ours.per_token_ms:.{digits}f}x"
 
 
 def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
@@ -369,7 +399,8 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    styles = {"ours": "-", "card_loop": ":", "hf_dynamic_cache": "--"}
+    styles = {"ours": "-", "card_loop": ":", "hf_dynamic_cache": "--", "openvino_fp32": "-.",
+              "openvino_default": (0, (1, 3))}
     colours = {k: f"C{i}" for i, k in enumerate(sorted({c.k for c in cells}))}
     for variant, k in sorted({(c.variant, c.k) for c in cells}):
         points = sorted((c.context, c.per_token_ms) for c in cells
