@@ -7,9 +7,9 @@ after each call (untimed) so every call sees the same context. Variants: (a) our
 transformers' Qwen3Model with a DynamicCache fed only new tokens; see baselines.py; and, when the
 `openvino` package is importable (pip install openvino; never a dependency of ours), (d) the same
 backbone as a stateful OpenVINO model in fp32 and in OpenVINO's default precision; see
-openvino_baseline.py. Prints a table with the ratios of each to (a), writes JSON and a PNG plot. On CUDA it adds the roofline:
-weight bytes / HBM bandwidth (measured with a device copy, or --hbm-gbps) and our step time as a
-multiple of it. `--load N` runs N busy processes beside it for the whole run (tails on a
+openvino_baseline.py. Prints a table with the ratios of each to (a), writes JSON and a PNG plot.
+On CUDA it adds the roofline: weight bytes / HBM bandwidth (measured with a device copy, or
+--hbm-gbps) and our step time as a multiple of it. `--load N` runs N busy processes beside it for the whole run (tails on a
 shared CPU: compare p99 and max with a run without).
 
     python -m benchmarks.latency                     # CPU, shape "small", full grid

@@ -1,4 +1,4 @@
-"""OpenVINO as a latency baseline: the same random checkpoint's backbone as a stateful OpenVINO model.
+"""OpenVINO as a latency baseline: a random checkpoint's backbone as a stateful OpenVINO model.
 
 What a CPU user picks instead of us is OpenVINO with a stateful Qwen3 export (optimum-intel's
 layout: the KV cache lives in the request's state, each call feeds only new tokens). optimum-intel
@@ -11,9 +11,9 @@ being measured run on the returned hidden states in torch, as in the other basel
 
 `OpenVino` is the latency benchmark's runner (reset / step / rollback). Two precisions are timed:
 "fp32" (inference and KV-cache precision forced to f32) and "default" (the plugin's own choice on
-this CPU: bf16 compute where the CPU has it, a reduced-precision KV cache). The `openvino` package is
-optional and never a dependency of the project (pip install openvino); nothing here is used by the
-runtime.
+this CPU: bf16 compute where the CPU has it, a reduced-precision KV cache). The `openvino`
+package is optional and never a dependency of the project (pip install openvino); nothing here is
+used by the runtime.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ class ExportBackbone(torch.nn.Module):
             x = _rms_norm(hidden, w[p + "post_attention_layernorm.weight"], eps)
             gate = x @ w[p + "mlp.gate_proj.weight"].T
             up = x @ w[p + "mlp.up_proj.weight"].T
-            hidden = hidden + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+            act = torch.nn.functional.silu(gate) * up
+            hidden = hidden + act @ w[p + "mlp.down_proj.weight"].T
         return (_rms_norm(hidden, w["norm.weight"], eps), *presents)
 
     def empty_past(self, length: int = 0) -> list[torch.Tensor]:
@@ -182,7 +183,6 @@ def _reorder_past_by_beam(model) -> None:
 def _initialize_states(model, config: GuardConfig) -> None:
     """Give every state an initializer (an empty [1, KV, 0, D] cache), as optimum-intel's
     export does: the CPU plugin's fused stateful attention reads the state's initial value."""
-    import openvino as ov
     import openvino.opset13 as ops
 
     shape = ops.constant(np.array([1, config.num_key_value_heads, 0, config.head_dim],
