@@ -9,8 +9,8 @@ transformers' Qwen3Model with a DynamicCache fed only new tokens; see baselines.
 backbone as a stateful OpenVINO model in fp32 and in OpenVINO's default precision; see
 openvino_baseline.py. Prints a table with the ratios of each to (a), writes JSON and a PNG plot.
 On CUDA it adds the roofline: weight bytes / HBM bandwidth (measured with a device copy, or
---hbm-gbps) and our step time as a multiple of it. `--load N` runs N busy processes beside it for the whole run (tails on a
-shared CPU: compare p99 and max with a run without).
+--hbm-gbps) and our step time as a multiple of it. `--load N` runs N busy processes beside it
+for the whole run (tails on a shared CPU: compare p99 and max with a run without).
 
     python -m benchmarks.latency                     # CPU, shape "small", full grid
     python -m benchmarks.latency --shape overhead --quick
