@@ -232,6 +232,26 @@ def test_the_thread_pool_serves_concurrent_callers_and_forked_children(library) 
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+def test_the_pool_stays_right_on_a_cpu_shared_with_busy_processes(library) -> None:
+    """With three busy processes on this box's cores, helpers get descheduled mid-job (the
+    caller then finishes the unclaimed chunks and waits only for claimed ones): every result
+    stays exact."""
+    from benchmarks.latency import competing_processes
+
+    library.qg_set_threads(2)
+    gen = torch.Generator().manual_seed(6)
+    x, weight = torch.randn(4, 512, generator=gen), torch.randn(2048, 512, generator=gen)
+    expected = (x.double() @ weight.double().t()).float()
+    try:
+        with competing_processes(3):
+            for _ in range(300):
+                y = torch.full((4, 2048), float("nan"))
+                library.qg_gemm(pointer(x), pointer(weight), None, pointer(y), 4, 512, 2048)
+                torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-4)
+    finally:
+        library.qg_set_threads(torch.get_num_threads())
+
+
 def test_torch_runs_on_one_thread_during_a_c_step_and_gets_its_count_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside a block torch runs on one thread in every thread that entered one (nested and
