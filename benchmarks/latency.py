@@ -405,8 +405,8 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     for variant, k in sorted({(c.variant, c.k) for c in cells}):
         points = sorted((c.context, c.per_token_ms) for c in cells
                         if c.variant == variant and c.k == k)
-        axes.plot([p[0] for p in points], [p[1] for p in points], styles[variant], marker="o",
-                  color=colours[k], label=f"{variant} k={k}")
+        axes.plot([p[0] for p in points], [p[1] for p in points], linestyle=styles[variant],
+                  marker="o", color=colours[k], label=f"{variant} k={k}")
     axes.set(xscale="log", yscale="log", xlabel="context (tokens)",
              ylabel="p50 latency per token (ms)", title=title)
     axes.grid(True, which="both", alpha=0.3)

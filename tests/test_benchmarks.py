@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import latency
+from benchmarks import latency, openvino_baseline
+
+
+def ran_variants() -> set[str]:
+    """Every variant, the OpenVINO ones only where the openvino package is importable."""
+    return {v for v in latency.VARIANTS
+            if v not in latency.OPENVINO or openvino_baseline.openvino_available()}
 
 
 def test_quick_run_writes_every_cell_table_json_and_plot(tmp_path: Path,
@@ -16,7 +22,7 @@ def test_quick_run_writes_every_cell_table_json_and_plot(tmp_path: Path,
     assert latency.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "latency_small_cpu.json").read_text())
     cells = {(c["variant"], c["context"], c["k"]) for c in report["cells"]}
-    assert cells == {(v, ctx, k) for v in latency.VARIANTS for ctx in (128, 1024) for k in (1, 16)}
+    assert cells == {(v, ctx, k) for v in ran_variants() for ctx in (128, 1024) for k in (1, 16)}
     assert all(c["p50_ms"] > 0 and c["p99_ms"] >= c["p50_ms"] for c in report["cells"])
     assert (tmp_path / "latency_small_cpu.png").stat().st_size > 1000
     table = capsys.readouterr().out
@@ -40,7 +46,17 @@ def test_smoke_run_covers_the_tiny_grid(tmp_path: Path) -> None:
     assert latency.main(["--smoke", "--no-plot", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "latency_tiny_cpu.json").read_text())
     cells = {(c["variant"], c["context"], c["k"]) for c in report["cells"]}
-    assert cells == {(v, ctx, k) for v in latency.VARIANTS for ctx in (16, 64) for k in (1, 4)}
+    assert cells == {(v, ctx, k) for v in ran_variants() for ctx in (16, 64) for k in (1, 4)}
+
+
+def test_without_openvino_its_columns_are_skipped_with_a_note(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(latency, "openvino_available", lambda: False)
+    assert latency.main(["--smoke", "--no-plot", "--variants", "ours,openvino_fp32",
+                         "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "latency_tiny_cpu.json").read_text())
+    assert {c["variant"] for c in report["cells"]} == {"ours"} and report["openvino"] == {}
+    assert "openvino: skipped (the openvino package is not importable" in capsys.readouterr().out
 
 
 def test_bad_grid_values_are_rejected_naming_them() -> None:
