@@ -220,7 +220,8 @@ class OpenVino:
         props = {}
         for key in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
             try:
-                props[key] = str(compiled.get_property(key))
+                value = compiled.get_property(key)  # an ov.Type: "f32", "u8", "bf16"
+                props[key] = value.to_string() if hasattr(value, "to_string") else str(value)
             except RuntimeError:
                 props[key] = "?"
         self.properties = props
