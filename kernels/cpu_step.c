@@ -10,6 +10,11 @@
  * runtime/layer.py, in fp32 with double-accumulated sums of squares; the tests compare every
  * function with its PyTorch reference.
  *
+ * bf16 weights: qg_gemm_bf16 and qg_decode_layer's `bf16` flag read the projection weights as
+ * bf16, widened to fp32 on load (a shift), with fp32 activations, K/V and accumulation: half the
+ * weight bytes of the fp32 step on CPUs without bf16 arithmetic. The runner does not use them yet
+ * (a bf16 guard on the CPU still takes the eager torch step).
+ *
  * Layouts (all row-major, contiguous):
  *   qkv          [n_new, (heads + 2 * kv_heads) * head_dim]   q heads, then k heads, then v heads
  *   qk_weight    [heads + kv_heads, head_dim]   q_norm rows (attention scale folded in), k_norm rows
@@ -208,6 +213,61 @@ static inline void dot_2x4(const float* u, const float* v, const float* const* x
         for (int i = 0; i < 4; ++i) {
             first[i] += u[k] * x[i][k];
             second[i] += v[k] * x[i][k];
+        }
+}
+
+/* bf16 weights (a bf16 guard on the CPU): the upper half of an fp32, widened on load (a shift);
+ * the arithmetic stays fp32. The same kernels as above with the weight loads widened. */
+typedef uint16_t bf16;
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+static inline v8 load8_bf16(const bf16* p) {
+    u16x8 half;
+    memcpy(&half, p, sizeof half);
+    const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
+    v8 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline float bf16_value(bf16 h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline float dot_bf16(const bf16* a, const float* b, int64_t n) {
+    v8 even = {0}, odd = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        even += load8_bf16(a + j) * load8(b + j);
+        odd += load8_bf16(a + j + 8) * load8(b + j + 8);
+    }
+    for (; j + 8 <= n; j += 8) even += load8_bf16(a + j) * load8(b + j);
+    float total = sum8(even + odd);
+    for (; j < n; ++j) total += bf16_value(a[j]) * b[j];
+    return total;
+}
+
+static inline void dot_2x4_bf16(const bf16* u, const bf16* v, const float* const* x, int64_t n,
+                                float* first, float* second) {
+    const int64_t body = n & ~(int64_t)7;
+    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t k = 0; k < body; k += 8) {
+        const v8 p = load8_bf16(u + k), q = load8_bf16(v + k);
+        const v8 c0 = load8(x0 + k), c1 = load8(x1 + k), c2 = load8(x2 + k), c3 = load8(x3 + k);
+        a0 += p * c0; a1 += p * c1; a2 += p * c2; a3 += p * c3;
+        b0 += q * c0; b1 += q * c1; b2 += q * c2; b3 += q * c3;
+    }
+    first[0] = sum8(a0); first[1] = sum8(a1); first[2] = sum8(a2); first[3] = sum8(a3);
+    second[0] = sum8(b0); second[1] = sum8(b1); second[2] = sum8(b2); second[3] = sum8(b3);
+    for (int64_t k = body; k < n; ++k)
+        for (int i = 0; i < 4; ++i) {
+            first[i] += bf16_value(u[k]) * x[i][k];
+            second[i] += bf16_value(v[k]) * x[i][k];
         }
 }
 
@@ -582,15 +642,19 @@ void qg_silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) 
 }
 
 typedef struct {
-    const float *w, *x, *residual;
+    const void* w; /* fp32, or bf16 when `bf16` */
+    const float *x, *residual;
     float* y;
-    int64_t cols;
+    int64_t cols, bf16;
 } GemvJob;
 
 static void gemv_rows(void* context, int64_t begin, int64_t end) {
     const GemvJob* job = context;
     for (int64_t r = begin; r < end; ++r) {
-        const float value = dot(job->w + r * job->cols, job->x, job->cols);
+        const float value = job->bf16 ? dot_bf16((const bf16*)job->w + r * job->cols, job->x,
+                                                 job->cols)
+                                      : dot((const float*)job->w + r * job->cols, job->x,
+                                            job->cols);
         job->y[r] = job->residual != NULL ? job->residual[r] + value : value;
     }
 }
@@ -599,9 +663,9 @@ static void gemv_rows(void* context, int64_t begin, int64_t end) {
  * output row, the rows split over the pool in chunks of about 8K weights. For one token this
  * reads each weight once, like the BLAS GEMM it replaces, without a Python round trip per
  * projection. */
-static void gemv(const float* w, const float* x, const float* residual, float* y, int64_t rows,
-                 int64_t cols) {
-    GemvJob job = {w, x, residual, y, cols};
+static void gemv(const void* w, const float* x, const float* residual, float* y, int64_t rows,
+                 int64_t cols, int64_t bf16) {
+    GemvJob job = {w, x, residual, y, cols, bf16};
     const int64_t grain = cols >= 8192 ? 1 : 8192 / cols;
     if (rows * cols >= 32768)
         parallel_for(gemv_rows, &job, rows, grain);
@@ -610,9 +674,11 @@ static void gemv(const float* w, const float* x, const float* residual, float* y
 }
 
 typedef struct {
-    const float *x, *w, *residual;
+    const float* x;
+    const void* w; /* fp32, or bf16 when `bf16` */
+    const float* residual;
     float* y;
-    int64_t rows, cols, out;
+    int64_t rows, cols, out, bf16;
 } GemmJob;
 
 /* y[m, n] (+= residual[m, n]) = dot(x[m], w[n]) for the weight rows n in [begin, end): two weight
@@ -625,16 +691,20 @@ static inline float finish(const GemmJob* job, int64_t at, float value) {
 static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
     const GemmJob* job = context;
     const int64_t cols = job->cols, out = job->out, rows = job->rows;
+    const size_t size = job->bf16 ? sizeof(bf16) : sizeof(float);
     for (int64_t n = begin; n < end; n += 2) {
         const int pair = n + 1 < end;
-        const float* w0 = job->w + n * cols;
-        const float* w1 = pair ? w0 + cols : w0;
+        const char* w0 = (const char*)job->w + n * cols * size;
+        const char* w1 = pair ? w0 + cols * size : w0;
         int64_t m = 0;
         for (; m + 4 <= rows; m += 4) {
             const float* x0 = job->x + m * cols;
             const float* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
             float first[4], second[4];
-            dot_2x4(w0, w1, x, cols, first, second);
+            if (job->bf16)
+                dot_2x4_bf16((const bf16*)w0, (const bf16*)w1, x, cols, first, second);
+            else
+                dot_2x4((const float*)w0, (const float*)w1, x, cols, first, second);
             for (int i = 0; i < 4; ++i) {
                 const int64_t at = (m + i) * out + n;
                 job->y[at] = finish(job, at, first[i]);
@@ -644,8 +714,12 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
         for (; m < rows; ++m) {
             const float* x = job->x + m * cols;
             const int64_t at = m * out + n;
-            job->y[at] = finish(job, at, dot(w0, x, cols));
-            if (pair) job->y[at + 1] = finish(job, at + 1, dot(w1, x, cols));
+            job->y[at] = finish(job, at, job->bf16 ? dot_bf16((const bf16*)w0, x, cols)
+                                                   : dot((const float*)w0, x, cols));
+            if (pair)
+                job->y[at + 1] = finish(job, at + 1,
+                                        job->bf16 ? dot_bf16((const bf16*)w1, x, cols)
+                                                  : dot((const float*)w1, x, cols));
         }
     }
 }
@@ -654,9 +728,9 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
  * row-major (nn.Linear's layout): the weight rows split over the pool in even chunks of about
  * 16K weights each. For the few rows of a decode step (up to a few dozen) this streams each
  * weight once, as a BLAS GEMM would, and keeps the threads in our pool (see "Threads"). */
-void qg_gemm(const float* x, const float* w, const float* residual, float* y, int64_t rows,
-             int64_t cols, int64_t out) {
-    GemmJob job = {x, w, residual, y, rows, cols, out};
+static void gemm(const float* x, const void* w, const float* residual, float* y, int64_t rows,
+                 int64_t cols, int64_t out, int64_t bf16) {
+    GemmJob job = {x, w, residual, y, rows, cols, out, bf16};
     int64_t grain = cols >= 16384 ? 2 : 16384 / cols;
     grain += grain & 1;  /* even: the weight rows go in pairs */
     if (rows * cols * out >= 65536)
@@ -665,18 +739,30 @@ void qg_gemm(const float* x, const float* w, const float* residual, float* y, in
         gemm_weight_rows(&job, 0, out);
 }
 
+void qg_gemm(const float* x, const float* w, const float* residual, float* y, int64_t rows,
+             int64_t cols, int64_t out) {
+    gemm(x, w, residual, y, rows, cols, out, 0);
+}
+
+/* qg_gemm with W in bf16 (widened on load; x, residual and y fp32). */
+void qg_gemm_bf16(const float* x, const bf16* w, const float* residual, float* y, int64_t rows,
+                  int64_t cols, int64_t out) {
+    gemm(x, w, residual, y, rows, cols, out, 1);
+}
+
 /* One whole decoder layer for a single new token of one session at `position`, x [hidden]
  * updated in place: the composition of the functions above with the projections as gemv; K/V go
  * to the position's pool slot through the session's block table. scratch holds
  * 2 * hidden + (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + 3 * inter floats.
+ * The four projection weights are fp32, or bf16 when `bf16` (the norms and tables stay fp32).
  * Returns 0, or -1 if the attention's scratch could not be allocated (x is then unchanged). */
-int qg_decode_layer(float* x, const float* input_norm, const float* qkv_weight,
+int qg_decode_layer(float* x, const float* input_norm, const void* qkv_weight,
                     const float* qk_weight, const float* cos_table, const float* sin_table,
                     float* k_pool, float* v_pool, const int32_t* table, int64_t page,
-                    int64_t position, const float* o_weight, const float* post_norm,
-                    const float* gate_up_weight, const float* down_weight, int64_t heads,
+                    int64_t position, const void* o_weight, const float* post_norm,
+                    const void* gate_up_weight, const void* down_weight, int64_t heads,
                     int64_t kv_heads, int64_t head_dim, int64_t hidden, int64_t inter, float eps,
-                    float* scratch) {
+                    float* scratch, int64_t bf16) {
     const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, q_width = heads * head_dim;
     float* normed = scratch;
     float* qkv = normed + hidden;
@@ -689,16 +775,16 @@ int qg_decode_layer(float* x, const float* input_norm, const float* qkv_weight,
     const int32_t slot = (int32_t)(table[position / page] * page + position % page);
     const int32_t first = 0, one = 1, length = (int32_t)(position + 1);
     qg_rms_norm(x, input_norm, normed, 1, hidden, eps);
-    gemv(qkv_weight, normed, NULL, qkv, qkv_width, hidden);
+    gemv(qkv_weight, normed, NULL, qkv, qkv_width, hidden, bf16);
     qg_qk_rope_store(qkv, qk_weight, cos_table, sin_table, &where, &slot, q, k_pool, v_pool, page,
                      1, heads, kv_heads, head_dim, eps);
     if (qg_attend_paged(q, k_pool, v_pool, table, 0, page, &first, &one, &length, 1, heads,
                         kv_heads, head_dim, attended) != 0)
         return -1;
-    gemv(o_weight, attended, x, residual, hidden, q_width);
+    gemv(o_weight, attended, x, residual, hidden, q_width, bf16);
     qg_rms_norm(residual, post_norm, normed, 1, hidden, eps);
-    gemv(gate_up_weight, normed, NULL, gate_up, 2 * inter, hidden);
+    gemv(gate_up_weight, normed, NULL, gate_up, 2 * inter, hidden, bf16);
     qg_silu_mul(gate_up, act, 1, inter);
-    gemv(down_weight, act, residual, x, hidden, inter);
+    gemv(down_weight, act, residual, x, hidden, inter, bf16);
     return 0;
 }

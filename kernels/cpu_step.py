@@ -37,12 +37,13 @@ SIGNATURES = {
     "qg_exp": ([_P, _P, _I], None),
     "qg_set_threads": ([_I], None),
     "qg_gemm": ([_P, _P, _P, _P, _I, _I, _I], None),
+    "qg_gemm_bf16": ([_P, _P, _P, _P, _I, _I, _I], None),
     "qg_rms_norm": ([_P, _P, _P, _I, _I, _F], None),
     "qg_qk_rope_store": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F], None),
     "qg_attend_paged": ([_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _P], ctypes.c_int),
     "qg_silu_mul": ([_P, _P, _I, _I], None),
     "qg_decode_layer": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I,
-                         _I, _I, _F, _P], ctypes.c_int),
+                         _I, _I, _F, _P, _I], ctypes.c_int),
 }
 
 

@@ -191,6 +191,57 @@ def test_gemm_matches_the_formula_with_and_without_residual(library, threads: in
         library.qg_set_threads(torch.get_num_threads())
 
 
+@pytest.mark.parametrize("rows,cols,out", [(1, 256, 512), (3, 100, 37), (16, 1536, 513)])
+def test_bf16_weight_gemm_equals_the_fp32_gemm_on_the_same_values(library, rows: int, cols: int,
+                                                                  out: int) -> None:
+    """qg_gemm_bf16 widens each bf16 weight to the fp32 it stands for and does the same
+    arithmetic: it equals qg_gemm on the widened weights exactly, and the formula."""
+    gen = torch.Generator().manual_seed(rows + cols + out)
+    x, residual = torch.randn(rows, cols, generator=gen), torch.randn(rows, out, generator=gen)
+    weight = torch.randn(out, cols, generator=gen).bfloat16()
+    widened = weight.float()
+    got, expected = torch.full((rows, out), float("nan")), torch.empty(rows, out)
+    library.qg_gemm_bf16(pointer(x), pointer(weight, torch.bfloat16), pointer(residual),
+                         pointer(got), rows, cols, out)
+    library.qg_gemm(pointer(x), pointer(widened), pointer(residual), pointer(expected), rows,
+                    cols, out)
+    assert torch.equal(got, expected)
+    formula = x.double() @ widened.double().t() + residual.double()
+    torch.testing.assert_close(got.double(), formula, atol=1e-5 * cols ** 0.5, rtol=1e-5)
+
+
+def test_bf16_weight_decode_layer_equals_the_fp32_layer_on_the_same_values(
+        library, tiny_guard: StreamGuard) -> None:
+    """qg_decode_layer with its four projections in bf16 equals the same call with those
+    weights widened to fp32 (the norms, tables, K/V and activations fp32 in both)."""
+    runner = tiny_guard.paged_runtime()[1]
+    step = runner.cpu_step
+    layer = tiny_guard.fast.layers[0]
+    state = tiny_guard.open_stream()
+    tiny_guard.moderate(state, list(range(100, 120)), "user")  # context in the pool
+    position, page = state.length, runner.pool.block_size
+    state.cache.grow(runner.pool, position + 1)
+    table = torch.tensor(state.cache.blocks, dtype=torch.int32)
+    halves = [w.bfloat16().contiguous() for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    widened = [w.float() for w in halves]
+    x0 = torch.randn(tiny_guard.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for weights, dtype, flag in ((halves, torch.bfloat16, 1), (widened, torch.float32, 0)):
+        x = x0.clone()
+        scratch = torch.empty_like(step.layer_scratch)
+        qkv, o, gate_up, down = (pointer(w, dtype) for w in weights)
+        keys, values = step.kv[0]
+        assert library.qg_decode_layer(
+            pointer(x), pointer(layer.input_norm), qkv, pointer(layer.qk_norm), step.cos,
+            step.sin, keys, values, pointer(table, torch.int32), page, position, o,
+            pointer(layer.post_norm), gate_up, down, step.heads, step.kv_heads, step.head_dim,
+            step.hidden, step.intermediate, step.eps, pointer(scratch), flag) == 0
+        outputs.append(x)
+    assert torch.isfinite(outputs[0]).all() and not torch.equal(outputs[0], x0)
+    assert torch.equal(outputs[0], outputs[1])
+    tiny_guard.close_stream(state)
+
+
 def test_the_thread_pool_serves_concurrent_callers_and_forked_children(library) -> None:
     """Jobs from four Python threads at once (one uses the pool, the others run alone) all come
     out right; a forked child (no helper threads there) still computes, without hanging."""

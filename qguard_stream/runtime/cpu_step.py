@@ -185,7 +185,7 @@ class CpuStep:
             if lib.qg_decode_layer(x, input_norm, qkv, qk_norm, self.cos, self.sin, keys, values,
                                    table, page, position, o, post_norm, gate_up, down,
                                    self.heads, self.kv_heads, self.head_dim, self.hidden,
-                                   self.intermediate, self.eps, scratch):
+                                   self.intermediate, self.eps, scratch, 0):  # fp32 weights
                 raise _out_of_memory(position + 1)
 
     def _rows(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
