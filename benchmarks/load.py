@@ -50,6 +50,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Terminate a server process and reap it (killed if it does not exit in `timeout_s`)."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout_s)
+
+
 def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     command = [sys.executable, "-m", "qguard_stream.server", "--model", model, "--host",
                "127.0.0.1", "--port", str(port), "--max-tokens", str(args.kv_tokens),
@@ -224,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             results, elapsed, peak = asyncio.run(drive(base, url, args))
             _, total = kv_use(base)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server)
     print(json.dumps(report(args, results, elapsed, peak, total)))
     return 0
 

@@ -375,15 +375,12 @@ def test_qguard_stream_serve_detects_a_gen_checkpoint(checkpoint, gen, tmp_path)
     client call against it; with no --served-model-name the model is named by its path."""
     import os
     import shutil
-    import socket
     import subprocess
     import sys
 
-    from benchmarks.load import wait_healthy
+    from benchmarks.load import free_port, stop, wait_healthy
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     executable = shutil.which("qguard-stream", path=str(Path(sys.executable).parent))
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
@@ -401,6 +398,5 @@ def test_qguard_stream_serve_detects_a_gen_checkpoint(checkpoint, gen, tmp_path)
         assert reply.choices[0].message.content == greedy_text(gen, messages, MAX)
         assert reply.model == str(checkpoint)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
         log.close()

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ if importlib.util.find_spec("litellm") is None:  # found, not imported: the prox
     pytest.skip("the litellm extra is not installed", allow_module_level=True)
 
 from benchmarks.fake_upstream import CLEAN, FakeUpstream, Loopback
-from benchmarks.load import wait_healthy
+from benchmarks.load import free_port, stop, wait_healthy
 from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.engine import Engine, EngineSettings
@@ -41,12 +40,6 @@ SAFE_PREFIX = "Mix flour and water. Light the"
 STARTUP_S = 120
 MASTER_KEY = "sk-qguard-tests-" + "0" * 32
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -115,11 +108,7 @@ def gateway(upstream, servers, checkpoints, breaking_guard, tmp_path_factory) ->
         wait_healthy(url, process, STARTUP_S, "/health/liveliness", directory / "litellm.log")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
         log.close()
 
 

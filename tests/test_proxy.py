@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import openai
 import pytest
 
 from benchmarks.fake_upstream import CLEAN, FakeUpstream, Loopback
-from benchmarks.load import wait_healthy
+from benchmarks.load import free_port, stop, wait_healthy
 from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import make_trigger_checkpoint
 from qguard_stream.cli.proxy import UPSTREAM_KEY_ENV
@@ -46,12 +45,6 @@ def trigger_guard(directory: Path, tokens: list[int],
                   controversial: list[int] | None = None) -> StreamGuard:
     return StreamGuard.from_pretrained(
         make_trigger_checkpoint(directory, tokens, controversial or []), device="cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -466,9 +459,4 @@ def test_the_cli_serves_the_proxy(upstream, tmp_path, tokenizer) -> None:
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0,
                           timeout=60).models.list()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
+        stop(process)

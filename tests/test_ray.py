@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import ray
 import websockets.sync.client
 
 from benchmarks.fake_upstream import Loopback
-from benchmarks.load import wait_healthy
+from benchmarks.load import free_port, stop, wait_healthy
 from qguard_stream import StreamGuard
 from qguard_stream.client import SessionClient
 from qguard_stream.engine import Engine, EngineSettings
@@ -42,12 +41,6 @@ from oracles import PROMPT, expected_replies, run, same, script
 
 STARTUP_S = 150
 DRAIN_S = 2.0  # seconds a stopping replica serves its open WebSockets before it is killed
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +79,7 @@ def deployment(tiny_checkpoint: Path, tmp_path_factory) -> Iterator[str]:
         yield url
     finally:
         ray.shutdown()
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
         log.close()
 
 
