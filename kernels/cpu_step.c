@@ -10,10 +10,10 @@
  * runtime/layer.py, in fp32 with double-accumulated sums of squares; the tests compare every
  * function with its PyTorch reference.
  *
- * bf16 weights: qg_gemm_bf16 and qg_decode_layer's `bf16` flag read the projection weights as
- * bf16, widened to fp32 on load (a shift), with fp32 activations, K/V and accumulation: half the
- * weight bytes of the fp32 step on CPUs without bf16 arithmetic. The runner does not use them yet
- * (a bf16 guard on the CPU still takes the eager torch step).
+ * bf16 (a bf16 guard on the CPU): qg_gemm_bf16, and the `bf16` flag of qg_qk_rope_store,
+ * qg_attend_paged and qg_decode_layer, read the projection weights and the K/V pools as bf16,
+ * widened to fp32 on load (a shift), and store K/V rounded to nearest even; activations and
+ * accumulation stay fp32. Half the bytes of the fp32 step, on CPUs without bf16 arithmetic.
  *
  * Layouts (all row-major, contiguous):
  *   qkv          [n_new, (heads + 2 * kv_heads) * head_dim]   q heads, then k heads, then v heads
@@ -218,11 +218,11 @@ static inline void dot_2x4(const float* u, const float* v, const float* const* x
 
 /* bf16 weights (a bf16 guard on the CPU): the upper half of an fp32, widened on load (a shift);
  * the arithmetic stays fp32. The same kernels as above with the weight loads widened. */
-typedef uint16_t bf16;
+typedef uint16_t bfloat;
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
-static inline v8 load8_bf16(const bf16* p) {
+static inline v8 load8_bf16(const bfloat* p) {
     u16x8 half;
     memcpy(&half, p, sizeof half);
     const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
@@ -231,14 +231,23 @@ static inline v8 load8_bf16(const bf16* p) {
     return v;
 }
 
-static inline float bf16_value(bf16 h) {
+static inline float bf16_value(bfloat h) {
     const uint32_t bits = (uint32_t)h << 16;
     float v;
     memcpy(&v, &bits, sizeof v);
     return v;
 }
 
-static inline float dot_bf16(const bf16* a, const float* b, int64_t n) {
+/* fp32 -> bf16, rounded to nearest even (as torch's .bfloat16()); NaN stays NaN. */
+static inline bfloat to_bf16(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bfloat)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (bfloat)(bits >> 16);
+}
+
+static inline float dot_bf16(const bfloat* a, const float* b, int64_t n) {
     v8 even = {0}, odd = {0};
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
@@ -251,7 +260,7 @@ static inline float dot_bf16(const bf16* a, const float* b, int64_t n) {
     return total;
 }
 
-static inline void dot_2x4_bf16(const bf16* u, const bf16* v, const float* const* x, int64_t n,
+static inline void dot_2x4_bf16(const bfloat* u, const bfloat* v, const float* const* x, int64_t n,
                                 float* first, float* second) {
     const int64_t body = n & ~(int64_t)7;
     const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
@@ -341,14 +350,26 @@ void qg_rms_norm(const float* x, const float* weight, float* out, int64_t rows, 
     }
 }
 
+/* A row of n values into the pool: fp32 as is, or rounded to bf16 when `bf16`. */
+static inline void store_row(void* pool, int64_t at, const float* row, int64_t n, int64_t bf16) {
+    if (!bf16) {
+        memcpy((float*)pool + at, row, n * sizeof(float));
+        return;
+    }
+    bfloat* dst = (bfloat*)pool + at;
+    for (int64_t j = 0; j < n; ++j) dst[j] = to_bf16(row[j]);
+}
+
 /* Per row t: q_norm / k_norm per head and RoPE at positions[t]; q to q_out [rows, heads,
- * head_dim]; k and v stored in pool slot slots[t] (a negative slot: a padding row, stored nowhere). */
+ * head_dim]; k and v stored in pool slot slots[t] (a negative slot: a padding row, stored nowhere),
+ * fp32 pools, or bf16 ones (rounded to nearest even) when `bf16`. */
 void qg_qk_rope_store(const float* qkv, const float* qk_weight, const float* cos_table,
                       const float* sin_table, const int32_t* positions, const int32_t* slots,
-                      float* q_out, float* k_pool, float* v_pool, int64_t page, int64_t rows,
-                      int64_t heads, int64_t kv_heads, int64_t head_dim, float eps) {
+                      float* q_out, void* k_pool, void* v_pool, int64_t page, int64_t rows,
+                      int64_t heads, int64_t kv_heads, int64_t head_dim, float eps,
+                      int64_t bf16) {
     const int64_t width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
-    float normed[MAX_HEAD_DIM];
+    float normed[MAX_HEAD_DIM], rotated[MAX_HEAD_DIM];
     for (int64_t t = 0; t < rows; ++t) {
         const float* row = qkv + t * width;
         const float* c = cos_table + (int64_t)positions[t] * head_dim;
@@ -363,16 +384,18 @@ void qg_qk_rope_store(const float* qkv, const float* qk_weight, const float* cos
             const float* w = qk_weight + h * head_dim;
             float inv_rms = 1.0f / sqrtf(sum_of_squares(x, head_dim) / (float)head_dim + eps);
             for (int64_t j = 0; j < head_dim; ++j) normed[j] = x[j] * inv_rms * w[j];
-            float* dst = h < heads ? q_out + (t * heads + h) * head_dim
-                                   : k_pool + row_base + (h - heads) * page * head_dim;
+            float* dst = h < heads ? q_out + (t * heads + h) * head_dim : rotated;
             for (int64_t j = 0; j < half; ++j) dst[j] = normed[j] * c[j] + normed[j + half] * s[j];
             for (int64_t j = half; j < head_dim; ++j)
                 dst[j] = normed[j] * c[j] + normed[j - half] * s[j];
+            if (h >= heads)
+                store_row(k_pool, row_base + (h - heads) * page * head_dim, rotated, head_dim,
+                          bf16);
         }
         if (slot < 0) continue;
         for (int64_t h = 0; h < kv_heads; ++h)
-            memcpy(v_pool + row_base + h * page * head_dim,
-                   row + (heads + kv_heads + h) * head_dim, head_dim * sizeof(float));
+            store_row(v_pool, row_base + h * page * head_dim,
+                      row + (heads + kv_heads + h) * head_dim, head_dim, bf16);
     }
 }
 
@@ -382,16 +405,36 @@ void qg_qk_rope_store(const float* qkv, const float* qk_weight, const float* cos
  * once per call by walking the blocks, so the hot loops do no division; a block's rows of one
  * head are contiguous. */
 typedef struct {
-    const float* keys;
-    const float* values;
+    const void* keys;  /* fp32, or bf16 when `bf16` */
+    const void* values;
     const int64_t* offsets;
+    int64_t bf16;
 } KvRows;
+
+/* Row p of a KV head's keys or values, fp32 or bf16. */
+static inline const void* kv_row(const void* base, const KvRows* kv, int64_t p) {
+    return kv->bf16 ? (const void*)((const bfloat*)base + kv->offsets[p])
+                    : (const void*)((const float*)base + kv->offsets[p]);
+}
+
+static inline v8 load8_any(const void* row, int64_t at, int64_t bf16) {
+    return bf16 ? load8_bf16((const bfloat*)row + at) : load8((const float*)row + at);
+}
+
+static inline float value_any(const void* row, int64_t at, int64_t bf16) {
+    return bf16 ? bf16_value(((const bfloat*)row)[at]) : ((const float*)row)[at];
+}
+
+/* q [n] . key row [n] for an fp32 or bf16 key. */
+static inline float dot_key(const float* q, const void* key, int64_t n, int64_t bf16) {
+    return bf16 ? dot_bf16((const bfloat*)key, q, n) : dot(q, (const float*)key, n);
+}
 
 /* Software prefetch of the row `PREFETCH_AHEAD` positions on: rows come through an offsets
  * table (blocks are scattered), which the hardware prefetchers cannot follow across blocks. */
 #define PREFETCH_AHEAD 8
-static inline void prefetch_floats(const float* row, int64_t floats) {
-    for (int64_t j = 0; j < floats; j += 16) __builtin_prefetch(row + j, 0, 0);
+static inline void prefetch_row(const void* row, int64_t bytes) {
+    for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch((const char*)row + j, 0, 0);
 }
 
 static void fill_offsets(const int32_t* table, int64_t page, int64_t block_floats,
@@ -405,27 +448,31 @@ static void fill_offsets(const int32_t* table, int64_t page, int64_t block_float
 /* dst[dim] = sum over p < rows of weights[p] * matrix row p [dim]. `prefetch`: the rows are
  * not in cache yet (the first pass over them; later passes find them in L2, where prefetches
  * only cost instructions). */
-static void accumulate_rows(const float* weights, const float* base, const int64_t* offsets,
-                            int64_t rows, int64_t dim, float* dst, int prefetch) {
+static void accumulate_rows(const float* weights, const KvRows* kv, int64_t rows, int64_t dim,
+                            float* dst, int prefetch) {
+    const int64_t bf16 = kv->bf16, size = bf16 ? 2 : 4;
     int64_t j0 = 0;
     for (; j0 + 64 <= dim; j0 += 64) {
         v8 acc[8] = {{0}};
         for (int64_t p = 0; p < rows; ++p) {
             if (prefetch && p + PREFETCH_AHEAD < rows)
-                prefetch_floats(base + offsets[p + PREFETCH_AHEAD] + j0, 64);
-            const float* row = base + offsets[p] + j0;
-            for (int k = 0; k < 8; ++k) acc[k] += weights[p] * load8(row + 8 * k);
+                prefetch_row((const char*)kv_row(kv->values, kv, p + PREFETCH_AHEAD) + j0 * size,
+                             64 * size);
+            const void* row = kv_row(kv->values, kv, p);
+            for (int k = 0; k < 8; ++k) acc[k] += weights[p] * load8_any(row, j0 + 8 * k, bf16);
         }
         memcpy(dst + j0, acc, sizeof acc);
     }
     for (; j0 + 8 <= dim; j0 += 8) {
         v8 acc = {0};
-        for (int64_t p = 0; p < rows; ++p) acc += weights[p] * load8(base + offsets[p] + j0);
+        for (int64_t p = 0; p < rows; ++p)
+            acc += weights[p] * load8_any(kv_row(kv->values, kv, p), j0, bf16);
         memcpy(dst + j0, &acc, sizeof acc);
     }
     for (int64_t j = j0; j < dim; ++j) {
         float total = 0.0f;
-        for (int64_t p = 0; p < rows; ++p) total += weights[p] * base[offsets[p] + j];
+        for (int64_t p = 0; p < rows; ++p)
+            total += weights[p] * value_any(kv_row(kv->values, kv, p), j, bf16);
         dst[j] = total;
     }
 }
@@ -433,18 +480,18 @@ static void accumulate_rows(const float* weights, const float* base, const int64
 /* dst_i[dim] = sum over p < rows of weights_i[p] * matrix row p [dim] for four rows i at once,
  * 16 columns at a time in eight vector accumulators: each matrix load feeds four FMAs (one row
  * at a time streams the matrix from L2 once per row, and L2 cannot feed an FMA per load). */
-static void accumulate_rows4(const float* const* weights, const float* base,
-                             const int64_t* offsets, int64_t rows, int64_t dim,
-                             float* const* dst, int prefetch) {
+static void accumulate_rows4(const float* const* weights, const KvRows* kv, int64_t rows,
+                             int64_t dim, float* const* dst, int prefetch) {
     const float *w0 = weights[0], *w1 = weights[1], *w2 = weights[2], *w3 = weights[3];
+    const int64_t bf16 = kv->bf16, size = bf16 ? 2 : 4;
     int64_t j0 = 0;
     for (; j0 + 16 <= dim; j0 += 16) {
         v8 a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};
         for (int64_t p = 0; p < rows; ++p) {
             if (prefetch && j0 == 0 && p + PREFETCH_AHEAD < rows)
-                prefetch_floats(base + offsets[p + PREFETCH_AHEAD], dim);
-            const float* row = base + offsets[p] + j0;
-            const v8 lo = load8(row), hi = load8(row + 8);
+                prefetch_row(kv_row(kv->values, kv, p + PREFETCH_AHEAD), dim * size);
+            const void* row = kv_row(kv->values, kv, p);
+            const v8 lo = load8_any(row, j0, bf16), hi = load8_any(row, j0 + 8, bf16);
             a0 += w0[p] * lo; a1 += w0[p] * hi;
             b0 += w1[p] * lo; b1 += w1[p] * hi;
             c0 += w2[p] * lo; c1 += w2[p] * hi;
@@ -458,7 +505,8 @@ static void accumulate_rows4(const float* const* weights, const float* base,
     for (int64_t j = j0; j < dim; ++j)
         for (int i = 0; i < 4; ++i) {
             float total = 0.0f;
-            for (int64_t p = 0; p < rows; ++p) total += weights[i][p] * base[offsets[p] + j];
+            for (int64_t p = 0; p < rows; ++p)
+                total += weights[i][p] * value_any(kv_row(kv->values, kv, p), j, bf16);
             dst[i][j] = total;
         }
 }
@@ -476,26 +524,31 @@ static void scores_of_shared_keys(const float* q, const KvRows* kv, float* score
     const float* query[rows];
     for (int64_t r = 0; r < rows; ++r)
         query[r] = q + ((r / group) * heads + kv_head * group + r % group) * head_dim;
+    const int64_t bytes = head_dim * (kv->bf16 ? 2 : 4);
     for (int64_t p = 0; p <= start; p += 2) {
         if (p + PREFETCH_AHEAD + 1 < total) {
-            prefetch_floats(kv->keys + kv->offsets[p + PREFETCH_AHEAD], head_dim);
-            prefetch_floats(kv->keys + kv->offsets[p + PREFETCH_AHEAD + 1], head_dim);
+            prefetch_row(kv_row(kv->keys, kv, p + PREFETCH_AHEAD), bytes);
+            prefetch_row(kv_row(kv->keys, kv, p + PREFETCH_AHEAD + 1), bytes);
         }
         const int pair = p + 1 <= start;
-        const float* k0 = kv->keys + kv->offsets[p];
-        const float* k1 = pair ? kv->keys + kv->offsets[p + 1] : k0;
+        const void* k0 = kv_row(kv->keys, kv, p);
+        const void* k1 = pair ? kv_row(kv->keys, kv, p + 1) : k0;
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4) {
             float first[4], second[4];
-            dot_2x4(k0, k1, query + r, head_dim, first, second);
+            if (kv->bf16)
+                dot_2x4_bf16((const bfloat*)k0, (const bfloat*)k1, query + r, head_dim, first,
+                             second);
+            else
+                dot_2x4((const float*)k0, (const float*)k1, query + r, head_dim, first, second);
             for (int i = 0; i < 4; ++i) {
                 scores[(r + i) * total + p] = first[i];
                 if (pair) scores[(r + i) * total + p + 1] = second[i];
             }
         }
         for (; r < rows; ++r) {
-            scores[r * total + p] = dot(query[r], k0, head_dim);
-            if (pair) scores[r * total + p + 1] = dot(query[r], k1, head_dim);
+            scores[r * total + p] = dot_key(query[r], k0, head_dim, kv->bf16);
+            if (pair) scores[r * total + p + 1] = dot_key(query[r], k1, head_dim, kv->bf16);
         }
     }
 }
@@ -507,12 +560,12 @@ static void attend_kv_head(const float* q, const KvRows* kv, float* scores, floa
     scores_of_shared_keys(q, kv, scores, kv_head, start, n_new, heads, group, head_dim);
     for (int64_t p = start + 1; p < total; ++p) {  /* the new keys: causal, p <= start + t */
         if (p + PREFETCH_AHEAD < total)
-            prefetch_floats(kv->keys + kv->offsets[p + PREFETCH_AHEAD], head_dim);
-        const float* key = kv->keys + kv->offsets[p];
+            prefetch_row(kv_row(kv->keys, kv, p + PREFETCH_AHEAD), head_dim * (kv->bf16 ? 2 : 4));
+        const void* key = kv_row(kv->keys, kv, p);
         for (int64_t t = (p > start ? p - start : 0); t < n_new; ++t) {  /* causal: p <= start+t */
             for (int64_t g = 0; g < group; ++g) {
                 const float* query = q + (t * heads + kv_head * group + g) * head_dim;
-                scores[(t * group + g) * total + p] = dot(query, key, head_dim);
+                scores[(t * group + g) * total + p] = dot_key(query, key, head_dim, kv->bf16);
             }
         }
     }
@@ -540,11 +593,11 @@ static void attend_kv_head(const float* q, const KvRows* kv, float* scores, floa
             weights[i] = scores + (r + i) * total;
             dst[i] = out + (t * heads + kv_head * group + g) * head_dim;
         }
-        accumulate_rows4(weights, kv->values, kv->offsets, total, head_dim, dst, r == 0);
+        accumulate_rows4(weights, kv, total, head_dim, dst, r == 0);
     }
     for (; r < rows; ++r) {
         const int64_t t = r / group, g = r % group;
-        accumulate_rows(scores + r * total, kv->values, kv->offsets, start + t + 1, head_dim,
+        accumulate_rows(scores + r * total, kv, start + t + 1, head_dim,
                         out + (t * heads + kv_head * group + g) * head_dim, r == 0);
     }
 }
@@ -573,10 +626,10 @@ static void* thread_scratch(size_t bytes) {
  * there is enough work to pay for the fork. Returns 0, or -1 if a scores' scratch could not be
  * allocated (out is then unspecified). */
 /* One (session, KV head) pair of qg_attend_paged; returns 0, or -1 without scratch. */
-static int attend_pair(const float* q, const float* k_pool, const float* v_pool,
+static int attend_pair(const float* q, const void* k_pool, const void* v_pool,
                        const int32_t* table, int64_t page, int64_t q_first, int64_t n_new,
                        int64_t total, int64_t h, int64_t heads, int64_t kv_heads,
-                       int64_t head_dim, float* out) {
+                       int64_t head_dim, float* out, int64_t bf16) {
     const int64_t group = heads / kv_heads, row_width = heads * head_dim;
     if (n_new == 0) return 0;
     /* one scratch: the scores, then the rows' offsets */
@@ -586,16 +639,18 @@ static int attend_pair(const float* q, const float* k_pool, const float* v_pool,
     if (scores == NULL) return -1;
     int64_t* offsets = (int64_t*)(scores + count);  /* 8-byte aligned: count is even */
     fill_offsets(table, page, kv_heads * page * head_dim, head_dim, total, offsets);
-    const KvRows kv = {k_pool + h * page * head_dim, v_pool + h * page * head_dim, offsets};
+    const int64_t head = h * page * head_dim * (bf16 ? 2 : 4);  /* bytes to the head's rows */
+    const KvRows kv = {(const char*)k_pool + head, (const char*)v_pool + head, offsets, bf16};
     attend_kv_head(q + q_first * row_width, &kv, scores, out + q_first * row_width, h,
                    total - n_new, n_new, heads, group, head_dim);
     return 0;
 }
 
 typedef struct {
-    const float *q, *k_pool, *v_pool;
+    const float* q;
+    const void *k_pool, *v_pool;
     const int32_t *block_tables, *q_start, *q_len, *ctx_len;
-    int64_t table_stride, page, heads, kv_heads, head_dim;
+    int64_t table_stride, page, heads, kv_heads, head_dim, bf16;
     float* out;
     atomic_int failed;
 } AttendJob;
@@ -607,20 +662,20 @@ static void attend_pairs(void* context, int64_t begin, int64_t end) {
         const int64_t s = pair / job->kv_heads, h = pair % job->kv_heads;
         if (attend_pair(job->q, job->k_pool, job->v_pool, job->block_tables + s * job->table_stride,
                         job->page, job->q_start[s], job->q_len[s], job->ctx_len[s], h, job->heads,
-                        job->kv_heads, job->head_dim, job->out) != 0)
+                        job->kv_heads, job->head_dim, job->out, job->bf16) != 0)
             atomic_store(&job->failed, 1);
     }
 }
 
-int qg_attend_paged(const float* q, const float* k_pool, const float* v_pool,
+int qg_attend_paged(const float* q, const void* k_pool, const void* v_pool,
                     const int32_t* block_tables, int64_t table_stride, int64_t page,
                     const int32_t* q_start, const int32_t* q_len, const int32_t* ctx_len,
                     int64_t sessions, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                    float* out) {
+                    float* out, int64_t bf16) {
     int64_t work = 0;  /* query-key dot products */
     for (int64_t s = 0; s < sessions; ++s) work += (int64_t)q_len[s] * ctx_len[s] * heads;
     AttendJob job = {q, k_pool, v_pool, block_tables, q_start, q_len, ctx_len, table_stride, page,
-                     heads, kv_heads, head_dim, out, 0};
+                     heads, kv_heads, head_dim, bf16, out, 0};
     const int64_t pairs = sessions * kv_heads;
     if (work >= 1024)  /* one pair per claim: contexts differ, pairs go to whoever is free */
         parallel_for(attend_pairs, &job, pairs, 1);
@@ -651,7 +706,7 @@ typedef struct {
 static void gemv_rows(void* context, int64_t begin, int64_t end) {
     const GemvJob* job = context;
     for (int64_t r = begin; r < end; ++r) {
-        const float value = job->bf16 ? dot_bf16((const bf16*)job->w + r * job->cols, job->x,
+        const float value = job->bf16 ? dot_bf16((const bfloat*)job->w + r * job->cols, job->x,
                                                  job->cols)
                                       : dot((const float*)job->w + r * job->cols, job->x,
                                             job->cols);
@@ -691,7 +746,7 @@ static inline float finish(const GemmJob* job, int64_t at, float value) {
 static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
     const GemmJob* job = context;
     const int64_t cols = job->cols, out = job->out, rows = job->rows;
-    const size_t size = job->bf16 ? sizeof(bf16) : sizeof(float);
+    const size_t size = job->bf16 ? sizeof(bfloat) : sizeof(float);
     for (int64_t n = begin; n < end; n += 2) {
         const int pair = n + 1 < end;
         const char* w0 = (const char*)job->w + n * cols * size;
@@ -702,7 +757,7 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
             const float* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
             float first[4], second[4];
             if (job->bf16)
-                dot_2x4_bf16((const bf16*)w0, (const bf16*)w1, x, cols, first, second);
+                dot_2x4_bf16((const bfloat*)w0, (const bfloat*)w1, x, cols, first, second);
             else
                 dot_2x4((const float*)w0, (const float*)w1, x, cols, first, second);
             for (int i = 0; i < 4; ++i) {
@@ -714,11 +769,11 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
         for (; m < rows; ++m) {
             const float* x = job->x + m * cols;
             const int64_t at = m * out + n;
-            job->y[at] = finish(job, at, job->bf16 ? dot_bf16((const bf16*)w0, x, cols)
+            job->y[at] = finish(job, at, job->bf16 ? dot_bf16((const bfloat*)w0, x, cols)
                                                    : dot((const float*)w0, x, cols));
             if (pair)
                 job->y[at + 1] = finish(job, at + 1,
-                                        job->bf16 ? dot_bf16((const bf16*)w1, x, cols)
+                                        job->bf16 ? dot_bf16((const bfloat*)w1, x, cols)
                                                   : dot((const float*)w1, x, cols));
         }
     }
@@ -745,7 +800,7 @@ void qg_gemm(const float* x, const float* w, const float* residual, float* y, in
 }
 
 /* qg_gemm with W in bf16 (widened on load; x, residual and y fp32). */
-void qg_gemm_bf16(const float* x, const bf16* w, const float* residual, float* y, int64_t rows,
+void qg_gemm_bf16(const float* x, const bfloat* w, const float* residual, float* y, int64_t rows,
                   int64_t cols, int64_t out) {
     gemm(x, w, residual, y, rows, cols, out, 1);
 }
@@ -754,11 +809,12 @@ void qg_gemm_bf16(const float* x, const bf16* w, const float* residual, float* y
  * updated in place: the composition of the functions above with the projections as gemv; K/V go
  * to the position's pool slot through the session's block table. scratch holds
  * 2 * hidden + (heads + 2 * kv_heads) * head_dim + 2 * heads * head_dim + 3 * inter floats.
- * The four projection weights are fp32, or bf16 when `bf16` (the norms and tables stay fp32).
+ * The four projection weights and the K/V pools are fp32, or bf16 when `bf16` (the norms,
+ * tables and activations stay fp32).
  * Returns 0, or -1 if the attention's scratch could not be allocated (x is then unchanged). */
 int qg_decode_layer(float* x, const float* input_norm, const void* qkv_weight,
                     const float* qk_weight, const float* cos_table, const float* sin_table,
-                    float* k_pool, float* v_pool, const int32_t* table, int64_t page,
+                    void* k_pool, void* v_pool, const int32_t* table, int64_t page,
                     int64_t position, const void* o_weight, const float* post_norm,
                     const void* gate_up_weight, const void* down_weight, int64_t heads,
                     int64_t kv_heads, int64_t head_dim, int64_t hidden, int64_t inter, float eps,
@@ -777,9 +833,9 @@ int qg_decode_layer(float* x, const float* input_norm, const void* qkv_weight,
     qg_rms_norm(x, input_norm, normed, 1, hidden, eps);
     gemv(qkv_weight, normed, NULL, qkv, qkv_width, hidden, bf16);
     qg_qk_rope_store(qkv, qk_weight, cos_table, sin_table, &where, &slot, q, k_pool, v_pool, page,
-                     1, heads, kv_heads, head_dim, eps);
+                     1, heads, kv_heads, head_dim, eps, bf16);
     if (qg_attend_paged(q, k_pool, v_pool, table, 0, page, &first, &one, &length, 1, heads,
-                        kv_heads, head_dim, attended) != 0)
+                        kv_heads, head_dim, attended, bf16) != 0)
         return -1;
     gemv(o_weight, attended, x, residual, hidden, q_width, bf16);
     qg_rms_norm(residual, post_norm, normed, 1, hidden, eps);

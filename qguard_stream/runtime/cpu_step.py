@@ -1,5 +1,7 @@
-"""The paged runner's step for fp32 CPU: runtime/layer.py's decoder layer with the non-GEMM work
-in C (kernels/cpu_step.c), K/V read and written in the paged pool through the block tables.
+"""The paged runner's step on the CPU, fp32 or bf16: runtime/layer.py's decoder layer in C
+(kernels/cpu_step.c), K/V read and written in the paged pool through the block tables. In bf16 the
+projection weights and the pool stay bf16 and are widened to fp32 as the library loads them; the
+arithmetic, the norms and RoPE tables (fp32 copies) and the activations are fp32.
 
 The step's rows are the new tokens of one or many sessions, packed (at most MAX_TOKENS per
 session). One row (one session feeding one token, the stream's common case): each layer is one C
@@ -119,29 +121,40 @@ def _address(values: array) -> int:
 
 
 class CpuStep:
-    """Final hidden states of a packed fp32 CPU step over `pool`, through `library`."""
+    """Final hidden states of a packed CPU step over `pool`, through `library`: an fp32 guard, or
+    a bf16 one (bf16 projection weights and K/V pool, widened to fp32 on load in the library;
+    activations fp32; the hidden states returned in bf16 for the bf16 heads)."""
 
     def __init__(self, weights: FusedWeights, pool: BlockPool, library: ctypes.CDLL) -> None:
         config = weights.config
         if config.head_dim > MAX_HEAD_DIM:
             raise ValueError(f"the C step handles head_dim <= {MAX_HEAD_DIM}, got "
                              f"{config.head_dim}")
+        dtype = pool.kv.dtype
+        if dtype not in (torch.float32, torch.bfloat16) or weights.embed.dtype != dtype:
+            raise ValueError(f"the C step takes fp32 or bf16 weights and pool of one dtype, got "
+                             f"{weights.embed.dtype} weights and a {dtype} pool")
         self.library, self.pool = library, pool
+        self.bf16, self.dtype = dtype == torch.bfloat16, dtype
+        self.gemm = library.qg_gemm_bf16 if self.bf16 else library.qg_gemm
+        self.kept: list[torch.Tensor] = []  # fp32 copies of the small bf16 tensors it reads
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.hidden = config.head_dim, config.hidden_size
         self.intermediate = config.intermediate_size
         self.eps = float(config.rms_norm_eps)
         self.embed = weights.embed
-        self.cos, self.sin = pointer(weights.cos), pointer(weights.sin)  # [positions, 1, D]
-        self.final_norm = pointer(weights.final_norm)
+        self.cos, self.sin = self._fp32(weights.cos), self._fp32(weights.sin)  # [positions, 1, D]
+        self.final_norm = self._fp32(weights.final_norm)
         # Each layer's key and value pools: kv[layer, 0] and kv[layer, 1], [blocks, KV, page, D].
-        base, pool_bytes = pointer(pool.kv), pool.kv[0, 0].numel() * 4
+        base = pointer(pool.kv, dtype)
+        pool_bytes = pool.kv[0, 0].numel() * pool.kv.element_size()
         self.kv = [(base + 2 * index * pool_bytes, base + (2 * index + 1) * pool_bytes)
                    for index in range(len(weights.layers))]
         # Each layer's norms and projections as the library reads them ([out, in] weights): one C
         # call per layer for one row (GEMVs), qg_gemm per projection for more rows.
-        self.single = [(pointer(w.input_norm), pointer(w.qkv), pointer(w.qk_norm), pointer(w.o),
-                        pointer(w.post_norm), pointer(w.gate_up), pointer(w.down))
+        self.single = [(self._fp32(w.input_norm), pointer(w.qkv, dtype), self._fp32(w.qk_norm),
+                        pointer(w.o, dtype), self._fp32(w.post_norm), pointer(w.gate_up, dtype),
+                        pointer(w.down, dtype))
                        for w in weights.layers]
         widths = (self.hidden, self.hidden, self.hidden,
                   (self.heads + 2 * self.kv_heads) * self.head_dim,
@@ -153,6 +166,13 @@ class CpuStep:
                   + 2 * self.heads * self.head_dim + 3 * self.intermediate)
         self.layer_scratch = torch.empty(floats, dtype=torch.float32)
         self.threads = 0  # set in the library at the first call
+
+    def _fp32(self, tensor: torch.Tensor) -> int:
+        """The address of `tensor` in fp32 (a kept copy when it is bf16: norms, RoPE tables)."""
+        if tensor.dtype != torch.float32:
+            tensor = tensor.float().contiguous()
+            self.kept.append(tensor)
+        return pointer(tensor)
 
     @torch.inference_mode()  # the scratch tensors are inference tensors, written in place
     def __call__(self, token_ids: torch.Tensor, meta: HostMeta,
@@ -166,7 +186,10 @@ class CpuStep:
             self.threads = threads
         tensors = self._buffers(rows)
         x = tensors[0]
-        torch.index_select(self.embed, 0, token_ids, out=x)
+        if self.bf16:
+            x.copy_(self.embed.index_select(0, token_ids))
+        else:
+            torch.index_select(self.embed, 0, token_ids, out=x)
         if rows == 1:
             self._one_token(x.data_ptr(), meta)
         else:
@@ -174,7 +197,7 @@ class CpuStep:
         hidden = torch.empty_like(x)
         self.library.qg_rms_norm(x.data_ptr(), self.final_norm, hidden.data_ptr(), rows,
                                  self.hidden, self.eps)
-        return hidden
+        return hidden.to(self.dtype)
 
     def _one_token(self, x: int, meta: HostMeta) -> None:
         """One C call per layer; x (the residual stream's address) updated in place."""
@@ -185,13 +208,14 @@ class CpuStep:
             if lib.qg_decode_layer(x, input_norm, qkv, qk_norm, self.cos, self.sin, keys, values,
                                    table, page, position, o, post_norm, gate_up, down,
                                    self.heads, self.kv_heads, self.head_dim, self.hidden,
-                                   self.intermediate, self.eps, scratch, 0):  # fp32 weights
+                                   self.intermediate, self.eps, scratch, self.bf16):
                 raise _out_of_memory(position + 1)
 
     def _rows(self, rows: int, tensors: tuple[torch.Tensor, ...], meta: HostMeta) -> None:
         """The layers over `rows` packed rows, every part in the library (the projections as
         qg_gemm over the [out, in] weights); the result is left in tensors[0]."""
         lib, dim, hidden, inter = self.library, self.head_dim, self.hidden, self.intermediate
+        gemm, bf16 = self.gemm, self.bf16
         x, x_next, normed, qkv, q, attended, gate_up, act = (t.data_ptr() for t in tensors)
         positions, slots, tables = _address(meta.positions), _address(meta.slots), \
             _address(meta.tables)
@@ -202,17 +226,19 @@ class CpuStep:
         for (input_norm, qkv_w, qk_norm, o_w, post_norm, gate_up_w, down_w), (keys, values) in \
                 zip(self.single, self.kv):
             lib.qg_rms_norm(x, input_norm, normed, rows, hidden, self.eps)
-            lib.qg_gemm(normed, qkv_w, None, qkv, rows, hidden, qkv_width)
+            gemm(normed, qkv_w, None, qkv, rows, hidden, qkv_width)
             lib.qg_qk_rope_store(qkv, qk_norm, self.cos, self.sin, positions, slots, q, keys,
-                                 values, page, rows, self.heads, self.kv_heads, dim, self.eps)
+                                 values, page, rows, self.heads, self.kv_heads, dim, self.eps,
+                                 bf16)
             if lib.qg_attend_paged(q, keys, values, tables, meta.width, page, q_start, q_len,
-                                   ctx_len, sessions, self.heads, self.kv_heads, dim, attended):
+                                   ctx_len, sessions, self.heads, self.kv_heads, dim, attended,
+                                   bf16):
                 raise _out_of_memory(max(meta.ctx_len))
-            lib.qg_gemm(attended, o_w, x, x_next, rows, q_width, hidden)  # + the residual
+            gemm(attended, o_w, x, x_next, rows, q_width, hidden)  # + the residual
             lib.qg_rms_norm(x_next, post_norm, normed, rows, hidden, self.eps)
-            lib.qg_gemm(normed, gate_up_w, None, gate_up, rows, hidden, 2 * inter)
+            gemm(normed, gate_up_w, None, gate_up, rows, hidden, 2 * inter)
             lib.qg_silu_mul(gate_up, act, rows, inter)
-            lib.qg_gemm(act, down_w, x_next, x, rows, inter, hidden)  # + the residual
+            gemm(act, down_w, x_next, x, rows, inter, hidden)  # + the residual
 
     def _buffers(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Scratch views for `rows` rows (the buffers grow to the largest step seen)."""

@@ -11,7 +11,7 @@ copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows 
   context and run SDPA), SiLU * up. On CUDA, steps
   of up to `max_graph_tokens` rows replay a CUDA graph captured at warm-up for their token bucket
   (1, 2, 4, 8, then multiples of 8); padding rows write nowhere and padding sessions do nothing.
-- C (fp32 CPU, up to 16 new tokens per session: every stream step): cpu_step.CpuStep, the same
+- C (fp32 or bf16 CPU, up to 16 new tokens per session: every stream step): cpu_step.CpuStep, the same
   layer with its non-GEMM work in C, attention over the pool through the block tables, all
   sessions in one call; a single token is one C call per layer.
 - torch (any other CPU step: prompts, other dtypes, no C compiler): the same formulas as eager
@@ -185,7 +185,7 @@ class PagedRunner:
 
     `use_triton` (default: on CUDA when triton imports) picks the Triton ops; `use_graphs`
     (default: on CUDA with the Triton ops) captures CUDA graphs for steps of up to
-    `max_graph_tokens` rows, at construction; `use_c_step` (default: on an fp32 CPU pool when
+    `max_graph_tokens` rows, at construction; `use_c_step` (default: on an fp32 or bf16 CPU pool when
     kernels/cpu_step.c builds here) runs steps of up to 16 tokens per session in C; `use_flash`
     (default: flash-attn installed, CUDA, fp16/bf16, a block size that is a multiple of 256)
     runs the attention of eager steps (chunks past 16 tokens) with flash-attn over the pool.
@@ -228,12 +228,14 @@ class PagedRunner:
             self.attention = PagedAttention(
                 config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                 pool.block_size, max(max_graph_tokens, 256), self.device)
-        self.cpu_step: CpuStep | None = None  # the C step, for fp32 CPU steps
-        if not self.triton and self.device.type == "cpu" and pool.kv.dtype == torch.float32 \
+        self.cpu_step: CpuStep | None = None  # the C step, for fp32 and bf16 CPU steps
+        if not self.triton and self.device.type == "cpu" \
+                and pool.kv.dtype in (torch.float32, torch.bfloat16) \
+                and weights.embed.dtype == pool.kv.dtype \
                 and use_c_step is not False and (library := cpu_step_library()) is not None:
             self.cpu_step = CpuStep(weights, pool, library)
         if use_c_step and self.cpu_step is None:
-            raise ValueError("use_c_step=True needs an fp32 CPU pool, the torch ops and "
+            raise ValueError("use_c_step=True needs an fp32 or bf16 CPU pool, the torch ops and "
                              "kernels/cpu_step.c built on this machine")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.host_views: dict[int, StepMeta] = {}  # per bucket, over meta_host
