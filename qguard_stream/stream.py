@@ -83,8 +83,9 @@ class StreamGuard:
         """Every session's K/V lives in one paged pool of `kv_memory_gb` GiB (default
         default_kv_gb(device): 2 on CUDA, 4 on the CPU, committed there only as used; a session
         growing past it raises PoolExhaustedError and is left as it was). `fast_path`: run the
-        paged runner (runtime/paged.py: C steps on an fp32 or bf16 CPU; on CUDA, steps of <= 16 tokens
-        replay CUDA graphs captured at the first open_stream, `use_cuda_graphs`, default True)
+        paged runner (runtime/paged.py: C steps on an fp32 or bf16 CPU; on CUDA, steps of <= 16
+        tokens replay CUDA graphs captured at the first open_stream, `use_cuda_graphs`, default
+        True)
         instead of the module-by-module reference model, which stays for parity checks."""
         self.model = model
         self.config: GuardConfig = model.config

@@ -11,9 +11,9 @@ copies K/V and rollback frees blocks. A step packs the chunks' tokens into rows 
   context and run SDPA), SiLU * up. On CUDA, steps
   of up to `max_graph_tokens` rows replay a CUDA graph captured at warm-up for their token bucket
   (1, 2, 4, 8, then multiples of 8); padding rows write nowhere and padding sessions do nothing.
-- C (fp32 or bf16 CPU, up to 16 new tokens per session: every stream step): cpu_step.CpuStep, the same
-  layer with its non-GEMM work in C, attention over the pool through the block tables, all
-  sessions in one call; a single token is one C call per layer.
+- C (fp32 or bf16 CPU, up to 16 new tokens per session: every stream step): cpu_step.CpuStep,
+  the same layer in C, attention over the pool through the block tables, all sessions in one
+  call; a single token is one C call per layer.
 - torch (any other CPU step: prompts, other dtypes, no C compiler): the same formulas as eager
   ops, each session's context gathered from the pool for attention.
 
@@ -185,8 +185,8 @@ class PagedRunner:
 
     `use_triton` (default: on CUDA when triton imports) picks the Triton ops; `use_graphs`
     (default: on CUDA with the Triton ops) captures CUDA graphs for steps of up to
-    `max_graph_tokens` rows, at construction; `use_c_step` (default: on an fp32 or bf16 CPU pool when
-    kernels/cpu_step.c builds here) runs steps of up to 16 tokens per session in C; `use_flash`
+    `max_graph_tokens` rows, at construction; `use_c_step` (default: on an fp32 or bf16 CPU pool
+    when kernels/cpu_step.c builds here) runs steps of up to 16 tokens per session in C; `use_flash`
     (default: flash-attn installed, CUDA, fp16/bf16, a block size that is a multiple of 256)
     runs the attention of eager steps (chunks past 16 tokens) with flash-attn over the pool.
     """
