@@ -243,7 +243,7 @@ class OpenVino:
 
     @torch.inference_mode()
     def step(self, new_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.hidden(new_ids)
+        hidden = self.hidden(new_ids).to(self.head.pre.weight.dtype)  # a bf16 guard's heads
         # The head on one torch thread, as our step runs it: torch's OpenMP workers would spin
         # after it and take the cores from OpenVINO's threads (or ours) in the next call.
         with torch_on_one_thread():
