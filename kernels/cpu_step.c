@@ -411,10 +411,18 @@ typedef struct {
     int64_t bf16;
 } KvRows;
 
-/* Row p of a KV head's keys or values, fp32 or bf16. */
+/* Row p of a KV head's keys or values, fp32 or bf16. The hot loops below are written once with
+ * `bf16` as a parameter and instantiated for 0 and 1 (always inlined into two callers), so each
+ * copy has no per-row branch: the fp32 step runs the code it ran before bf16 existed. */
+#define SPECIALIZED static inline __attribute__((always_inline))
+SPECIALIZED const void* kv_row_of(const void* base, const int64_t* offsets, int64_t p,
+                                  int64_t bf16) {
+    return bf16 ? (const void*)((const bfloat*)base + offsets[p])
+                : (const void*)((const float*)base + offsets[p]);
+}
+
 static inline const void* kv_row(const void* base, const KvRows* kv, int64_t p) {
-    return kv->bf16 ? (const void*)((const bfloat*)base + kv->offsets[p])
-                    : (const void*)((const float*)base + kv->offsets[p]);
+    return kv_row_of(base, kv->offsets, p, kv->bf16);
 }
 
 static inline v8 load8_any(const void* row, int64_t at, int64_t bf16) {
@@ -448,17 +456,18 @@ static void fill_offsets(const int32_t* table, int64_t page, int64_t block_float
 /* dst[dim] = sum over p < rows of weights[p] * matrix row p [dim]. `prefetch`: the rows are
  * not in cache yet (the first pass over them; later passes find them in L2, where prefetches
  * only cost instructions). */
-static void accumulate_rows(const float* weights, const KvRows* kv, int64_t rows, int64_t dim,
-                            float* dst, int prefetch) {
-    const int64_t bf16 = kv->bf16, size = bf16 ? 2 : 4;
+SPECIALIZED void accumulate_rows_t(const float* weights, const void* values,
+                                   const int64_t* offsets, int64_t rows, int64_t dim, float* dst,
+                                   int prefetch, const int64_t bf16) {
+    const int64_t size = bf16 ? 2 : 4;
     int64_t j0 = 0;
     for (; j0 + 64 <= dim; j0 += 64) {
         v8 acc[8] = {{0}};
         for (int64_t p = 0; p < rows; ++p) {
             if (prefetch && p + PREFETCH_AHEAD < rows)
-                prefetch_row((const char*)kv_row(kv->values, kv, p + PREFETCH_AHEAD) + j0 * size,
+                prefetch_row((const char*)kv_row_of(values, offsets, p + PREFETCH_AHEAD, bf16) + j0 * size,
                              64 * size);
-            const void* row = kv_row(kv->values, kv, p);
+            const void* row = kv_row_of(values, offsets, p, bf16);
             for (int k = 0; k < 8; ++k) acc[k] += weights[p] * load8_any(row, j0 + 8 * k, bf16);
         }
         memcpy(dst + j0, acc, sizeof acc);
@@ -466,31 +475,40 @@ static void accumulate_rows(const float* weights, const KvRows* kv, int64_t rows
     for (; j0 + 8 <= dim; j0 += 8) {
         v8 acc = {0};
         for (int64_t p = 0; p < rows; ++p)
-            acc += weights[p] * load8_any(kv_row(kv->values, kv, p), j0, bf16);
+            acc += weights[p] * load8_any(kv_row_of(values, offsets, p, bf16), j0, bf16);
         memcpy(dst + j0, &acc, sizeof acc);
     }
     for (int64_t j = j0; j < dim; ++j) {
         float total = 0.0f;
         for (int64_t p = 0; p < rows; ++p)
-            total += weights[p] * value_any(kv_row(kv->values, kv, p), j, bf16);
+            total += weights[p] * value_any(kv_row_of(values, offsets, p, bf16), j, bf16);
         dst[j] = total;
     }
+}
+
+static void accumulate_rows(const float* weights, const KvRows* kv, int64_t rows, int64_t dim,
+                            float* dst, int prefetch) {
+    if (kv->bf16)
+        accumulate_rows_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 1);
+    else
+        accumulate_rows_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
 }
 
 /* dst_i[dim] = sum over p < rows of weights_i[p] * matrix row p [dim] for four rows i at once,
  * 16 columns at a time in eight vector accumulators: each matrix load feeds four FMAs (one row
  * at a time streams the matrix from L2 once per row, and L2 cannot feed an FMA per load). */
-static void accumulate_rows4(const float* const* weights, const KvRows* kv, int64_t rows,
-                             int64_t dim, float* const* dst, int prefetch) {
+SPECIALIZED void accumulate_rows4_t(const float* const* weights, const void* values,
+                                    const int64_t* offsets, int64_t rows, int64_t dim,
+                                    float* const* dst, int prefetch, const int64_t bf16) {
     const float *w0 = weights[0], *w1 = weights[1], *w2 = weights[2], *w3 = weights[3];
-    const int64_t bf16 = kv->bf16, size = bf16 ? 2 : 4;
+    const int64_t size = bf16 ? 2 : 4;
     int64_t j0 = 0;
     for (; j0 + 16 <= dim; j0 += 16) {
         v8 a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};
         for (int64_t p = 0; p < rows; ++p) {
             if (prefetch && j0 == 0 && p + PREFETCH_AHEAD < rows)
-                prefetch_row(kv_row(kv->values, kv, p + PREFETCH_AHEAD), dim * size);
-            const void* row = kv_row(kv->values, kv, p);
+                prefetch_row(kv_row_of(values, offsets, p + PREFETCH_AHEAD, bf16), dim * size);
+            const void* row = kv_row_of(values, offsets, p, bf16);
             const v8 lo = load8_any(row, j0, bf16), hi = load8_any(row, j0 + 8, bf16);
             a0 += w0[p] * lo; a1 += w0[p] * hi;
             b0 += w1[p] * lo; b1 += w1[p] * hi;
@@ -506,9 +524,17 @@ static void accumulate_rows4(const float* const* weights, const KvRows* kv, int6
         for (int i = 0; i < 4; ++i) {
             float total = 0.0f;
             for (int64_t p = 0; p < rows; ++p)
-                total += weights[i][p] * value_any(kv_row(kv->values, kv, p), j, bf16);
+                total += weights[i][p] * value_any(kv_row_of(values, offsets, p, bf16), j, bf16);
             dst[i][j] = total;
         }
+}
+
+static void accumulate_rows4(const float* const* weights, const KvRows* kv, int64_t rows,
+                             int64_t dim, float* const* dst, int prefetch) {
+    if (kv->bf16)
+        accumulate_rows4_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 1);
+    else
+        accumulate_rows4_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
 }
 
 /* One KV head's attention for all its query rows (the `group` q heads sharing it, times n_new),
@@ -517,26 +543,27 @@ static void accumulate_rows4(const float* const* weights, const KvRows* kv, int6
  * r / group, q head kv_head * group + r % group): two keys times four rows per pass in eight
  * vector accumulators, so a key row is loaded once per four rows and a query row once per two
  * keys (one dot product at a time loads both for every score). */
-static void scores_of_shared_keys(const float* q, const KvRows* kv, float* scores,
-                                  int64_t kv_head, int64_t start, int64_t n_new, int64_t heads,
-                                  int64_t group, int64_t head_dim) {
+SPECIALIZED void scores_of_shared_keys_t(const float* q, const KvRows* kv, float* scores,
+                                         int64_t kv_head, int64_t start, int64_t n_new,
+                                         int64_t heads, int64_t group, int64_t head_dim,
+                                         const int64_t bf16) {
     const int64_t total = start + n_new, rows = n_new * group;
     const float* query[rows];
     for (int64_t r = 0; r < rows; ++r)
         query[r] = q + ((r / group) * heads + kv_head * group + r % group) * head_dim;
-    const int64_t bytes = head_dim * (kv->bf16 ? 2 : 4);
+    const int64_t bytes = head_dim * (bf16 ? 2 : 4);
     for (int64_t p = 0; p <= start; p += 2) {
         if (p + PREFETCH_AHEAD + 1 < total) {
-            prefetch_row(kv_row(kv->keys, kv, p + PREFETCH_AHEAD), bytes);
-            prefetch_row(kv_row(kv->keys, kv, p + PREFETCH_AHEAD + 1), bytes);
+            prefetch_row(kv_row_of(kv->keys, kv->offsets, p + PREFETCH_AHEAD, bf16), bytes);
+            prefetch_row(kv_row_of(kv->keys, kv->offsets, p + PREFETCH_AHEAD + 1, bf16), bytes);
         }
         const int pair = p + 1 <= start;
-        const void* k0 = kv_row(kv->keys, kv, p);
-        const void* k1 = pair ? kv_row(kv->keys, kv, p + 1) : k0;
+        const void* k0 = kv_row_of(kv->keys, kv->offsets, p, bf16);
+        const void* k1 = pair ? kv_row_of(kv->keys, kv->offsets, p + 1, bf16) : k0;
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4) {
             float first[4], second[4];
-            if (kv->bf16)
+            if (bf16)
                 dot_2x4_bf16((const bfloat*)k0, (const bfloat*)k1, query + r, head_dim, first,
                              second);
             else
@@ -547,10 +574,19 @@ static void scores_of_shared_keys(const float* q, const KvRows* kv, float* score
             }
         }
         for (; r < rows; ++r) {
-            scores[r * total + p] = dot_key(query[r], k0, head_dim, kv->bf16);
-            if (pair) scores[r * total + p + 1] = dot_key(query[r], k1, head_dim, kv->bf16);
+            scores[r * total + p] = dot_key(query[r], k0, head_dim, bf16);
+            if (pair) scores[r * total + p + 1] = dot_key(query[r], k1, head_dim, bf16);
         }
     }
+}
+
+static void scores_of_shared_keys(const float* q, const KvRows* kv, float* scores,
+                                  int64_t kv_head, int64_t start, int64_t n_new, int64_t heads,
+                                  int64_t group, int64_t head_dim) {
+    if (kv->bf16)
+        scores_of_shared_keys_t(q, kv, scores, kv_head, start, n_new, heads, group, head_dim, 1);
+    else
+        scores_of_shared_keys_t(q, kv, scores, kv_head, start, n_new, heads, group, head_dim, 0);
 }
 
 static void attend_kv_head(const float* q, const KvRows* kv, float* scores, float* out,
