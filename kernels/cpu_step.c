@@ -180,44 +180,8 @@ static inline float sum8(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-static inline float dot(const float* a, const float* b, int64_t n) {
-    v8 even = {0}, odd = {0};
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        even += load8(a + j) * load8(b + j);
-        odd += load8(a + j + 8) * load8(b + j + 8);
-    }
-    for (; j + 8 <= n; j += 8) even += load8(a + j) * load8(b + j);
-    float total = sum8(even + odd);
-    for (; j < n; ++j) total += a[j] * b[j];
-    return total;
-}
-
-/* The eight dot products of rows u, v [n] with rows x[0..3] [n]: first[i] = u . x[i],
- * second[i] = v . x[i], in eight vector accumulators, so each load of u or v feeds four FMAs and
- * each load of an x row two (one dot product at a time loads both rows for every product). */
-static inline void dot_2x4(const float* u, const float* v, const float* const* x, int64_t n,
-                           float* first, float* second) {
-    const int64_t body = n & ~(int64_t)7;
-    const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    for (int64_t k = 0; k < body; k += 8) {
-        const v8 p = load8(u + k), q = load8(v + k);
-        const v8 c0 = load8(x0 + k), c1 = load8(x1 + k), c2 = load8(x2 + k), c3 = load8(x3 + k);
-        a0 += p * c0; a1 += p * c1; a2 += p * c2; a3 += p * c3;
-        b0 += q * c0; b1 += q * c1; b2 += q * c2; b3 += q * c3;
-    }
-    first[0] = sum8(a0); first[1] = sum8(a1); first[2] = sum8(a2); first[3] = sum8(a3);
-    second[0] = sum8(b0); second[1] = sum8(b1); second[2] = sum8(b2); second[3] = sum8(b3);
-    for (int64_t k = body; k < n; ++k)
-        for (int i = 0; i < 4; ++i) {
-            first[i] += u[k] * x[i][k];
-            second[i] += v[k] * x[i][k];
-        }
-}
-
-/* bf16 weights (a bf16 guard on the CPU): the upper half of an fp32, widened on load (a shift);
- * the arithmetic stays fp32. The same kernels as above with the weight loads widened. */
+/* bf16 (a bf16 guard on the CPU): the upper half of an fp32, widened on load (a shift); the
+ * arithmetic stays fp32. */
 typedef uint16_t bfloat;
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -247,26 +211,50 @@ static inline bfloat to_bf16(float v) {
     return (bfloat)(bits >> 16);
 }
 
-static inline float dot_bf16(const bfloat* a, const float* b, int64_t n) {
+/* The kernels below read one operand (weights, or K/V rows) as fp32 or as bf16. Each is written
+ * once with `bf16` as a parameter and instantiated for 0 and 1 by always-inlined callers, so each
+ * copy has no per-element branch: the fp32 step runs the code it ran before bf16 existed. */
+#define SPECIALIZED static inline __attribute__((always_inline))
+
+static inline v8 load8_any(const void* row, int64_t at, int64_t bf16) {
+    return bf16 ? load8_bf16((const bfloat*)row + at) : load8((const float*)row + at);
+}
+
+static inline float value_any(const void* row, int64_t at, int64_t bf16) {
+    return bf16 ? bf16_value(((const bfloat*)row)[at]) : ((const float*)row)[at];
+}
+
+SPECIALIZED float dot_t(const void* a, const float* b, int64_t n, const int64_t bf16) {
     v8 even = {0}, odd = {0};
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
-        even += load8_bf16(a + j) * load8(b + j);
-        odd += load8_bf16(a + j + 8) * load8(b + j + 8);
+        even += load8_any(a, j, bf16) * load8(b + j);
+        odd += load8_any(a, j + 8, bf16) * load8(b + j + 8);
     }
-    for (; j + 8 <= n; j += 8) even += load8_bf16(a + j) * load8(b + j);
+    for (; j + 8 <= n; j += 8) even += load8_any(a, j, bf16) * load8(b + j);
     float total = sum8(even + odd);
-    for (; j < n; ++j) total += bf16_value(a[j]) * b[j];
+    for (; j < n; ++j) total += value_any(a, j, bf16) * b[j];
     return total;
 }
 
-static inline void dot_2x4_bf16(const bfloat* u, const bfloat* v, const float* const* x, int64_t n,
-                                float* first, float* second) {
+static inline float dot(const float* a, const float* b, int64_t n) {
+    return dot_t(a, b, n, 0);
+}
+
+static inline float dot_bf16(const bfloat* a, const float* b, int64_t n) {
+    return dot_t(a, b, n, 1);
+}
+
+/* The eight dot products of rows u, v [n] with rows x[0..3] [n]: first[i] = u . x[i],
+ * second[i] = v . x[i], in eight vector accumulators, so each load of u or v feeds four FMAs and
+ * each load of an x row two (one dot product at a time loads both rows for every product). */
+SPECIALIZED void dot_2x4_t(const void* u, const void* v, const float* const* x, int64_t n,
+                           float* first, float* second, const int64_t bf16) {
     const int64_t body = n & ~(int64_t)7;
     const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
     v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     for (int64_t k = 0; k < body; k += 8) {
-        const v8 p = load8_bf16(u + k), q = load8_bf16(v + k);
+        const v8 p = load8_any(u, k, bf16), q = load8_any(v, k, bf16);
         const v8 c0 = load8(x0 + k), c1 = load8(x1 + k), c2 = load8(x2 + k), c3 = load8(x3 + k);
         a0 += p * c0; a1 += p * c1; a2 += p * c2; a3 += p * c3;
         b0 += q * c0; b1 += q * c1; b2 += q * c2; b3 += q * c3;
@@ -275,9 +263,19 @@ static inline void dot_2x4_bf16(const bfloat* u, const bfloat* v, const float* c
     second[0] = sum8(b0); second[1] = sum8(b1); second[2] = sum8(b2); second[3] = sum8(b3);
     for (int64_t k = body; k < n; ++k)
         for (int i = 0; i < 4; ++i) {
-            first[i] += bf16_value(u[k]) * x[i][k];
-            second[i] += bf16_value(v[k]) * x[i][k];
+            first[i] += value_any(u, k, bf16) * x[i][k];
+            second[i] += value_any(v, k, bf16) * x[i][k];
         }
+}
+
+static inline void dot_2x4(const float* u, const float* v, const float* const* x, int64_t n,
+                           float* first, float* second) {
+    dot_2x4_t(u, v, x, n, first, second, 0);
+}
+
+static inline void dot_2x4_bf16(const bfloat* u, const bfloat* v, const float* const* x,
+                                int64_t n, float* first, float* second) {
+    dot_2x4_t(u, v, x, n, first, second, 1);
 }
 
 /* Sum of squares in float blocks of 64 accumulated in double. */
@@ -411,10 +409,7 @@ typedef struct {
     int64_t bf16;
 } KvRows;
 
-/* Row p of a KV head's keys or values, fp32 or bf16. The hot loops below are written once with
- * `bf16` as a parameter and instantiated for 0 and 1 (always inlined into two callers), so each
- * copy has no per-row branch: the fp32 step runs the code it ran before bf16 existed. */
-#define SPECIALIZED static inline __attribute__((always_inline))
+/* Row p of a KV head's keys or values, fp32 or bf16 (instantiated per dtype, as above). */
 SPECIALIZED const void* kv_row_of(const void* base, const int64_t* offsets, int64_t p,
                                   int64_t bf16) {
     return bf16 ? (const void*)((const bfloat*)base + offsets[p])
@@ -423,14 +418,6 @@ SPECIALIZED const void* kv_row_of(const void* base, const int64_t* offsets, int6
 
 static inline const void* kv_row(const void* base, const KvRows* kv, int64_t p) {
     return kv_row_of(base, kv->offsets, p, kv->bf16);
-}
-
-static inline v8 load8_any(const void* row, int64_t at, int64_t bf16) {
-    return bf16 ? load8_bf16((const bfloat*)row + at) : load8((const float*)row + at);
-}
-
-static inline float value_any(const void* row, int64_t at, int64_t bf16) {
-    return bf16 ? bf16_value(((const bfloat*)row)[at]) : ((const float*)row)[at];
 }
 
 /* q [n] . key row [n] for an fp32 or bf16 key. */
