@@ -36,6 +36,9 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "qg_exp": ([_P, _P, _I], None),
     "qg_set_threads": ([_I], None),
+    "qg_set_adaptive": ([_I], None),
+    "qg_pool_state": ([_P], None),
+    "qg_usable_helpers": ([_I, _I, _I], _I),
     "qg_gemm": ([_P, _P, _P, _P, _I, _I, _I], None),
     "qg_gemm_bf16": ([_P, _P, _P, _P, _I, _I, _I], None),
     "qg_rms_norm": ([_P, _P, _P, _I, _I, _F], None),

@@ -263,12 +263,13 @@ def test_the_thread_pool_serves_concurrent_callers_and_forked_children(library) 
 
 
 def test_the_pool_stays_right_on_a_cpu_shared_with_busy_processes(library) -> None:
-    """With three busy processes on this box's cores, helpers get descheduled mid-job (the
-    caller then finishes the unclaimed chunks and waits only for claimed ones): every result
-    stays exact."""
+    """With three busy processes on this box's cores and the helper woken whatever the load
+    (adapting off), helpers get descheduled mid-job (the caller then finishes the unclaimed
+    chunks and waits only for claimed ones): every result stays exact."""
     from benchmarks.latency import competing_processes
 
     library.qg_set_threads(2)
+    library.qg_set_adaptive(0)
     gen = torch.Generator().manual_seed(6)
     x, weight = torch.randn(4, 512, generator=gen), torch.randn(2048, 512, generator=gen)
     expected = (x.double() @ weight.double().t()).float()
@@ -278,7 +279,68 @@ def test_the_pool_stays_right_on_a_cpu_shared_with_busy_processes(library) -> No
                 y = torch.full((4, 2048), float("nan"))
                 library.qg_gemm(pointer(x), pointer(weight), None, pointer(y), 4, 512, 2048)
                 torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-4)
+        assert pool_state(library)[0] == 1  # the helper was offered every job
     finally:
+        library.qg_set_adaptive(1)
+        library.qg_set_threads(torch.get_num_threads())
+
+
+def pool_state(library) -> tuple[int, int, int]:
+    """(helpers the last pool job used, runnable tasks not ours at the last look, CPUs)."""
+    import ctypes
+
+    state = (ctypes.c_int64 * 3)()
+    library.qg_pool_state(state)
+    return tuple(state)
+
+
+@pytest.mark.parametrize("wanted,cpus,others,expected", [
+    (1, 2, 0, 1), (1, 2, 1, 0), (1, 2, 5, 0), (1, 1, 0, 0), (15, 16, 0, 15), (15, 16, 4, 11),
+    (3, 16, 4, 3), (7, 8, 7, 0), (7, 8, -1, 7), (0, 8, 0, 0)])
+def test_usable_helpers_keep_one_cpu_per_thread_the_callers_first(
+        library, wanted: int, cpus: int, others: int, expected: int) -> None:
+    """Helpers fill the CPUs that other runnable tasks and the caller leave, at most `wanted`."""
+    assert library.qg_usable_helpers(wanted, cpus, others) == expected
+
+
+def test_the_pool_wakes_no_helper_while_busy_processes_take_every_cpu(library) -> None:
+    """With as many busy processes as CPUs, the pool's look at the machine (every 2 ms) finds
+    them and its jobs run on the caller alone, exactly; with adapting off it offers the helper
+    again. Whatever the load, a job never uses fewer helpers than the last look left room
+    for."""
+    import time
+
+    from benchmarks.latency import competing_processes
+
+    gen = torch.Generator().manual_seed(7)
+    x, weight = torch.randn(4, 512, generator=gen), torch.randn(2048, 512, generator=gen)
+    expected = (x.double() @ weight.double().t()).float()
+
+    def job() -> tuple[int, int, int]:
+        y = torch.full((4, 2048), float("nan"))
+        library.qg_gemm(pointer(x), pointer(weight), None, pointer(y), 4, 512, 2048)
+        torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-4)
+        helpers, others, cpus = pool_state(library)
+        assert library.qg_usable_helpers(1, cpus, others) <= helpers <= 1
+        return helpers, others, cpus
+
+    library.qg_set_threads(2)
+    try:
+        for _ in range(20):  # quiet or not, the invariant holds
+            job()
+            time.sleep(0.003)
+        cpus = job()[2]
+        assert cpus >= 1
+        with competing_processes(cpus):
+            states = []
+            for _ in range(20):  # 60 ms: many looks, each seeing every busy process runnable
+                states.append(job())
+                time.sleep(0.003)
+            assert states[-1][0] == 0 and states[-1][1] >= cpus, states
+            library.qg_set_adaptive(0)
+            assert job()[0] == 1
+    finally:
+        library.qg_set_adaptive(1)
         library.qg_set_threads(torch.get_num_threads())
 
 
