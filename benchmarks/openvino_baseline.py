@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from qguard_stream.config import GuardConfig
 from qguard_stream.models.guard import GuardHead
-from qguard_stream.runtime.cpu_step import torch_on_one_thread
+from qguard_stream.runtime.cpu_step import torch_threads
 
 PRECISIONS = ("fp32", "default")
 BEAM = np.zeros(1, dtype=np.int32)  # one sequence: the state's row 0
@@ -246,7 +246,7 @@ class OpenVino:
         hidden = self.hidden(new_ids).to(self.head.pre.weight.dtype)  # a bf16 guard's heads
         # The head on one torch thread, as our step runs it: torch's OpenMP workers would spin
         # after it and take the cores from OpenVINO's threads (or ours) in the next call.
-        with torch_on_one_thread():
+        with torch_threads(1):
             return self.head(hidden)
 
     def rollback(self, length: int) -> None:

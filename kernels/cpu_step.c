@@ -40,12 +40,14 @@
  * caller alone with one busy process beside it on 2 cores; quiet p50 1.7 on 2 threads).
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
+#include <dirent.h>
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -134,27 +136,61 @@ static int64_t runnable_tasks(void) {
     return *field >= '0' && *field <= '9' ? strtoll(field, NULL, 10) : -1;
 }
 
-/* The helpers for the next job (called holding pool.lock): `wanted`, or fewer while the machine's
- * CPUs are taken by other tasks. It takes the larger room of the last two checks, so a task that
- * is runnable for a moment (a kernel worker, a process starting) does not cost a step its helpers;
- * a busy one is seen at every check. */
-static int helpers_for_job(void) {
-    if (!load.adaptive) return pool.wanted;
+/* This process's runnable threads (state R in /proc/self/task/<tid>/stat), the caller included;
+ * -1 when they cannot be read. A look costs a few microseconds a thread, so it is taken only when
+ * the machine seems loaded: then torch's OpenMP workers, which spin for milliseconds after each
+ * parallel op, must not count as another process's load. */
+static int64_t our_runnable_threads(void) {
+#ifdef __linux__
+    DIR* tasks = opendir("/proc/self/task");
+    if (tasks == NULL) return -1;
+    int64_t count = 0;
+    char path[64], text[512];
+    for (struct dirent* entry; (entry = readdir(tasks)) != NULL;) {
+        if (entry->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "/proc/self/task/%.32s/stat", entry->d_name);
+        const int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue; /* a thread that just ended */
+        const ssize_t size = read(fd, text, sizeof text - 1);
+        close(fd);
+        if (size <= 0) continue;
+        text[size] = 0;
+        const char* name_end = strrchr(text, ')'); /* "tid (name) S ...": a name may hold ')' */
+        count += name_end != NULL && name_end[1] == ' ' && name_end[2] == 'R';
+    }
+    closedir(tasks);
+    return count;
+#else
+    return -1;
+#endif
+}
+
+/* Helpers the machine has room for (called holding pool.lock): MAX_HELPERS when adapting is off
+ * or the machine cannot be read, else fewer while its CPUs are taken by other tasks. It takes
+ * the larger room of the last two looks, so a task that is runnable for a moment (a kernel
+ * worker, a process starting) does not cost a step its helpers; a busy one is seen at every
+ * look. */
+static int room_for_helpers(void) {
+    if (!load.adaptive) return MAX_HELPERS;
     const int64_t now = now_ns();
     if (now >= load.next_check) {
         load.next_check = now + LOAD_CHECK_NS;
         const int64_t running = runnable_tasks();
         int fits = MAX_HELPERS;
         if (running >= 0) {
-            /* ours: the caller, and the helpers not asleep (spinning for a job) */
+            /* ours, at a glance: the caller, and the helpers not asleep (spinning for a job) */
             const int64_t awake = pool.helpers - atomic_load(&pool.sleepers);
             load.others = running - 1 - (awake > 0 ? awake : 0);
+            if (load.others > 0) { /* maybe our own other threads (torch's, spinning): count */
+                const int64_t ours = our_runnable_threads();
+                if (ours > 0) load.others = running - ours;
+            }
             fits = (int)qg_usable_helpers(MAX_HELPERS, load.cpus, load.others);
         }
         load.usable = fits > load.last_fits ? fits : load.last_fits;
         load.last_fits = fits;
     }
-    return load.usable < pool.wanted ? load.usable : pool.wanted;
+    return load.usable;
 }
 
 static void* helper_main(void* argument) {
@@ -222,6 +258,16 @@ void qg_set_adaptive(int64_t adaptive) {
     pthread_mutex_unlock(&pool.lock);
 }
 
+/* How many of `threads` (the caller included) the machine has room for now: the same look as
+ * the pool's jobs take, for work that runs on another thread pool (torch's, for the steps the
+ * library does not do). At least 1. */
+int64_t qg_threads_with_room(int64_t threads) {
+    pthread_mutex_lock(&pool.lock);
+    const int64_t room = (int64_t)room_for_helpers() + 1;
+    pthread_mutex_unlock(&pool.lock);
+    return threads < 1 ? 1 : (room < threads ? room : threads);
+}
+
 /* What the last pool job saw: out[0] the helpers it used, out[1] the runnable tasks not ours at
  * the last check (-1: never checked or unreadable), out[2] the CPUs counted. */
 void qg_pool_state(int64_t* out) {
@@ -239,7 +285,8 @@ static void parallel_for(range_fn fn, void* context, int64_t count, int64_t grai
         fn(context, 0, count);
         return;
     }
-    pool.job_helpers = helpers_for_job();
+    const int room = room_for_helpers();
+    pool.job_helpers = room < pool.wanted ? room : pool.wanted;
     if (pool.job_helpers == 0) {
         pthread_mutex_unlock(&pool.lock);
         fn(context, 0, count);

@@ -39,6 +39,7 @@ SIGNATURES = {
     "qg_set_adaptive": ([_I], None),
     "qg_pool_state": ([_P], None),
     "qg_usable_helpers": ([_I, _I, _I], _I),
+    "qg_threads_with_room": ([_I], _I),
     "qg_gemm": ([_P, _P, _P, _P, _I, _I, _I], None),
     "qg_gemm_bf16": ([_P, _P, _P, _P, _I, _I, _I], None),
     "qg_rms_norm": ([_P, _P, _P, _I, _I, _F], None),

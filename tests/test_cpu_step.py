@@ -5,6 +5,7 @@ and transformers, sessions batched vs alone, and the fallbacks (no compiler, dis
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -344,7 +345,7 @@ def test_the_pool_wakes_no_helper_while_busy_processes_take_every_cpu(library) -
         library.qg_set_threads(torch.get_num_threads())
 
 
-def test_torch_runs_on_one_thread_during_a_c_step_and_gets_its_count_back(
+def test_torch_runs_on_the_threads_asked_in_a_block_and_gets_its_count_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside a block torch runs on one thread in every thread that entered one (nested and
     concurrent blocks too), each block yields the count from before the first, and the count
@@ -361,7 +362,7 @@ def test_torch_runs_on_one_thread_during_a_c_step_and_gets_its_count_back(
         barrier = threading.Barrier(3)
 
         def hold() -> None:
-            with step_module.torch_on_one_thread() as threads:
+            with step_module.torch_threads(1) as threads:
                 barrier.wait(timeout=10)
                 inside.append(threads)
                 barrier.wait(timeout=10)
@@ -369,19 +370,69 @@ def test_torch_runs_on_one_thread_during_a_c_step_and_gets_its_count_back(
         workers = [threading.Thread(target=hold) for _ in range(2)]
         for worker in workers:
             worker.start()
-        with step_module.torch_on_one_thread() as threads:
+        with step_module.torch_threads(1) as threads:
             barrier.wait(timeout=10)
             assert torch.get_num_threads() == 1 and threads == 2
-            with step_module.torch_on_one_thread() as nested:
+            with step_module.torch_threads(1) as nested:
                 assert nested == 2 and torch.get_num_threads() == 1
             barrier.wait(timeout=10)
         for worker in workers:
             worker.join(timeout=10)
         assert inside == [2, 2] and torch.get_num_threads() == 2
+        with step_module.torch_threads(3) as threads:  # any count, not only one
+            assert threads == 2 and torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 2
         monkeypatch.setattr(step_module, "_openmp_backend", lambda: False)
-        with step_module.torch_on_one_thread() as threads:
+        with step_module.torch_threads(1) as threads:
             assert threads == 2 and torch.get_num_threads() == 2
     finally:
+        torch.set_num_threads(before)
+
+
+def test_the_eager_cpu_step_runs_torch_on_the_threads_the_machine_has_room_for(
+        tiny_guard: StreamGuard, library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk past 16 tokens takes torch's step: with as many busy processes as CPUs it runs
+    on one thread (an OpenMP barrier waiting for a descheduled worker made such steps 20-40x
+    slower), with adapting off on torch's count; the verdicts equal the quiet ones, and
+    torch's count is back after each step."""
+    import time
+
+    from benchmarks.latency import competing_processes
+
+    runner = tiny_guard.paged_runtime()[1]
+    assert runner.room is library
+    seen: list[int] = []
+    eager = runner._eager
+    monkeypatch.setattr(runner, "_eager", lambda chunks, rows, longest: seen.append(
+        torch.get_num_threads()) or eager(chunks, rows, longest))
+    ids = list(range(1, 41))
+
+    def verdicts() -> torch.Tensor:
+        state = tiny_guard.open_stream()
+        try:
+            return tiny_guard.moderate(state, ids, "assistant").risk_probs
+        finally:
+            tiny_guard.close_stream(state)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        quiet = verdicts()
+        cpus = len(os.sched_getaffinity(0))
+        with competing_processes(cpus):
+            for _ in range(3):  # the pool looks at the machine every 2 ms, keeping two looks
+                library.qg_threads_with_room(2)
+                time.sleep(0.003)
+            seen.clear()
+            loaded = verdicts()
+            assert seen == [1] and torch.get_num_threads() == 2
+            library.qg_set_adaptive(0)
+            seen.clear()
+            verdicts()
+            assert seen == [2] and torch.get_num_threads() == 2
+        torch.testing.assert_close(loaded, quiet, atol=1e-5, rtol=1e-5)
+    finally:
+        library.qg_set_adaptive(1)
         torch.set_num_threads(before)
 
 

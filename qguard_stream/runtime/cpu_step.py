@@ -10,7 +10,7 @@ attention, SiLU). More rows: per layer C RMSNorm -> qkv projection -> C q/k norm
 into the rows' pool slots -> C attention of every session over its blocks in one call -> o_proj
 + residual -> C RMSNorm -> gate_up -> C SiLU*up -> down + residual, the projections as the
 library's GEMM (qg_gemm: one pass over each weight for all rows). Every parallel part runs on the
-library's own thread pool, with torch on one thread meanwhile (torch_on_one_thread): two pools
+library's own thread pool, with torch on one thread meanwhile (torch_threads(1)): two pools
 spinning on the same cores slowed whole steps (measured on 2 cores: 8-64 sessions per step
 14-27% faster with every GEMM in the library than with torch's BLAS for steps past 16 rows).
 The metadata (positions, slots, block tables) is packed with array.array, not tensors: for one
@@ -81,39 +81,49 @@ def _openmp_backend() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
-_one_thread_lock = threading.Lock()
-_one_thread_depth = 0
+_torch_threads_lock = threading.Lock()
+_torch_threads_depth = 0
 _saved_threads = 1
 
 
 @contextlib.contextmanager
-def torch_on_one_thread() -> Iterator[int]:
-    """Run torch's own ops on one thread inside the block and yield the thread count set before
-    it. The C step parallelizes on the library's pool; torch's OpenMP workers, left spinning
-    after each of torch's parallel ops, would take the cores from it (measured: k = 16 steps
-    7.4 ms with torch on one thread vs 10.1 with both pools on 2 cores, quiet).
+def torch_threads(count: int) -> Iterator[int]:
+    """Run torch's own ops on `count` threads inside the block and yield the thread count set
+    before it. The C step runs them on one: it parallelizes on the library's pool, and torch's
+    OpenMP workers, left spinning after each of torch's parallel ops, would take the cores from
+    it (measured: k = 16 steps 7.4 ms with torch on one thread vs 10.1 with both pools on 2
+    cores, quiet). The eager CPU step runs them on as many as the machine has room for
+    (threads_with_room).
 
     libgomp keeps the thread count per thread for threads that have run a parallel region and
-    process-wide for the others, so every entering thread sets its own (1) and every leaving one
-    restores the count saved by the first to enter: whichever interleaving, each thread's count
-    and the process-wide one end as they were (in between, a thread may briefly see its usual
-    count again, which costs nothing but speed)."""
-    global _one_thread_depth, _saved_threads
+    process-wide for the others, so every entering thread sets its own (`count`) and every
+    leaving one restores the count saved by the first to enter: whichever interleaving, each
+    thread's count and the process-wide one end as they were (in between, a thread may briefly
+    see its usual count again, which costs nothing but speed)."""
+    global _torch_threads_depth, _saved_threads
     if not _openmp_backend():  # the native pool refuses resizing once it has run (warns)
         yield torch.get_num_threads()
         return
-    with _one_thread_lock:
-        if _one_thread_depth == 0:
+    with _torch_threads_lock:
+        if _torch_threads_depth == 0:
             _saved_threads = torch.get_num_threads()
-        _one_thread_depth += 1
+        _torch_threads_depth += 1
         threads = _saved_threads
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, count))
     try:
         yield threads
     finally:
-        with _one_thread_lock:
-            _one_thread_depth -= 1
+        with _torch_threads_lock:
+            _torch_threads_depth -= 1
             torch.set_num_threads(threads)
+
+
+def threads_with_room(library: ctypes.CDLL | None, threads: int) -> int:
+    """How many of `threads` the machine has room for now (the library pool's look at the
+    runnable tasks; `threads` without the library). On 2 cores with one busy process beside it,
+    a 64-token eager step took 704 ms on torch's 2 OpenMP threads (each parallel op ends at a
+    barrier that waits for a descheduled worker) and 32 ms on one; 19 ms on 2, quiet."""
+    return threads if library is None else int(library.qg_threads_with_room(threads))
 
 
 def _address(values: array) -> int:

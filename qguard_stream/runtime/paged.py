@@ -44,7 +44,7 @@ from qguard_stream.runtime.attention import (
     flash_paged_available,
 )
 from qguard_stream.runtime.cpu_step import MAX_TOKENS as C_STEP_TOKENS
-from qguard_stream.runtime.cpu_step import CpuStep, host_meta, torch_on_one_thread
+from qguard_stream.runtime.cpu_step import CpuStep, host_meta, threads_with_room, torch_threads
 from qguard_stream.runtime.layer import (
     ActFn,
     NormFn,
@@ -234,6 +234,9 @@ class PagedRunner:
                 and weights.embed.dtype == pool.kv.dtype \
                 and use_c_step is not False and (library := cpu_step_library()) is not None:
             self.cpu_step = CpuStep(weights, pool, library)
+        # The CPU's eager steps (chunks past C_STEP_TOKENS) run torch on as many threads as the
+        # machine has room for, by the library's look at it (none without the library).
+        self.room = cpu_step_library() if self.device.type == "cpu" else None
         if use_c_step and self.cpu_step is None:
             raise ValueError("use_c_step=True needs an fp32 or bf16 CPU pool, the torch ops and "
                              "kernels/cpu_step.c built on this machine")
@@ -255,11 +258,14 @@ class PagedRunner:
                 ids = chunks[0].token_ids if len(chunks) == 1 else \
                     torch.cat([chunk.token_ids for chunk in chunks])
                 meta = host_meta(chunks, self.pool.block_size)
-                with torch_on_one_thread() as threads:  # the library's pool does the work
+                with torch_threads(1) as threads:  # the library's pool does the work
                     return self.output.on_host(self.cpu_step(ids, meta, threads), chunks)
             bucket = self._bucket(rows) if longest <= MAX_QUERIES else None
             if bucket is not None:
                 probs = self._replay(chunks, bucket)
+            elif self.room is not None:
+                with torch_threads(threads_with_room(self.room, torch.get_num_threads())):
+                    probs = self._eager(chunks, rows, longest)
             else:
                 probs = self._eager(chunks, rows, longest)
         return self.output.split(probs, chunks)
