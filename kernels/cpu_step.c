@@ -40,14 +40,12 @@
  * caller alone with one busy process beside it on 2 cores; quiet p50 1.7 on 2 threads).
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
-#include <dirent.h>
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -59,6 +57,7 @@
 #define MAX_HELPERS 63
 #define SPIN_NS 50000 /* a helper spins this long for the next job before it sleeps */
 #define LOAD_CHECK_NS 2000000 /* how often the pool looks at the machine's runnable tasks */
+#define LOAD_WINDOW_NS 50000000 /* the longest gap between looks whose CPU time still tells */
 
 typedef void (*range_fn)(void* context, int64_t begin, int64_t end);
 
@@ -105,6 +104,8 @@ static struct {
     int usable;          /* helpers the last checks left room for */
     int last_fits;       /* helpers the last check alone left room for */
     int64_t others;      /* runnable tasks not ours at the last check */
+    int64_t last_look;   /* when the last look was taken (ns), and this process's CPU time then */
+    int64_t last_cpu;
 } load = {.adaptive = 1, .fd = -2, .usable = MAX_HELPERS, .last_fits = MAX_HELPERS};
 
 /* Helpers worth waking: one CPU for each thread of ours, the caller's first, when `others`
@@ -136,33 +137,11 @@ static int64_t runnable_tasks(void) {
     return *field >= '0' && *field <= '9' ? strtoll(field, NULL, 10) : -1;
 }
 
-/* This process's runnable threads (state R in /proc/self/task/<tid>/stat), the caller included;
- * -1 when they cannot be read. A look costs a few microseconds a thread, so it is taken only when
- * the machine seems loaded: then torch's OpenMP workers, which spin for milliseconds after each
- * parallel op, must not count as another process's load. */
-static int64_t our_runnable_threads(void) {
-#ifdef __linux__
-    DIR* tasks = opendir("/proc/self/task");
-    if (tasks == NULL) return -1;
-    int64_t count = 0;
-    char path[64], text[512];
-    for (struct dirent* entry; (entry = readdir(tasks)) != NULL;) {
-        if (entry->d_name[0] == '.') continue;
-        snprintf(path, sizeof path, "/proc/self/task/%.32s/stat", entry->d_name);
-        const int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) continue; /* a thread that just ended */
-        const ssize_t size = read(fd, text, sizeof text - 1);
-        close(fd);
-        if (size <= 0) continue;
-        text[size] = 0;
-        const char* name_end = strrchr(text, ')'); /* "tid (name) S ...": a name may hold ')' */
-        count += name_end != NULL && name_end[1] == ' ' && name_end[2] == 'R';
-    }
-    closedir(tasks);
-    return count;
-#else
-    return -1;
-#endif
+/* CPU time of this process's threads so far, ns. */
+static int64_t process_cpu_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
 /* Helpers the machine has room for (called holding pool.lock): MAX_HELPERS when adapting is off
@@ -175,18 +154,26 @@ static int room_for_helpers(void) {
     const int64_t now = now_ns();
     if (now >= load.next_check) {
         load.next_check = now + LOAD_CHECK_NS;
-        const int64_t running = runnable_tasks();
+        const int64_t running = runnable_tasks(), cpu = process_cpu_ns();
         int fits = MAX_HELPERS;
         if (running >= 0) {
-            /* ours, at a glance: the caller, and the helpers not asleep (spinning for a job) */
+            /* Ours among the runnable: the caller and the helpers not asleep, or, when more,
+             * the CPUs this process kept busy since the last look (torch's OpenMP workers spin
+             * for milliseconds after each parallel op: they are ours, not another's load). */
             const int64_t awake = pool.helpers - atomic_load(&pool.sleepers);
-            load.others = running - 1 - (awake > 0 ? awake : 0);
-            if (load.others > 0) { /* maybe our own other threads (torch's, spinning): count */
-                const int64_t ours = our_runnable_threads();
-                if (ours > 0) load.others = running - ours;
+            double ours = 1.0 + (double)(awake > 0 ? awake : 0);
+            const int64_t window = now - load.last_look;
+            if (load.last_look > 0 && window > 0 && window <= LOAD_WINDOW_NS) {
+                const double busy = (double)(cpu - load.last_cpu) / (double)window;
+                ours = busy > ours ? busy : ours;
             }
+            /* rounded down from 0.75: a spinning worker counted whole now, partly in `busy` */
+            const int64_t others = (int64_t)floor((double)running - ours + 0.25);
+            load.others = others > 0 ? others : 0;
             fits = (int)qg_usable_helpers(MAX_HELPERS, load.cpus, load.others);
         }
+        load.last_look = now;
+        load.last_cpu = cpu;
         load.usable = fits > load.last_fits ? fits : load.last_fits;
         load.last_fits = fits;
     }
