@@ -156,3 +156,26 @@ def test_a_model_from_tensors_equals_the_loaded_checkpoint(tmp_path) -> None:
     del tensors["model.norm.weight"]
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         model_from_tensors(config, tensors, torch.device("cpu"), torch.float32)
+
+
+def test_loading_and_scoring_import_neither_torch_compile_nor_the_server(
+        tiny_checkpoint: Path) -> None:
+    """A fresh process that loads a guard and scores a prompt and a token imports none of
+    torch._dynamo and sympy (arithmetic on the meta device, where the loader builds the model,
+    pulled them in: 2.5 s and 140 MB of RSS) nor the server's packages."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from qguard_stream import StreamGuard\n"
+        f"guard = StreamGuard.from_pretrained({str(tiny_checkpoint)!r}, device='cpu')\n"
+        "state = guard.open_stream()\n"
+        "guard.moderate(state, list(range(1, 40)), 'user')\n"
+        "guard.moderate(state, [7], 'assistant')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy', 'fastapi', 'uvicorn', 'websockets')"
+        " if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
