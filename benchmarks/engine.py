@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.latency import weight_bytes
 from qguard_stream.checkpoints import make_random_checkpoint
-from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.engine import Engine, EngineSettings, settle_heap
 from qguard_stream.kvcache.paged import bytes_per_token
 from qguard_stream.stream import StreamGuard
 
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             device="cpu")
     blocks_each = -(-(args.context + max(ks)) // 16) + 1
     engine = Engine(guard, EngineSettings(max_tokens=max(sessions) * blocks_each * 16))
+    settle_heap()  # as the server does once its engine is built
     gbps = copy_bandwidth_gbps()
     weights, kv = weight_bytes(guard), bytes_per_token(guard.config, guard.dtype)
     rows = []

@@ -38,7 +38,7 @@ import torch
 from benchmarks.baselines import CachedTransformers, CardLoop, hf_backbone_from_tensors
 from benchmarks.latency import Cell, Ours, format_table, measure, roofline_ms, weight_bytes
 from qguard_stream.checkpoints import config_for, random_tensors
-from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.engine import Engine, EngineSettings, settle_heap
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
 from qguard_stream.loader import model_from_tensors
 from qguard_stream.runtime.outputs import GuardScores
@@ -252,6 +252,7 @@ def engine_throughput(guard: StreamGuard, sessions: list[int], args: argparse.Na
     settings = EngineSettings(max_tokens=tokens, max_graph_tokens=max(sessions),
                               max_batch_tokens=max(8192, context))
     engine = Engine(guard, settings)
+    settle_heap()  # as the server does once its engine is built
     gen = torch.Generator().manual_seed(2)
     rows = []
     for batch in sessions:

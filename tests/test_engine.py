@@ -93,6 +93,30 @@ def run_with_others(engine: Engine, script: list[tuple[list[int], str]], others:
     return results
 
 
+def test_settle_heap_collects_the_garbage_then_freezes_what_is_alive() -> None:
+    """settle_heap: a reference cycle already garbage is collected (its finalizer runs) before
+    the objects alive are frozen (exempt from full collections)."""
+    import weakref
+
+    from qguard_stream.engine import settle_heap
+
+    class Node:
+        pass
+
+    node = Node()
+    node.loop = node
+    fired: list[int] = []
+    weakref.finalize(node, fired.append, 1)
+    del node
+    alive = len(gc.get_objects())
+    try:
+        settle_heap()
+        assert fired == [1]
+        assert gc.get_freeze_count() >= alive // 2
+    finally:
+        gc.unfreeze()
+
+
 def test_engine_alone_matches_stream_guard(engine: Engine, tiny_guard: StreamGuard) -> None:
     script = target_script(seed=3)
     session = engine.open()

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: 'proxy' needs the server extra: {err} (pip install 'qguard-stream[server]')",
               file=sys.stderr)
         return 2
-    from qguard_stream.engine import Engine, EngineSettings
+    from qguard_stream.engine import Engine, EngineSettings, settle_heap
     from qguard_stream.stream import StreamGuard
 
     engine = None
@@ -74,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    settle_heap()  # the app (and any in-process guard) is built: exempt it from full GC passes
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qguard_stream.cli.models import detect_kind
-    from qguard_stream.engine import Engine
+    from qguard_stream.engine import Engine, settle_heap
     from qguard_stream.stream import StreamGuard
 
     if args.torch_threads is not None:
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                          limits=limits_from_args(args), open_docs=args.open_docs,
                          session_ttl_s=args.session_ttl,
                          served_model_name=served_model_name(args))
+    settle_heap()  # the model and the app are built: exempt them from full GC passes
     # Frames over --max-frame-bytes get a 'too_large' error frame; past uvicorn's own bound
     # (16 MiB, or the limit if larger) the WebSocket layer closes the connection (1009).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

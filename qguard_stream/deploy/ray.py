@@ -57,7 +57,7 @@ class GuardReplica:
                  server: dict[str, Any]) -> None:
         import torch
 
-        from qguard_stream.engine import Engine
+        from qguard_stream.engine import Engine, settle_heap
         from qguard_stream.stream import StreamGuard
 
         if load.get("torch_threads"):
@@ -65,6 +65,7 @@ class GuardReplica:
         dtype = getattr(torch, load["dtype"]) if load.get("dtype") else None
         guard = StreamGuard.from_pretrained(model, device=load.get("device"), dtype=dtype)
         self.engine = Engine(guard, EngineSettings(**settings))
+        settle_heap()  # a replica process: its model is built, exempt it from full GC passes
         self.server = server
         self.replica = serve.get_replica_context().replica_id.unique_id
 

@@ -1,7 +1,7 @@
 """Batched engine: many sessions, one forward per step, KV from one paged block pool."""
 
 from qguard_stream.engine.async_engine import AsyncEngine
-from qguard_stream.engine.engine import Engine, SessionBusyError
+from qguard_stream.engine.engine import Engine, SessionBusyError, settle_heap
 from qguard_stream.engine.scheduler import Session
 from qguard_stream.engine.settings import EngineSettings, EngineStats, StepStats
 from qguard_stream.kvcache.paged import (
@@ -23,4 +23,5 @@ __all__ = [
     "Session",
     "SessionBusyError",
     "StepStats",
+    "settle_heap",
 ]

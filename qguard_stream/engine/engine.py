@@ -9,6 +9,7 @@ A call that raises leaves its session as it was. Policies and callbacks run outs
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -38,6 +39,18 @@ from qguard_stream.verdicts import (
     check_role,
     validate_token_ids,
 )
+
+
+def settle_heap() -> None:
+    """For a long-running server, once its model and engine are built: collect garbage, then
+    exempt every object alive (the model, the tokenizer, the imported modules: ~220k objects)
+    from the garbage collector's full passes. A batched step's futures and verdicts live through
+    young collections, so a full pass came about every 20 steps and walked them all: 216 ms each
+    (256 sessions, CPU), 10.8 ms a step on average. Process-wide: the frozen objects are still
+    freed by reference counting, but a reference cycle among them is never collected, so this is
+    for a process's startup objects, not a library call."""
+    gc.collect()
+    gc.freeze()
 
 
 class SessionBusyError(RuntimeError):
