@@ -123,6 +123,9 @@ def validate_token_ids(token_ids: TokenIds, vocab_size: int) -> torch.Tensor:
     a bool, a float or nested sequence, a dict or set (no order: refused), an empty input, or an
     id outside [0, vocab_size). An int, a numpy integer scalar, a sequence, a numpy array or an
     integer tensor are accepted."""
+    if type(token_ids) is list and token_ids and all(type(v) is int for v in token_ids) \
+            and 0 <= min(token_ids) and max(token_ids) < vocab_size:
+        return torch.tensor(token_ids, dtype=torch.int64)  # the streaming case, checked cheaply
     if isinstance(token_ids, bool):
         raise TypeError(f"token ids must be integers, got {token_ids!r}")
     if _is_numpy_integer_scalar(token_ids):

@@ -65,23 +65,20 @@ class GuardScores:
 
     def on_host(self, hidden: torch.Tensor, chunks: Sequence[Chunk]) -> list[Probs]:
         """A step of one role runs that role's head only."""
-        scored = {role: self.scorers[role](hidden) for role in {chunk.role for chunk in chunks}}
-        results, row = [], 0
-        for chunk in chunks:
-            new = chunk.token_ids.shape[0]
-            risk, category = scored[chunk.role]
-            results.append((risk[row:row + new], category[row:row + new]))
-            row += new
-        return results
+        sizes = [chunk.token_ids.shape[0] for chunk in chunks]
+        parts = {role: (risk.split(sizes), category.split(sizes))  # views, one call per role
+                 for role, (risk, category) in ((role, self.scorers[role](hidden))
+                                                for role in {chunk.role for chunk in chunks})}
+        return [(parts[chunk.role][0][i], parts[chunk.role][1][i])
+                for i, chunk in enumerate(chunks)]
 
     def split(self, out: torch.Tensor, chunks: Sequence[Chunk]) -> list[Probs]:
-        results, row, r = [], 0, self.num_risk
-        for chunk in chunks:
-            new = chunk.token_ids.shape[0]
-            categories = self.categories[chunk.role]
-            results.append((out[row:row + new, :r], out[row:row + new, r:r + categories]))
-            row += new
-        return results
+        sizes = [chunk.token_ids.shape[0] for chunk in chunks]
+        rows, r = out[:sum(sizes)], self.num_risk
+        risk = rows[:, :r].split(sizes)
+        categories = {role: rows[:, r:r + self.categories[role]].split(sizes)
+                      for role in {chunk.role for chunk in chunks}}
+        return [(risk[i], categories[chunk.role][i]) for i, chunk in enumerate(chunks)]
 
 
 class NextTokenLogits:
