@@ -389,6 +389,30 @@ def test_torch_runs_on_the_threads_asked_in_a_block_and_gets_its_count_back(
         torch.set_num_threads(before)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to one")
+def test_a_process_pinned_to_some_cpus_does_not_adapt() -> None:
+    """The runnable count is the machine's: pinned to one of the CPUs, a process cannot tell
+    whether the others' tasks compete with it, so its pool never looks and offers the helper."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, ctypes, torch\n"
+        "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "from qguard_stream.kernels.cpu_step import load, pointer\n"
+        "library = load()\n"
+        "library.qg_set_threads(2)\n"
+        "x, w, y = torch.randn(4, 512), torch.randn(2048, 512), torch.empty(4, 2048)\n"
+        "library.qg_gemm(pointer(x), pointer(w), None, pointer(y), 4, 512, 2048)\n"
+        "state = (ctypes.c_int64 * 3)()\n"
+        "library.qg_pool_state(state)\n"
+        "print(list(state)[:2], library.qg_threads_with_room(2))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[1, -1] 2", result.stdout
+
+
 def test_the_eager_cpu_step_runs_torch_on_the_threads_the_machine_has_room_for(
         tiny_guard: StreamGuard, library, monkeypatch: pytest.MonkeyPatch) -> None:
     """A chunk past 16 tokens takes torch's step: with as many busy processes as CPUs it runs
