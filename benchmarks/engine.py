@@ -14,6 +14,7 @@ measured copy bandwidth (a large tensor copy, bytes read + written) that bounds 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -106,27 +107,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             device="cpu")
     blocks_each = -(-(args.context + max(ks)) // 16) + 1
     engine = Engine(guard, EngineSettings(max_tokens=max(sessions) * blocks_each * 16))
-    settle_heap()  # as the server does once its engine is built
-    gbps = copy_bandwidth_gbps()
-    weights, kv = weight_bytes(guard), bytes_per_token(guard.config, guard.dtype)
-    rows = []
-    for k in ks:
-        for batch in sessions:
-            # One session measured just before and just after each engine cell (their mean is
-            # the cell's baseline): on a shared box the speed drifts between cells.
-            before = single_session(guard, args.context, k, args.steps)
-            tokens_per_s = engine_batch(engine, batch, args.context, k, args.steps)
-            alone = (before + single_session(guard, args.context, k, args.steps)) / 2
-            floor_s = (weights + batch * (args.context + k) * kv) / (gbps * 1e9)
-            roofline = batch * k / floor_s
-            rows.append({"k": k, "sessions": batch, "engine_tokens_per_s": round(tokens_per_s, 1),
-                         "single_session_tokens_per_s": round(alone, 1),
-                         "engine_vs_single": round(tokens_per_s / alone, 2),
-                         "roofline_tokens_per_s": round(roofline, 1),
-                         "fraction_of_roofline": round(tokens_per_s / roofline, 3)})
-            print(f"k {k} B {batch:3d}: engine {tokens_per_s:9.1f} tok/s, one session "
-                  f"{alone:8.1f}, ratio {tokens_per_s / alone:5.2f}, "
-                  f"{100 * tokens_per_s / roofline:5.1f}% of roofline", flush=True)
+    settle_heap()  # as the server does once its engine is built; undone after (tests call this)
+    try:
+        gbps = copy_bandwidth_gbps()
+        weights, kv = weight_bytes(guard), bytes_per_token(guard.config, guard.dtype)
+        rows = []
+        for k in ks:
+            for batch in sessions:
+                # One session measured just before and just after each engine cell (their mean is
+                # the cell's baseline): on a shared box the speed drifts between cells.
+                before = single_session(guard, args.context, k, args.steps)
+                tokens_per_s = engine_batch(engine, batch, args.context, k, args.steps)
+                alone = (before + single_session(guard, args.context, k, args.steps)) / 2
+                floor_s = (weights + batch * (args.context + k) * kv) / (gbps * 1e9)
+                roofline = batch * k / floor_s
+                rows.append({"k": k, "sessions": batch,
+                             "engine_tokens_per_s": round(tokens_per_s, 1),
+                             "single_session_tokens_per_s": round(alone, 1),
+                             "engine_vs_single": round(tokens_per_s / alone, 2),
+                             "roofline_tokens_per_s": round(roofline, 1),
+                             "fraction_of_roofline": round(tokens_per_s / roofline, 3)})
+                print(f"k {k} B {batch:3d}: engine {tokens_per_s:9.1f} tok/s, one session "
+                      f"{alone:8.1f}, ratio {tokens_per_s / alone:5.2f}, "
+                      f"{100 * tokens_per_s / roofline:5.1f}% of roofline", flush=True)
+    finally:
+        gc.unfreeze()
     return {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "shape": args.shape, "context": args.context, "threads": args.threads,
             "copy_gbps": round(gbps, 1), "weight_mb": round(weights / 1e6, 2),
