@@ -337,7 +337,8 @@ def test_the_pool_wakes_no_helper_while_busy_processes_take_every_cpu(library) -
             for _ in range(20):  # 60 ms: many looks, each seeing every busy process runnable
                 states.append(job())
                 time.sleep(0.003)
-            assert states[-1][0] == 0 and states[-1][1] >= cpus, states
+            # others: the busy processes, less any CPU share of ours the look could not place
+            assert states[-1][0] == 0 and states[-1][1] >= cpus - 1, states
             library.qg_set_adaptive(0)
             assert job()[0] == 1
     finally:
