@@ -354,3 +354,34 @@ def test_an_unexpected_failure_is_an_error_frame_not_a_closed_socket(
     assert failed["type"] == "error" and failed["code"] == "internal"
     assert "CUDA out of memory" in failed["error"]
     assert after["type"] == "verdicts" and after["start"] == len(GOOD)
+
+
+def test_moderate_many_scored_at_once_keeps_the_queued_paths_promises(nan_guard: StreamGuard
+                                                                      ) -> None:
+    """moderate_many with nothing queued scores in the caller: a chunk that goes non-finite
+    leaves only its session as it was (the others are recorded, then it raises); a refused
+    chunk stops the list after the chunks before it are scored; past the token budget the
+    chunks take several steps; every verdict equals the queued path's."""
+    settings = EngineSettings(max_tokens=512, max_batch_tokens=4)
+    now, queued = Engine(nan_guard, settings), Engine(nan_guard, settings)
+    now.submit = lambda *args, **kwargs: pytest.fail("queued a chunk")  # the direct path only
+    bad, good, other = now.open(), now.open(), now.open()
+    with pytest.raises(NonFiniteScoresError):
+        now.moderate_many([(good, GOOD, "user"), (bad, [*GOOD[:2], NAN_TOKEN], "user"),
+                           (other, GOOD[:1], "user")])
+    assert good.token_ids == GOOD and bad.token_ids == [] and other.token_ids == GOOD[:1]
+    assert now.stats().steps == 2  # budget 4: [3 tokens], then [3 + 1]
+    assert now.pool.used_blocks == 2  # the bad session's reservation went back
+    with pytest.raises(ValueError, match="out of range"):
+        now.moderate_many([(bad, [14], "user"), (good, [10**9], "assistant"),
+                           (other, [15], "user")])
+    assert bad.token_ids == [14] and good.token_ids == GOOD and other.token_ids == GOOD[:1]
+    queued.step_listeners.append(lambda stats: None)  # a listener turns the direct path off
+
+    def fresh_chunks(engine: Engine) -> list:
+        return [(engine.open(), [*GOOD, 14], "user"), (engine.open(), [15, 16], "assistant")]
+
+    for got, expected in zip(now.moderate_many(fresh_chunks(now)),
+                             queued.moderate_many(fresh_chunks(queued))):
+        assert got.token_ids == expected.token_ids
+        torch.testing.assert_close(got.risk_probs, expected.risk_probs, atol=1e-6, rtol=0)

@@ -183,13 +183,20 @@ class Engine:
         queue's round trip (Future, scheduler), as a lone StreamGuard session does."""
         with self._lock:
             if not self.scheduler.waiting and not self.step_listeners:
-                return self._score_alone(session, token_ids, role)
+                return self._score_now([(session, token_ids, role)])[0]
         future = self.submit(session, token_ids, role)
         return self._drain(future)
 
     def moderate_many(self, chunks: Sequence[tuple[Session, TokenIds, str]]) -> list[Verdicts]:
         """Score (session, token_ids, role) chunks together; a session may appear more than once
-        (its chunks run in order). If one chunk is refused, those already queued still run."""
+        (its chunks run in order). If one chunk is refused, those before it still run. With
+        nothing queued, no step listeners and each session once, they run at once in the
+        caller, like a lone chunk in `moderate` (no Future per chunk)."""
+        chunks = list(chunks)
+        with self._lock:
+            if not self.scheduler.waiting and not self.step_listeners and \
+                    len({id(session) for session, _, _ in chunks}) == len(chunks):
+                return self._score_now(chunks)
         futures: list[Future[Verdicts]] = []
         try:
             for session, token_ids, role in chunks:
@@ -209,24 +216,67 @@ class Engine:
                                self._tokens_scored, self._steps)
 
     # ---- internals ----------------------------------------------------------------------------
-    def _score_alone(self, session: Session, token_ids: TokenIds, role: str) -> Verdicts:
-        """One chunk scored now (the caller holds the lock and nothing is queued); a failure
-        leaves the session as it was."""
-        check_role(role)
-        ids = validate_token_ids(token_ids, self.guard.config.vocab_size)
-        start = self._reserve_chunk(session, ids, self._should_wait(None))
-        try:
-            (risk_probs, category_probs), = self.runner.forward(
-                [Chunk(session.table, start, ids, role)])
-            verdicts = self._record(session, role, start, ids, risk_probs, category_probs)
-        except BaseException:
-            session.reserved = start
-            session.table.shrink(self.pool, start)
-            self._lock.notify_all()
-            raise
-        self._steps += 1
-        self._tokens_scored += ids.shape[0]
-        return verdicts
+    def _score_now(self, chunks: Sequence[tuple[Session, TokenIds, str]]) -> list[Verdicts]:
+        """Chunks of distinct sessions scored now, in steps within the token budget (the caller
+        holds the lock and nothing is queued). As when they are queued: a refused chunk (bad
+        ids, no room) stops the list, those before it are still scored, then it raises; a chunk
+        whose scoring fails leaves its session as it was, the others are recorded, then the
+        first failure raises."""
+        reserved: list[tuple[Session, Chunk]] = []
+        refused: Exception | None = None
+        for session, token_ids, role in chunks:
+            try:
+                check_role(role)
+                ids = validate_token_ids(token_ids, self.guard.config.vocab_size)
+                start = self._reserve_chunk(session, ids, self._should_wait(None))
+            except Exception as error:
+                refused = error
+                break
+            reserved.append((session, Chunk(session.table, start, ids, role)))
+        results: list[Verdicts] = []
+        failure: Exception | None = None
+        for first, last in self._steps_of(reserved):
+            step = reserved[first:last]
+            try:
+                scores = self.runner.forward([chunk for _, chunk in step])
+            except BaseException:
+                for session, chunk in reserved[first:]:  # unscored: back as they were
+                    self._unreserve(session, chunk.start)
+                raise
+            for (session, chunk), (risk_probs, category_probs) in zip(step, scores):
+                try:
+                    results.append(self._record(session, chunk.role, chunk.start,
+                                                chunk.token_ids, risk_probs, category_probs))
+                except Exception as error:  # e.g. NonFiniteScoresError: this session only
+                    self._unreserve(session, chunk.start)
+                    failure = failure or error
+            self._steps += 1
+            self._tokens_scored += sum(chunk.token_ids.shape[0] for _, chunk in step)
+        if refused is not None:
+            raise refused
+        if failure is not None:
+            raise failure
+        return results
+
+    def _steps_of(self, reserved: list[tuple[Session, Chunk]]) -> list[tuple[int, int]]:
+        """[first, last) ranges of consecutive chunks within the token budget (an oversized
+        chunk alone)."""
+        ranges, first, tokens = [], 0, 0
+        for index, (_, chunk) in enumerate(reserved):
+            size = chunk.token_ids.shape[0]
+            if index > first and tokens + size > self.settings.max_batch_tokens:
+                ranges.append((first, index))
+                first, tokens = index, 0
+            tokens += size
+        if first < len(reserved):
+            ranges.append((first, len(reserved)))
+        return ranges
+
+    def _unreserve(self, session: Session, start: int) -> None:
+        """Give back a session's reservation from `start` (its chunk was not recorded)."""
+        session.reserved = start
+        session.table.shrink(self.pool, start)
+        self._lock.notify_all()
 
     def _reserve_chunk(self, session: Session, ids: torch.Tensor, wait: bool) -> int:
         """Reserve the blocks of `ids` after the session's reserved positions; returns where the
