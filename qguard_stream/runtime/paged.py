@@ -263,11 +263,9 @@ class PagedRunner:
             bucket = self._bucket(rows) if longest <= MAX_QUERIES else None
             if bucket is not None:
                 probs = self._replay(chunks, bucket)
-            elif self.room is not None:
+            else:  # torch's threads: as many as the machine has room for (all without a look)
                 with torch_threads(threads_with_room(self.room, torch.get_num_threads())):
                     probs = self._eager(chunks, rows, longest)
-            else:
-                probs = self._eager(chunks, rows, longest)
         return self.output.split(probs, chunks)
 
     @property
