@@ -8,6 +8,7 @@ import gc
 import os
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -245,6 +246,69 @@ async def test_async_wait_mode_proceeds_when_a_session_closes(tiny_guard: Stream
     assert_same_verdicts(verdicts, reference(tiny_guard, [([5, 6, 7], "user")])[0])
     await runtime.close(waiter)
     await runtime.aclose()
+    assert engine.pool.used_blocks == 0
+
+
+def test_two_chunks_waiting_for_blocks_on_one_session_get_distinct_positions(
+        tiny_guard: StreamGuard) -> None:
+    """Both chunks wait (the lock released) until blocks are freed; each must then read the
+    session's end anew, so the second lands after the first, not over it."""
+    engine = Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=16,
+                                               on_pool_exhausted="wait", pool_wait_timeout_s=20))
+    holder, shared = engine.open(), engine.open()
+    engine.moderate(holder, list(range(16)), "user")
+    chunks = {"first": [11, 12, 13], "second": [21, 22]}
+    results: dict[str, object] = {}
+
+    def feed(name: str) -> None:
+        try:
+            results[name] = engine.moderate(shared, chunks[name], "user")
+        except Exception as error:  # reported by the asserts below
+            results[name] = error
+
+    threads = [threading.Thread(target=feed, args=(name,)) for name in chunks]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # both waiting on the exhausted pool (if one is late, it simply goes second)
+    engine.close(holder)
+    for thread in threads:
+        thread.join(timeout=30)
+    order = sorted(chunks, key=lambda name: results[name].positions.start)
+    assert [results[name].positions for name in order] == \
+        [range(0, len(chunks[order[0]])), range(len(chunks[order[0]]), 5)]
+    expected = reference(tiny_guard, [(chunks[name], "user") for name in order])
+    for name, want in zip(order, expected):
+        assert_same_verdicts(results[name], want)
+    assert shared.length == 5 and shared.token_ids == chunks[order[0]] + chunks[order[1]]
+    engine.close(shared)
+    assert engine.pool.used_blocks == 0
+
+
+def test_sessions_of_moderate_many_waiting_for_blocks_refuse_a_rollback(
+        tiny_guard: StreamGuard) -> None:
+    """While moderate_many waits for blocks for a later chunk, an earlier chunk of the same call
+    holds blocks: its session must refuse a rollback from another thread (the blocks would be
+    freed under the chunk), and the call must still score both chunks exactly."""
+    engine = Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=16,
+                                               on_pool_exhausted="wait", pool_wait_timeout_s=20))
+    holder, first, second = engine.open(), engine.open(), engine.open()
+    engine.moderate(holder, list(range(8)), "user")  # one block left: first takes it
+    results: list[object] = []
+    caller = threading.Thread(target=lambda: results.append(
+        engine.moderate_many([(first, [1, 2, 3], "user"), (second, [4, 5], "user")])))
+    caller.start()
+    deadline = time.monotonic() + 10
+    while not engine.has_queued() and time.monotonic() < deadline:  # first queued, second waits
+        time.sleep(0.01)
+    with pytest.raises(SessionBusyError):
+        engine.rollback(first, 0)
+    engine.close(holder)
+    caller.join(timeout=30)
+    got_first, got_second = results[0]
+    assert_same_verdicts(got_first, reference(tiny_guard, [([1, 2, 3], "user")])[0])
+    assert_same_verdicts(got_second, reference(tiny_guard, [([4, 5], "user")])[0])
+    engine.close(first)
+    engine.close(second)
     assert engine.pool.used_blocks == 0
 
 

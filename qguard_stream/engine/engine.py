@@ -180,10 +180,13 @@ class Engine:
     def moderate(self, session: Session, token_ids: TokenIds, role: str) -> Verdicts:
         """Score one chunk now (batched with whatever else is queued). With nothing queued and
         no step listeners it runs at once in the caller, a step of one chunk without the
-        queue's round trip (Future, scheduler), as a lone StreamGuard session does."""
+        queue's round trip (Future, scheduler), as a lone StreamGuard session does (unless it
+        must wait for blocks: then it is queued)."""
         with self._lock:
             if not self.scheduler.waiting and not self.step_listeners:
-                return self._score_now([(session, token_ids, role)])[0]
+                scored = self._score_now([(session, token_ids, role)])
+                if scored is not None:
+                    return scored[0]
         future = self.submit(session, token_ids, role)
         return self._drain(future)
 
@@ -196,7 +199,9 @@ class Engine:
         with self._lock:
             if not self.scheduler.waiting and not self.step_listeners and \
                     len({id(session) for session, _, _ in chunks}) == len(chunks):
-                return self._score_now(chunks)
+                scored = self._score_now(chunks)
+                if scored is not None:
+                    return scored
         futures: list[Future[Verdicts]] = []
         try:
             for session, token_ids, role in chunks:
@@ -216,19 +221,29 @@ class Engine:
                                self._tokens_scored, self._steps)
 
     # ---- internals ----------------------------------------------------------------------------
-    def _score_now(self, chunks: Sequence[tuple[Session, TokenIds, str]]) -> list[Verdicts]:
+    def _score_now(self, chunks: Sequence[tuple[Session, TokenIds, str]]
+                   ) -> list[Verdicts] | None:
         """Chunks of distinct sessions scored now, in steps within the token budget (the caller
         holds the lock and nothing is queued). As when they are queued: a refused chunk (bad
         ids, no room) stops the list, those before it are still scored, then it raises; a chunk
         whose scoring fails leaves its session as it was, the others are recorded, then the
-        first failure raises."""
+        first failure raises. None, with nothing done, when a chunk would have to wait for
+        blocks: the lock is released while waiting, and only queued chunks are guarded then
+        (their sessions refuse a rollback, a close cancels them), so the caller queues them."""
         reserved: list[tuple[Session, Chunk]] = []
         refused: Exception | None = None
         for session, token_ids, role in chunks:
             try:
                 check_role(role)
                 ids = validate_token_ids(token_ids, self.guard.config.vocab_size)
-                start = self._reserve_chunk(session, ids, self._should_wait(None))
+                start = self._reserve_chunk(session, ids, wait=False)
+            except PoolExhaustedError as error:
+                if self._should_wait(None):
+                    for session, chunk in reversed(reserved):
+                        self._unreserve(session, chunk.start)
+                    return None
+                refused = error
+                break
             except Exception as error:
                 refused = error
                 break
@@ -279,18 +294,34 @@ class Engine:
         self._lock.notify_all()
 
     def _reserve_chunk(self, session: Session, ids: torch.Tensor, wait: bool) -> int:
-        """Reserve the blocks of `ids` after the session's reserved positions; returns where the
-        chunk starts."""
-        self._check_open(session)
-        start = session.reserved
-        end = start + ids.shape[0]
+        """Reserve the blocks of `ids` after the session's reserved positions, waiting for freed
+        blocks if asked; returns where the chunk starts. The start is read again after each wait
+        (the lock is released meanwhile, and another thread may have fed, rolled back or closed
+        the session), so two chunks never get the same positions."""
+        deadline = time.monotonic() + self.settings.pool_wait_timeout_s
         limit = self.guard.config.max_position_embeddings
-        if end > limit:
-            raise ValueError(f"feeding {ids.shape[0]} tokens to a session of {start} would "
-                             f"exceed max_position_embeddings={limit}")
-        self._reserve(session, end, wait)
-        session.reserved = end
-        return start
+        while True:
+            self._check_open(session)
+            table, start = session.table, session.reserved
+            end = start + ids.shape[0]
+            if end > limit:
+                raise ValueError(f"feeding {ids.shape[0]} tokens to a session of {start} would "
+                                 f"exceed max_position_embeddings={limit}")
+            if len(table.blocks) + table.blocks_needed(end) > self.pool.num_blocks:
+                raise PoolTooSmallError(
+                    f"a session of {end} tokens needs more than the pool's "
+                    f"{self.pool.num_blocks} blocks of {self.pool.block_size} tokens")
+            try:
+                table.grow(self.pool, end)
+            except PoolExhaustedError as error:
+                remaining = deadline - time.monotonic()
+                if not wait or remaining <= 0:
+                    suffix = f" after waiting {self.settings.pool_wait_timeout_s}s" if wait else ""
+                    raise PoolExhaustedError(f"{error}{suffix}") from None
+                self._lock.wait(remaining)
+                continue
+            session.reserved = end
+            return start
 
     def _drain(self, future: Future[Verdicts]) -> Verdicts:
         while not future.done():
@@ -299,26 +330,6 @@ class Engine:
 
     def _should_wait(self, wait: bool | None) -> bool:
         return self.settings.on_pool_exhausted == "wait" if wait is None else wait
-
-    def _reserve(self, session: Session, end: int, wait: bool) -> None:
-        """Grow the session's table to `end` positions, waiting for freed blocks if asked."""
-        table = session.table
-        if len(table.blocks) + table.blocks_needed(end) > self.pool.num_blocks:
-            raise PoolTooSmallError(
-                f"a session of {end} tokens needs more than the pool's {self.pool.num_blocks} "
-                f"blocks of {self.pool.block_size} tokens")
-        deadline = time.monotonic() + self.settings.pool_wait_timeout_s
-        while True:
-            try:
-                table.grow(self.pool, end)
-                return
-            except PoolExhaustedError as error:
-                remaining = deadline - time.monotonic()
-                if not wait or remaining <= 0:
-                    suffix = f" after waiting {self.settings.pool_wait_timeout_s}s" if wait else ""
-                    raise PoolExhaustedError(f"{error}{suffix}") from None
-                self._lock.wait(remaining)
-                self._check_open(session)
 
     def _complete(self, request: Request, risk_probs: torch.Tensor,
                   category_probs: torch.Tensor) -> None:
