@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from array import array
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -123,9 +124,13 @@ def validate_token_ids(token_ids: TokenIds, vocab_size: int) -> torch.Tensor:
     a bool, a float or nested sequence, a dict or set (no order: refused), an empty input, or an
     id outside [0, vocab_size). An int, a numpy integer scalar, a sequence, a numpy array or an
     integer tensor are accepted."""
-    if type(token_ids) is list and token_ids and all(type(v) is int for v in token_ids) \
-            and 0 <= min(token_ids) and max(token_ids) < vocab_size:
-        return torch.tensor(token_ids, dtype=torch.int64)  # the streaming case, checked cheaply
+    if type(token_ids) is list:  # the streaming case, checked cheaply
+        if len(token_ids) == 1:
+            if type(token_ids[0]) is int and 0 <= token_ids[0] < vocab_size:
+                return _int64s(token_ids)
+        elif token_ids and all(type(v) is int for v in token_ids) \
+                and min(token_ids) >= 0 and max(token_ids) < vocab_size:
+            return _int64s(token_ids)
     if isinstance(token_ids, bool):
         raise TypeError(f"token ids must be integers, got {token_ids!r}")
     if _is_numpy_integer_scalar(token_ids):
@@ -153,6 +158,12 @@ def validate_token_ids(token_ids: TokenIds, vocab_size: int) -> torch.Tensor:
         low, high = (int(bound) for bound in ids.aminmax())
     _check_range(low, high, vocab_size)
     return ids
+
+
+def _int64s(values: list[int]) -> torch.Tensor:
+    """A list of ints as an int64 tensor over an array's buffer: 2.6 us where torch.tensor
+    takes 6.4 (one per chunk of a 256-session step)."""
+    return torch.frombuffer(array("q", values), dtype=torch.int64)
 
 
 def _check_range(low: int, high: int, vocab_size: int) -> None:
@@ -212,7 +223,7 @@ def _finite_sum(probs: torch.Tensor) -> bool:
     """Whether a [k, n] host tensor holds no NaN/Inf, read through its sum (NaN and +-Inf
     survive a sum of probabilities). Up to 64 rows, summed from one host list: a step scores a
     few tokens per chunk, where two torch reductions cost more than the list."""
-    if probs.shape[0] <= 64 and probs.device.type == "cpu":
+    if probs.is_cpu and probs.shape[0] <= 64:
         return math.isfinite(sum(map(sum, probs.tolist())))
     return math.isfinite(float(probs.sum()))
 

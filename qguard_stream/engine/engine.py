@@ -276,6 +276,9 @@ class Engine:
     def _steps_of(self, reserved: list[tuple[Session, Chunk]]) -> list[tuple[int, int]]:
         """[first, last) ranges of consecutive chunks within the token budget (an oversized
         chunk alone)."""
+        if sum(chunk.token_ids.shape[0] for _, chunk in reserved) <= \
+                self.settings.max_batch_tokens:
+            return [(0, len(reserved))] if reserved else []
         ranges, first, tokens = [], 0, 0
         for index, (_, chunk) in enumerate(reserved):
             size = chunk.token_ids.shape[0]

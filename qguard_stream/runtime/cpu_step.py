@@ -57,22 +57,33 @@ class HostMeta(NamedTuple):
 
 def host_meta(chunks: Sequence[Chunk], block_size: int) -> HostMeta:
     """Pack the chunks' positions, slots and block tables (their tables already hold blocks for
-    the new positions)."""
-    positions, slots = array("i"), array("i")
-    q_start, q_len, ctx_len = array("i"), array("i"), array("i")
+    the new positions). Plain lists, one array per field at the end: a 256-session step packs in
+    a few microseconds a session."""
     width = max(len(chunk.table.blocks) for chunk in chunks)
-    tables = array("i", bytes(4 * width * len(chunks)))
-    for index, chunk in enumerate(chunks):
+    pad = [0] * width
+    positions: list[int] = []
+    slots: list[int] = []
+    q_start: list[int] = []
+    q_len: list[int] = []
+    ctx_len: list[int] = []
+    tables: list[int] = []
+    for chunk in chunks:
         blocks, start = chunk.table.blocks, chunk.start
-        end = start + chunk.token_ids.shape[0]
+        new = chunk.token_ids.shape[0]
         q_start.append(len(positions))
-        q_len.append(end - start)
-        ctx_len.append(end)
-        positions.extend(range(start, end))
-        slots.extend(blocks[p // block_size] * block_size + p % block_size
-                     for p in range(start, end))
-        tables[index * width:index * width + len(blocks)] = array("i", blocks)
-    return HostMeta(positions, slots, tables, width, q_start, q_len, ctx_len)
+        q_len.append(new)
+        ctx_len.append(start + new)
+        if new == 1:
+            positions.append(start)
+            slots.append(blocks[start // block_size] * block_size + start % block_size)
+        else:
+            positions.extend(range(start, start + new))
+            slots.extend(blocks[p // block_size] * block_size + p % block_size
+                         for p in range(start, start + new))
+        tables += blocks
+        tables += pad[len(blocks):]
+    return HostMeta(array("i", positions), array("i", slots), array("i", tables), width,
+                    array("i", q_start), array("i", q_len), array("i", ctx_len))
 
 
 @functools.cache
