@@ -15,7 +15,7 @@ import torch
 from qguard_stream import StreamGuard
 from qguard_stream.kvcache.paged import BlockPool, BlockTable, PoolExhaustedError
 from qguard_stream.runtime.outputs import GuardScores
-from qguard_stream.runtime.paged import Chunk, PagedRunner, token_buckets
+from qguard_stream.runtime.paged import Chunk, PagedRunner, StepMeta, fill_meta, token_buckets
 
 from interpreter import run_interpreted
 
@@ -330,3 +330,31 @@ def test_cuda_flash_attn_path_equals_the_gathered_path(tiny_checkpoint: Path) ->
     for flash_session, plain_session in zip(*results):
         for got, want in zip(flash_session, plain_session):
             torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+
+
+def test_step_metadata_packs_every_field_and_table_by_hand() -> None:
+    """fill_meta against hand-built fields: rows and sessions past the chunks are padding
+    (slots and row_seq -1, the rest 0), each session's table row holds its blocks in order and
+    the columns past them are left as they were."""
+    page, max_blocks = 4, 6
+    chunks = []
+    for start, ids, blocks, role in [(5, [7, 8], [9, 2], "user"), (0, [3], [4], "assistant"),
+                                     (11, [1, 2, 6], [0, 5, 8, 1], "assistant")]:
+        table = BlockTable(page)
+        table.blocks = blocks
+        chunks.append(Chunk(table, start, torch.tensor(ids), role))
+    buffer = torch.full((StepMeta.size(8, 4, max_blocks),), -7, dtype=torch.int32)
+    meta = StepMeta.view(buffer, 8, 4, max_blocks)
+    fill_meta(meta, chunks, page)
+    assert meta.token_ids.tolist() == [7, 8, 3, 1, 2, 6, 0, 0]
+    assert meta.positions.tolist() == [5, 6, 0, 11, 12, 13, 0, 0]
+    # slot = block of the position * page + offset: 5 -> blocks[1]=2 -> 9, 6 -> 10, 0 -> 16,
+    # 11 -> blocks[2]=8 -> 35, 12 -> blocks[3]=1 -> 4, 13 -> 5
+    assert meta.slots.tolist() == [9, 10, 16, 35, 4, 5, -1, -1]
+    assert meta.row_seq.tolist() == [0, 0, 1, 2, 2, 2, -1, -1]
+    assert meta.user.tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert meta.q_start.tolist() == [0, 2, 3, 0]
+    assert meta.q_len.tolist() == [2, 1, 3, 0]
+    assert meta.ctx_len.tolist() == [7, 1, 14, 0]
+    assert meta.block_tables.tolist() == [[9, 2, -7, -7, -7, -7], [4, -7, -7, -7, -7, -7],
+                                          [0, 5, 8, 1, -7, -7], [-7] * 6]

@@ -156,11 +156,13 @@ def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
         row_seq += [index] * new
         user += [int(chunk.role == "user")] * new
         table_blocks += blocks
-    if table_blocks:  # one indexed write for every session's blocks
-        width = meta.block_tables.shape[1]
-        flat = [row * width + column for chunk, row in zip(chunks, range(len(chunks)))
-                for column in range(len(chunk.table.blocks))]
-        meta.block_tables.view(-1)[_int64s(flat)] = _int32s(table_blocks)
+    if table_blocks:  # one indexed write for every session's blocks, its index from torch ops
+        # (a Python list of 256 sessions x 65 blocks took 4 ms to build)
+        counts = _int64s([len(chunk.table.blocks) for chunk in chunks])
+        shift = torch.arange(len(chunks)) * meta.block_tables.shape[1] \
+            - (torch.cumsum(counts, 0) - counts)  # row start in the table - start in the list
+        index = torch.arange(len(table_blocks)) + torch.repeat_interleave(shift, counts)
+        meta.block_tables.view(-1)[index] = _int32s(table_blocks)
     pad_rows, pad_sessions = rows - len(token_ids), sessions - len(chunks)
     zeros, minus = [0] * pad_rows, [-1] * pad_rows  # padding rows write nowhere
     no_sessions = [0] * pad_sessions
