@@ -455,6 +455,115 @@ static inline void dot_2x4_bf16(const bfloat* u, const bfloat* v, const float* c
     dot_2x4_t(u, v, x, n, first, second, 1);
 }
 
+/* ---- bf16 projections on the CPU's bf16 dot-product instruction ------------------------------
+ * Where the compiler targets AVX512-BF16 (-march=native on a CPU that has it: Sapphire Rapids and
+ * later, Zen 4 and later), a bf16 guard's projections run on VDPBF16PS: the activations are
+ * rounded to bf16 once per call (nearest even, as torch's .bfloat16()), and each instruction
+ * multiplies 32 bf16 pairs and adds them into 16 fp32 sums. Elsewhere the weights are widened to
+ * fp32 and multiplied with the fp32 activations (above). QG_BF16_DOT_EMULATED builds the same
+ * kernels with the instruction written out in C, lane by lane as Intel specifies it, so that
+ * machines without it test everything but the instruction itself. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define QG_BF16_DOT 1
+#elif defined(QG_BF16_DOT_EMULATED)
+#define QG_BF16_DOT 2
+#else
+#define QG_BF16_DOT 0
+#endif
+
+/* Which projections' arithmetic this build runs: 0 widened fp32, 1 the CPU's bf16 dot-product
+ * instruction, 2 that instruction emulated (tests). */
+int64_t qg_bf16_dot(void) { return QG_BF16_DOT; }
+
+#if QG_BF16_DOT
+#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors passed between inlined functions */
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint16_t bf16x32 __attribute__((vector_size(64)));
+
+static inline bf16x32 load32_bf16(const bfloat* p) {
+    bf16x32 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* acc[i] + a[2i+1] * b[2i+1] + a[2i] * b[2i] for the 16 lanes (VDPBF16PS: each bf16 product is
+ * exact in fp32; the two additions round to nearest even, odd pair first). */
+static inline v16 dot_pairs(v16 acc, bf16x32 a, bf16x32 b) {
+#if QG_BF16_DOT == 1
+    return (v16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+#else
+    for (int i = 0; i < 16; ++i) {
+        const float odd = acc[i] + bf16_value(a[2 * i + 1]) * bf16_value(b[2 * i + 1]);
+        acc[i] = odd + bf16_value(a[2 * i]) * bf16_value(b[2 * i]);
+    }
+    return acc;
+#endif
+}
+
+static inline float sum16(v16 v) {
+    v8 low, high;
+    memcpy(&low, &v, sizeof low);
+    memcpy(&high, (const char*)&v + sizeof low, sizeof high);
+    return sum8(low + high);
+}
+
+/* w [n] . xb [n], both bf16, fp32 sums: two chains of 32 pairs, then the tail widened. */
+static float dot_pairs_row(const bfloat* w, const bfloat* xb, int64_t n) {
+    v16 a = {0}, b = {0};
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+        a = dot_pairs(a, load32_bf16(w + j), load32_bf16(xb + j));
+        b = dot_pairs(b, load32_bf16(w + j + 32), load32_bf16(xb + j + 32));
+    }
+    for (; j + 32 <= n; j += 32) a = dot_pairs(a, load32_bf16(w + j), load32_bf16(xb + j));
+    float total = sum16(a + b);
+    for (; j < n; ++j) total += bf16_value(w[j]) * bf16_value(xb[j]);
+    return total;
+}
+
+/* Rows u, v [n] times rows x[0..3] [n] (all bf16), as dot_2x4 does in fp32: eight accumulators,
+ * each weight load feeding four instructions. */
+static void dot_pairs_2x4(const bfloat* u, const bfloat* v, const bfloat* const* x, int64_t n,
+                          float* first, float* second) {
+    const int64_t body = n & ~(int64_t)31;
+    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t k = 0; k < body; k += 32) {
+        const bf16x32 p = load32_bf16(u + k), q = load32_bf16(v + k);
+        const bf16x32 c0 = load32_bf16(x[0] + k), c1 = load32_bf16(x[1] + k),
+                      c2 = load32_bf16(x[2] + k), c3 = load32_bf16(x[3] + k);
+        a0 = dot_pairs(a0, p, c0); a1 = dot_pairs(a1, p, c1);
+        a2 = dot_pairs(a2, p, c2); a3 = dot_pairs(a3, p, c3);
+        b0 = dot_pairs(b0, q, c0); b1 = dot_pairs(b1, q, c1);
+        b2 = dot_pairs(b2, q, c2); b3 = dot_pairs(b3, q, c3);
+    }
+    first[0] = sum16(a0); first[1] = sum16(a1); first[2] = sum16(a2); first[3] = sum16(a3);
+    second[0] = sum16(b0); second[1] = sum16(b1); second[2] = sum16(b2); second[3] = sum16(b3);
+    for (int64_t k = body; k < n; ++k)
+        for (int i = 0; i < 4; ++i) {
+            first[i] += bf16_value(u[k]) * bf16_value(x[i][k]);
+            second[i] += bf16_value(v[k]) * bf16_value(x[i][k]);
+        }
+}
+#endif
+
+/* The activations of a bf16-dot projection, rounded to bf16 in a per-thread buffer kept between
+ * calls (the caller's; the pool's helpers read it while the caller waits). NULL if it cannot be
+ * allocated. */
+static __thread bfloat* tls_activations = NULL;
+static __thread size_t tls_activations_count = 0;
+
+static __attribute__((unused)) const bfloat* activations_bf16(const float* x, int64_t count) {
+    if ((size_t)count > tls_activations_count) {
+        free(tls_activations);
+        tls_activations = malloc((size_t)count * sizeof(bfloat));
+        tls_activations_count = tls_activations != NULL ? (size_t)count : 0;
+        if (tls_activations == NULL) return NULL;
+    }
+    for (int64_t i = 0; i < count; ++i) tls_activations[i] = to_bf16(x[i]);
+    return tls_activations;
+}
+
 /* Sum of squares in float blocks of 64 accumulated in double. */
 static float sum_of_squares(const float* x, int64_t n) {
     double total = 0.0;
@@ -921,15 +1030,22 @@ typedef struct {
     const float *x, *residual;
     float* y;
     int64_t cols, bf16;
+    const bfloat* xb; /* x rounded to bf16 for the bf16 dot instruction, else NULL */
 } GemvJob;
+
+static float gemv_dot(const GemvJob* job, int64_t r) {
+#if QG_BF16_DOT
+    if (job->xb != NULL) return dot_pairs_row((const bfloat*)job->w + r * job->cols, job->xb,
+                                              job->cols);
+#endif
+    return job->bf16 ? dot_bf16((const bfloat*)job->w + r * job->cols, job->x, job->cols)
+                     : dot((const float*)job->w + r * job->cols, job->x, job->cols);
+}
 
 static void gemv_rows(void* context, int64_t begin, int64_t end) {
     const GemvJob* job = context;
     for (int64_t r = begin; r < end; ++r) {
-        const float value = job->bf16 ? dot_bf16((const bfloat*)job->w + r * job->cols, job->x,
-                                                 job->cols)
-                                      : dot((const float*)job->w + r * job->cols, job->x,
-                                            job->cols);
+        const float value = gemv_dot(job, r);
         job->y[r] = job->residual != NULL ? job->residual[r] + value : value;
     }
 }
@@ -940,7 +1056,8 @@ static void gemv_rows(void* context, int64_t begin, int64_t end) {
  * projection. */
 static void gemv(const void* w, const float* x, const float* residual, float* y, int64_t rows,
                  int64_t cols, int64_t bf16) {
-    GemvJob job = {w, x, residual, y, cols, bf16};
+    GemvJob job = {w, x, residual, y, cols, bf16, NULL};
+    if (bf16 && QG_BF16_DOT) job.xb = activations_bf16(x, cols);  /* NULL: widened, as below */
     const int64_t grain = cols >= 8192 ? 1 : 8192 / cols;
     if (rows * cols >= 32768)
         parallel_for(gemv_rows, &job, rows, grain);
@@ -954,6 +1071,7 @@ typedef struct {
     const float* residual;
     float* y;
     int64_t rows, cols, out, bf16;
+    const bfloat* xb; /* x rounded to bf16 for the bf16 dot instruction, else NULL */
 } GemmJob;
 
 /* y[m, n] (+= residual[m, n]) = dot(x[m], w[n]) for the weight rows n in [begin, end): two weight
@@ -964,8 +1082,46 @@ static inline float finish(const GemmJob* job, int64_t at, float value) {
 }
 
 #define GEMM_PREFETCH_ROWS 8
+#if QG_BF16_DOT
+/* gemm_weight_rows on the bf16 dot instruction (x already rounded to bf16: job->xb). */
+static void gemm_weight_rows_pairs(const GemmJob* job, int64_t begin, int64_t end) {
+    const int64_t cols = job->cols, out = job->out, rows = job->rows;
+    const bfloat* w = job->w;
+    int64_t m = 0;
+    for (; m + 4 <= rows; m += 4) {
+        const bfloat* x0 = job->xb + m * cols;
+        const bfloat* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
+        for (int64_t n = begin; n < end; n += 2) {
+            const int pair = n + 1 < end;
+            const bfloat* w0 = w + n * cols;
+            const bfloat* w1 = pair ? w0 + cols : w0;
+            if (m == 0 && n + GEMM_PREFETCH_ROWS + 2 <= end)
+                prefetch_row(w0 + GEMM_PREFETCH_ROWS * cols, 2 * cols * sizeof(bfloat));
+            float first[4], second[4];
+            dot_pairs_2x4(w0, w1, x, cols, first, second);
+            for (int i = 0; i < 4; ++i) {
+                const int64_t at = (m + i) * out + n;
+                job->y[at] = finish(job, at, first[i]);
+                if (pair) job->y[at + 1] = finish(job, at + 1, second[i]);
+            }
+        }
+    }
+    for (; m < rows; ++m)
+        for (int64_t n = begin; n < end; ++n) {
+            const int64_t at = m * out + n;
+            job->y[at] = finish(job, at, dot_pairs_row(w + n * cols, job->xb + m * cols, cols));
+        }
+}
+#endif
+
 static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
     const GemmJob* job = context;
+#if QG_BF16_DOT
+    if (job->xb != NULL) {
+        gemm_weight_rows_pairs(job, begin, end);
+        return;
+    }
+#endif
     const int64_t cols = job->cols, out = job->out, rows = job->rows;
     const size_t size = job->bf16 ? sizeof(bfloat) : sizeof(float);
     /* x rows four at a time outside, this chunk's weight rows inside: the four x rows stay in L1
@@ -1019,7 +1175,8 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
  * weight once, as a BLAS GEMM would, and keeps the threads in our pool (see "Threads"). */
 static void gemm(const float* x, const void* w, const float* residual, float* y, int64_t rows,
                  int64_t cols, int64_t out, int64_t bf16) {
-    GemmJob job = {x, w, residual, y, rows, cols, out, bf16};
+    GemmJob job = {x, w, residual, y, rows, cols, out, bf16, NULL};
+    if (bf16 && QG_BF16_DOT) job.xb = activations_bf16(x, rows * cols);  /* NULL: widened */
     int64_t grain = cols >= 16384 ? 2 : 16384 / cols;
     grain += grain & 1;  /* even: the weight rows go in pairs */
     if (rows * cols * out >= 65536)

@@ -36,6 +36,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "qg_exp": ([_P, _P, _I], None),
     "qg_set_threads": ([_I], None),
+    "qg_bf16_dot": ([], _I),
     "qg_set_adaptive": ([_I], None),
     "qg_pool_state": ([_P], None),
     "qg_usable_helpers": ([_I, _I, _I], _I),
@@ -57,13 +58,14 @@ class BuildError(RuntimeError):
 
 
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The compiled library with its signatures declared, or None (disabled, or no build)."""
+def load(defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled library with its signatures declared, or None (disabled, or no build).
+    `defines`: extra -D flags for a variant build (tests: "-DQG_BF16_DOT_EMULATED")."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         log.info("%s=0: the CPU decode step runs in eager PyTorch", DISABLE_ENV)
         return None
     try:
-        library = ctypes.CDLL(str(build()))
+        library = ctypes.CDLL(str(build(defines=defines)))
     except (BuildError, OSError) as error:
         log.warning("the C CPU decode step is unavailable (%s); using the eager PyTorch step, "
                     "which is slower per token", error)
@@ -74,9 +76,10 @@ def load() -> ctypes.CDLL | None:
     return library
 
 
-def build(cache: Path | None = None) -> Path:
-    """Compile cpu_step.c into `cache` (default: the user cache) unless already built; return the
-    shared library's path. Raises BuildError naming the compiler and its complaint."""
+def build(cache: Path | None = None, defines: tuple[str, ...] = ()) -> Path:
+    """Compile cpu_step.c into `cache` (default: the user cache) unless already built, with the
+    extra `defines` (-D flags) if any; return the shared library's path. Raises BuildError naming
+    the compiler and its complaint."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise BuildError("no C compiler found (set CC, or install gcc)")
@@ -84,6 +87,7 @@ def build(cache: Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in FLAG_SETS:
+        flags = (*flags, *defines)
         target = cache / f"cpu_step-{_build_key(compiler, flags)}.so"
         if target.is_file():
             return target

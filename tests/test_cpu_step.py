@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -208,6 +209,9 @@ def test_bf16_weight_gemm_equals_the_fp32_gemm_on_the_same_values(library, rows:
                                                                   out: int) -> None:
     """qg_gemm_bf16 widens each bf16 weight to the fp32 it stands for and does the same
     arithmetic: it equals qg_gemm on the widened weights exactly, and the formula."""
+    if library.qg_bf16_dot():
+        pytest.skip("this CPU's build runs bf16 projections on its bf16 dot instruction "
+                    "(test_bf16_dot_projections_match_the_formula_on_bf16_activations)")
     gen = torch.Generator().manual_seed(rows + cols + out)
     x, residual = torch.randn(rows, cols, generator=gen), torch.randn(rows, out, generator=gen)
     weight = torch.randn(out, cols, generator=gen).bfloat16()
@@ -220,6 +224,93 @@ def test_bf16_weight_gemm_equals_the_fp32_gemm_on_the_same_values(library, rows:
     assert torch.equal(got, expected)
     formula = x.double() @ widened.double().t() + residual.double()
     torch.testing.assert_close(got.double(), formula, atol=1e-5 * cols ** 0.5, rtol=1e-5)
+
+
+CPU_HAS_BF16_DOT = "avx512_bf16" in cpu_step._cpu_flags().split()
+EMULATED = ("-DQG_BF16_DOT_EMULATED",)
+
+
+@pytest.fixture(scope="module", params=["emulated", "native"])
+def dot_library(request: pytest.FixtureRequest):
+    """The library with bf16 projections on VDPBF16PS: this CPU's own build where it has the
+    instruction, and everywhere a build with the instruction emulated in C (lane by lane, as
+    Intel specifies it), so machines without it test everything but the instruction."""
+    if request.param == "native":
+        if not CPU_HAS_BF16_DOT:
+            pytest.skip("this CPU has no AVX512-BF16")
+        library = cpu_step.load()
+        assert library is not None and library.qg_bf16_dot() == 1
+        return library
+    library = cpu_step.load(EMULATED)
+    assert library is not None and library.qg_bf16_dot() == 2
+    return library
+
+
+def test_the_default_build_uses_the_bf16_dot_instruction_exactly_where_the_cpu_has_it(
+        library) -> None:
+    assert library.qg_bf16_dot() == (1 if CPU_HAS_BF16_DOT else 0)
+
+
+def test_the_bf16_dot_instruction_path_compiles_for_cpus_that_have_it(tmp_path: Path) -> None:
+    """The native branch (intrinsics) cannot run here without the instruction; it must at least
+    compile, for a Sapphire Rapids target, and emit VDPBF16PS."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    target = tmp_path / "spr.so"
+    result = subprocess.run([compiler, *cpu_step.BASE_FLAGS, "-march=sapphirerapids",
+                             str(cpu_step.SOURCE), "-o", str(target), "-lm"],
+                            capture_output=True, text=True, timeout=120)
+    if "sapphirerapids" in result.stderr and result.returncode != 0:
+        pytest.skip(f"{compiler} does not know -march=sapphirerapids")
+    assert result.returncode == 0, result.stderr
+    if shutil.which("objdump"):
+        listing = subprocess.run(["objdump", "-d", str(target)], capture_output=True,
+                                 text=True, timeout=120).stdout
+        assert "vdpbf16ps" in listing
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows,cols,out", [(1, 256, 512), (3, 100, 37), (4, 64, 2050),
+                                           (5, 33, 7), (16, 1536, 513), (9, 31, 66)])
+def test_bf16_dot_projections_match_the_formula_on_bf16_activations(
+        dot_library, threads: int, rows: int, cols: int, out: int) -> None:
+    """With the bf16 dot instruction, qg_gemm_bf16 rounds the activations to bf16 (nearest
+    even) and sums exact bf16 products in fp32: the formula on bf16-rounded x, to fp32
+    accumulation error (far tighter than the rounding of x itself, so a path that kept x in
+    fp32 fails it), in the 4-row blocks, the leftover rows and the tails past 32 columns."""
+    gen = torch.Generator().manual_seed(rows * cols + out)
+    x, residual = torch.randn(rows, cols, generator=gen), torch.randn(rows, out, generator=gen)
+    weight = torch.randn(out, cols, generator=gen).bfloat16()
+    got = torch.full((rows, out), float("nan"))
+    dot_library.qg_set_threads(threads)
+    try:
+        dot_library.qg_gemm_bf16(pointer(x), pointer(weight, torch.bfloat16), pointer(residual),
+                                 pointer(got), rows, cols, out)
+    finally:
+        dot_library.qg_set_threads(torch.get_num_threads())
+    formula = x.bfloat16().double() @ weight.double().t() + residual.double()
+    torch.testing.assert_close(got.double(), formula, atol=2e-6 * cols ** 0.5, rtol=1e-6)
+    unrounded = x.double() @ weight.double().t() + residual.double()
+    assert (got.double() - unrounded).abs().max() > 20 * (got.double() - formula).abs().max()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, MAX_TOKENS])
+def test_a_bf16_guard_on_the_bf16_dot_instruction_follows_the_fp32_model(
+        dot_library, tiny_checkpoint: Path, chunk: int) -> None:
+    """A bf16 guard's C step with its projections on the bf16 dot instruction (one-token GEMVs
+    at chunk 1, GEMMs past it) over a stream: as close to the fp32 model as the torch bf16 step
+    (which rounds every activation to bf16), and close to the widened C step."""
+    guard = StreamGuard.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.bfloat16)
+    ids = torch.randint(0, 151936, (64,), generator=torch.Generator().manual_seed(chunk))
+    bounds = (0, 20, *range(20 + chunk, 64, chunk), 64)
+    got = hidden_through_runner(guard, ids, bounds, c_library=dot_library).float()
+    widened = hidden_through_runner(guard, ids, bounds, use_c_step=True).float()
+    torch_bf16 = hidden_through_runner(guard, ids, bounds, use_c_step=False).float()
+    exact = hidden_through_runner(StreamGuard.from_pretrained(tiny_checkpoint, device="cpu"),
+                                  ids, bounds, use_c_step=False)
+    assert torch.isfinite(got).all()
+    assert not torch.equal(got, widened)  # the activations were rounded: another path ran
+    assert (got - exact).abs().max() <= 1.5 * (torch_bf16 - exact).abs().max()
+    torch.testing.assert_close(got, widened, atol=0.1, rtol=0.05)
 
 
 def test_the_thread_pool_serves_concurrent_callers_and_forked_children(library) -> None:

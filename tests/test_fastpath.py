@@ -15,6 +15,7 @@ from qguard_stream import StreamGuard
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
 from qguard_stream.models.qwen3 import RMSNorm, Rotary, apply_rotary
 from qguard_stream.runtime.attention import _grouped_small, _sdpa
+from qguard_stream.runtime.cpu_step import CpuStep
 from qguard_stream.runtime.layer import rms_norm
 from qguard_stream.runtime.outputs import FinalHidden
 from qguard_stream.runtime.paged import Chunk, PagedRunner
@@ -72,13 +73,16 @@ def test_fast_path_hidden_states_match_transformers(tiny_guard: StreamGuard,
 
 
 def hidden_through_runner(guard: StreamGuard, ids: torch.Tensor, bounds: tuple[int, ...],
-                          block_size: int = 16, **runner_options) -> torch.Tensor:
+                          block_size: int = 16, c_library=None, **runner_options) -> torch.Tensor:
     """Final hidden states of one session fed ids[bounds[i]:bounds[i + 1]] chunk by chunk
-    through a fresh paged runner over the guard's weights."""
+    through a fresh paged runner over the guard's weights (its C step over `c_library`, a
+    variant build of kernels/cpu_step.c, when given)."""
     pool = BlockPool(guard.config, -(-bounds[-1] // block_size) + 2, block_size, guard.device,
                      guard.dtype)
     runner = PagedRunner(guard.fast, FinalHidden(guard.config.hidden_size), pool,
                          **runner_options)
+    if c_library is not None:
+        runner.cpu_step = CpuStep(guard.fast, pool, c_library)
     BlockTable(block_size).grow(pool, 1)  # another session's block: ours start at slot 16
     table, hidden = BlockTable(block_size), []
     for start, end in itertools.pairwise(bounds):
