@@ -8,7 +8,8 @@ install the project with `pip install --no-deps --no-build-isolation -e .` (buil
 would try to download setuptools). Then `python -m benchmarks.profile_step --out DIR` says where
 a step's GPU time goes.
 
-1. The CUDA tests (pytest on the kernel, runner and engine test files).
+1. The CUDA tests (pytest on the kernel, runner and engine test files), then the host CPU's bf16
+   C-step tests (its bf16 dot instruction where the CPU has AVX512-BF16).
 2. Parity at each shape (default 0.6b and 8b), bf16, random weights drawn on the GPU (no
    checkpoint written to disk): CUDA-graph replay vs the eager paged step vs transformers'
    Qwen3Model + DynamicCache over one stream (a prompt, chunks of 1-40 tokens, a rollback).
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry and not args.skip_tests:
         report["tests"] = run_tests(args.test_timeout)
         print(f"tests: {report['tests']['summary']}", flush=True)
+        # The host CPU's bf16 C step (its native VDPBF16PS path where the CPU has it; skipped
+        # tests otherwise): the GPU machines' CPUs may be the only ones at hand that have it.
+        report["host_cpu_tests"] = run_tests(120, ["tests/test_cpu_step.py"], "bf16")
+        print(f"host CPU bf16 tests: {report['host_cpu_tests']['summary']}", flush=True)
     for shape in shapes:
         report["shapes"][shape] = check_shape(shape, device, dtype, args, sessions)
         write(report, args.out)
@@ -95,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     failed |= any(not p.get("ok", True) for r in report["shapes"].values()
                   for p in [r.get("parity", {})])
     failed |= bool(report["tests"] and report["tests"]["returncode"] != 0)
+    failed |= bool(report.get("host_cpu_tests") and report["host_cpu_tests"]["returncode"] != 0)
     return 1 if failed else 0
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "torch": torch.__version__, "device": "cpu"}
+    info = {"platform": platform.platform(), "torch": torch.__version__, "device": "cpu",
+            "host_cpu": host_cpu()}
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
         try:
@@ -111,12 +118,34 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_tests(timeout: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS]
+def host_cpu() -> dict[str, Any]:
+    """The host CPU's model and whether it has bf16 instructions (the CPU step's bf16
+    projections use AVX512-BF16 where it exists)."""
+    flags: list[str] = []
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return {"model": model, "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags}
+
+
+def run_tests(timeout: int, files: list[str] | None = None,
+              select: str | None = None) -> dict[str, Any]:
+    """pytest over `files` (default: the CUDA tests), `select` as its -k expression."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               *(files or CUDA_TESTS)]
     try:
         import pytest_asyncio  # noqa: F401
     except ImportError:  # async tests need it; the GPU images we test on lack it
-        command += ["-k", "not test_async"]
+        select = f"({select}) and not test_async" if select else "not test_async"
+    if select:
+        command += ["-k", select]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         output, code = done.stdout + done.stderr, done.returncode
@@ -296,8 +325,13 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"# gpu_check {report['date_utc']}", "",
              f"{m['device']}, torch {m['torch']}, triton {m.get('triton')}, {report['dtype']}", ""]
+    cpu = m.get("host_cpu", {})
+    lines += [f"host CPU: {cpu.get('model')}, avx512_bf16 {cpu.get('avx512_bf16')}, "
+              f"amx_bf16 {cpu.get('amx_bf16')}", ""]
     if report["tests"]:
         lines += [f"tests: {report['tests']['summary']}", ""]
+    if report.get("host_cpu_tests"):
+        lines += [f"host CPU bf16 tests: {report['host_cpu_tests']['summary']}", ""]
     for shape, result in report["shapes"].items():
         lines.append(f"## {shape}")
         parity_result = result.get("parity", {})

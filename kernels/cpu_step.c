@@ -13,7 +13,9 @@
  * bf16 (a bf16 guard on the CPU): qg_gemm_bf16, and the `bf16` flag of qg_qk_rope_store,
  * qg_attend_paged and qg_decode_layer, read the projection weights and the K/V pools as bf16,
  * widened to fp32 on load (a shift), and store K/V rounded to nearest even; activations and
- * accumulation stay fp32. Half the bytes of the fp32 step, on CPUs without bf16 arithmetic.
+ * accumulation stay fp32. Half the bytes of the fp32 step, on CPUs without bf16 arithmetic. On a
+ * CPU with AVX512-BF16 the projections instead round their activations to bf16 and run on its
+ * dot-product instruction (see "bf16 projections" below; qg_bf16_dot says which).
  *
  * Layouts (all row-major, contiguous):
  *   qkv          [n_new, (heads + 2 * kv_heads) * head_dim]   q heads, then k heads, then v heads

@@ -1,7 +1,9 @@
 """The paged runner's step on the CPU, fp32 or bf16: runtime/layer.py's decoder layer in C
 (kernels/cpu_step.c), K/V read and written in the paged pool through the block tables. In bf16 the
 projection weights and the pool stay bf16 and are widened to fp32 as the library loads them; the
-arithmetic, the norms and RoPE tables (fp32 copies) and the activations are fp32.
+arithmetic, the norms and RoPE tables (fp32 copies) and the activations are fp32, except that on
+a CPU with AVX512-BF16 the projections round their activations to bf16 and run on its bf16
+dot-product instruction (`library.qg_bf16_dot()` says which).
 
 The step's rows are the new tokens of one or many sessions, packed (at most MAX_TOKENS per
 session). One row (one session feeding one token, the stream's common case): each layer is one C
