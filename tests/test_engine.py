@@ -9,11 +9,13 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from qguard_stream import ForeignSessionError, StreamClosedError, StreamGuard
+from qguard_stream.checkpoints import config_for
 from qguard_stream.engine import (
     AsyncEngine,
     Engine,
@@ -22,7 +24,13 @@ from qguard_stream.engine import (
     PoolTooSmallError,
     SessionBusyError,
 )
-from qguard_stream.kvcache.paged import BlockTable, blocks_for_budget, bytes_per_token
+from qguard_stream.kvcache.paged import (
+    BlockPool,
+    BlockTable,
+    advise_huge_pages,
+    blocks_for_budget,
+    bytes_per_token,
+)
 
 from oracles import score_in_one_session as reference
 
@@ -406,6 +414,31 @@ def test_thousand_sessions_leave_pool_empty_and_memory_flat(engine: Engine) -> N
     assert engine.pool.used_blocks == 0 and engine.pool.free_blocks == engine.pool.num_blocks
     assert not engine.sessions and engine.stats().active_sessions == 0
     assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 1,000 sessions"
+
+
+def vm_flags_at(address: int) -> list[str]:
+    """The VmFlags of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and ":" not in first:
+            low, high = (int(part, 16) for part in first.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
+def test_a_cpu_pool_is_advised_onto_huge_pages_and_a_small_tensor_is_not() -> None:
+    """The CPU pool's memory carries MADV_HUGEPAGE (smaps flag "hg"), so the kernel backs it
+    with 2 MiB pages as blocks are written; a tensor smaller than a huge page is left alone."""
+    config = config_for("small")
+    pool = BlockPool(config, 1024, 16, torch.device("cpu"), torch.float32)  # 64 MiB
+    middle = pool.kv.data_ptr() + pool.nbytes() // 2
+    assert "hg" in vm_flags_at(middle)
+    assert not advise_huge_pages(torch.empty(1000))
+    assert not advise_huge_pages(torch.empty(2**20, device="meta"))
 
 
 def test_block_table_slots_follow_blocks() -> None:

@@ -15,6 +15,9 @@ slot arithmetic; it knows nothing of models, roles or verdicts.
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 
 from qguard_stream.config import GuardConfig
@@ -65,6 +68,33 @@ def blocks_for_budget(config: GuardConfig, dtype: torch.dtype, block_size: int,
     return blocks
 
 
+HUGE_PAGE = 2 * 2**20
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask Linux to back a CPU tensor's not-yet-written memory with transparent huge pages
+    (2 MiB) as it is first written; whether the advice was taken. The paged attention reads each
+    block's rows of one head, 4 KiB at a time from scattered blocks: with 4 KiB pages nearly every
+    such read missed the TLB (32 sessions x 512 positions of the small shape: the C attention 17%
+    faster on huge pages). Only the whole huge pages inside the tensor are advised; a no-op off
+    Linux, for tensors under 2 MiB, or where the kernel refuses (THP "never")."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return False
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    first = -(-begin // HUGE_PAGE) * HUGE_PAGE
+    last = end // HUGE_PAGE * HUGE_PAGE
+    if last <= first:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(first, last - first, _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class BlockPool:
     """Fixed-size KV blocks: `kv[layer, 0|1]` is [num_blocks, kv_heads, block_size, head_dim]
     (keys, values); `layer(i)` gives them as [num_blocks, block_size, kv_heads, head_dim]."""
@@ -83,9 +113,12 @@ class BlockPool:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, "
                              f"{block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        make = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+        cpu = torch.device(device).type == "cpu"
+        make = torch.empty if cpu else torch.zeros
         self.kv = make(config.num_hidden_layers, 2, num_blocks, config.num_key_value_heads,
                        block_size, config.head_dim, device=device, dtype=dtype)
+        if cpu:
+            advise_huge_pages(self.kv)
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is taken first
 
     @property
