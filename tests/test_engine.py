@@ -441,6 +441,13 @@ def test_a_cpu_pool_is_advised_onto_huge_pages_and_a_small_tensor_is_not() -> No
     assert not advise_huge_pages(torch.empty(2**20, device="meta"))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
+def test_huge_pages_are_not_asked_for_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QGUARD_STREAM_HUGE_PAGES", "0")
+    pool = BlockPool(config_for("small"), 1024, 16, torch.device("cpu"), torch.float32)
+    assert "hg" not in vm_flags_at(pool.kv.data_ptr() + pool.nbytes() // 2)
+
+
 def test_block_table_slots_follow_blocks() -> None:
     table = BlockTable(block_size=4)
     table.blocks = [7, 2, 9]

@@ -16,6 +16,7 @@ slot arithmetic; it knows nothing of models, roles or verdicts.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -69,6 +70,7 @@ def blocks_for_budget(config: GuardConfig, dtype: torch.dtype, block_size: int,
 
 
 HUGE_PAGE = 2 * 2**20
+HUGE_PAGES_ENV = "QGUARD_STREAM_HUGE_PAGES"
 _MADV_HUGEPAGE = 14
 
 
@@ -78,8 +80,11 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     block's rows of one head, 4 KiB at a time from scattered blocks: with 4 KiB pages nearly every
     such read missed the TLB (32 sessions x 512 positions of the small shape: the C attention 17%
     faster on huge pages). Only the whole huge pages inside the tensor are advised; a no-op off
-    Linux, for tensors under 2 MiB, or where the kernel refuses (THP "never")."""
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+    Linux, for tensors under 2 MiB, where the kernel refuses (THP "never"), or with
+    QGUARD_STREAM_HUGE_PAGES=0 (where the kernel compacts memory to find a huge page, a
+    memory-starved machine may stall the step that first writes a 2 MiB region)."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" \
+            or os.environ.get(HUGE_PAGES_ENV, "1") == "0":
         return False
     begin = tensor.data_ptr()
     end = begin + tensor.numel() * tensor.element_size()
