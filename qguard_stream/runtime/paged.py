@@ -26,7 +26,6 @@ This module owns no session bookkeeping.
 from __future__ import annotations
 
 import threading
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from qguard_stream.kernels import triton_available
 from qguard_stream.kernels.cpu_step import load as cpu_step_library
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
+from qguard_stream.packing import int32s, int64s
 from qguard_stream.runtime.attention import (
     FLASH_PAGE,
     attend,
@@ -100,7 +100,7 @@ class FlashRows:
         width = max(chunk.token_ids.shape[0] for chunk in chunks)
         index = [s * width + width - chunk.token_ids.shape[0] + j
                  for s, chunk in enumerate(chunks) for j in range(chunk.token_ids.shape[0])]
-        return cls(_int64s(index).to(device), len(chunks), width)
+        return cls(int64s(index).to(device), len(chunks), width)
 
 
 @dataclass(frozen=True)
@@ -158,28 +158,17 @@ def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
         table_blocks += blocks
     if table_blocks:  # one indexed write for every session's blocks, its index from torch ops
         # (a Python list of 256 sessions x 65 blocks took 4 ms to build)
-        counts = _int64s([len(chunk.table.blocks) for chunk in chunks])
+        counts = int64s([len(chunk.table.blocks) for chunk in chunks])
         shift = torch.arange(len(chunks)) * meta.block_tables.shape[1] \
             - (torch.cumsum(counts, 0) - counts)  # row start in the table - start in the list
         index = torch.arange(len(table_blocks)) + torch.repeat_interleave(shift, counts)
-        meta.block_tables.view(-1)[index] = _int32s(table_blocks)
+        meta.block_tables.view(-1)[index] = int32s(table_blocks)
     pad_rows, pad_sessions = rows - len(token_ids), sessions - len(chunks)
     zeros, minus = [0] * pad_rows, [-1] * pad_rows  # padding rows write nowhere
     no_sessions = [0] * pad_sessions
-    meta.header.copy_(_int32s(  # in StepMeta's field order
+    meta.header.copy_(int32s(  # in StepMeta's field order
         token_ids + zeros + positions + zeros + slots + minus + row_seq + minus + user + zeros
         + q_start + no_sessions + q_len + no_sessions + ctx_len + no_sessions))
-
-
-def _int32s(values: list[int]) -> torch.Tensor:
-    # array.array packs a list of ints ~3x faster than torch.tensor does
-    return torch.frombuffer(array("i", values), dtype=torch.int32) if values else \
-        torch.empty(0, dtype=torch.int32)
-
-
-def _int64s(values: list[int]) -> torch.Tensor:
-    return torch.frombuffer(array("q", values), dtype=torch.int64) if values else \
-        torch.empty(0, dtype=torch.int64)
 
 
 class PagedRunner:
