@@ -1113,46 +1113,40 @@ static inline float finish(const GemmJob* job, int64_t at, float value) {
 }
 
 #define GEMM_PREFETCH_ROWS 8
-#if QG_BF16_DOT
-/* gemm_weight_rows on the bf16 dot instruction (x already rounded to bf16: job->xb). */
-static void gemm_weight_rows_pairs(const GemmJob* job, int64_t begin, int64_t end) {
-    const int64_t cols = job->cols, out = job->out, rows = job->rows;
-    const bfloat* w = job->w;
-    int64_t m = 0;
-    for (; m + 4 <= rows; m += 4) {
-        const bfloat* x0 = job->xb + m * cols;
-        const bfloat* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
-        for (int64_t n = begin; n < end; n += 2) {
-            const int pair = n + 1 < end;
-            const bfloat* w0 = w + n * cols;
-            const bfloat* w1 = pair ? w0 + cols : w0;
-            if (m == 0 && n + GEMM_PREFETCH_ROWS + 2 <= end)
-                prefetch_row(w0 + GEMM_PREFETCH_ROWS * cols, 2 * cols * sizeof(bfloat));
-            float first[4], second[4];
-            dot_pairs_2x4(w0, w1, x, cols, first, second);
-            for (int i = 0; i < 4; ++i) {
-                const int64_t at = (m + i) * out + n;
-                job->y[at] = finish(job, at, first[i]);
-                if (pair) job->y[at + 1] = finish(job, at + 1, second[i]);
-            }
-        }
-    }
-    for (; m < rows; ++m)
-        for (int64_t n = begin; n < end; ++n) {
-            const int64_t at = m * out + n;
-            job->y[at] = finish(job, at, dot_pairs_row(w + n * cols, job->xb + m * cols, cols));
-        }
-}
-#endif
 
-static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
-    const GemmJob* job = context;
+/* Weight rows w0, w1 times x rows m..m+3 in the job's arithmetic: fp32, bf16 weights widened, or
+ * the bf16 dot instruction over x rounded to bf16 (job->xb). */
+static inline void gemm_2x4(const GemmJob* job, const char* w0, const char* w1, int64_t m,
+                            float* first, float* second) {
+    const int64_t cols = job->cols;
 #if QG_BF16_DOT
     if (job->xb != NULL) {
-        gemm_weight_rows_pairs(job, begin, end);
+        const bfloat* x0 = job->xb + m * cols;
+        const bfloat* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
+        dot_pairs_2x4((const bfloat*)w0, (const bfloat*)w1, x, cols, first, second);
         return;
     }
 #endif
+    const float* x0 = job->x + m * cols;
+    const float* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
+    if (job->bf16)
+        dot_2x4_bf16((const bfloat*)w0, (const bfloat*)w1, x, cols, first, second);
+    else
+        dot_2x4((const float*)w0, (const float*)w1, x, cols, first, second);
+}
+
+/* Weight row w times x row r, in the job's arithmetic (as gemm_2x4). */
+static inline float gemm_dot(const GemmJob* job, const char* w, int64_t r) {
+    const int64_t cols = job->cols;
+#if QG_BF16_DOT
+    if (job->xb != NULL) return dot_pairs_row((const bfloat*)w, job->xb + r * cols, cols);
+#endif
+    const float* x = job->x + r * cols;
+    return job->bf16 ? dot_bf16((const bfloat*)w, x, cols) : dot((const float*)w, x, cols);
+}
+
+static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
+    const GemmJob* job = context;
     const int64_t cols = job->cols, out = job->out, rows = job->rows;
     const size_t size = job->bf16 ? sizeof(bfloat) : sizeof(float);
     /* x rows four at a time outside, this chunk's weight rows inside: the four x rows stay in L1
@@ -1160,8 +1154,6 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
      * each weight pair, at the limit of what L2 feeds the FMAs). */
     int64_t m = 0;
     for (; m + 4 <= rows; m += 4) {
-        const float* x0 = job->x + m * cols;
-        const float* const x[4] = {x0, x0 + cols, x0 + 2 * cols, x0 + 3 * cols};
         for (int64_t n = begin; n < end; n += 2) {
             const int pair = n + 1 < end;
             const char* w0 = (const char*)job->w + n * cols * size;
@@ -1172,10 +1164,7 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
             if (m == 0 && n + GEMM_PREFETCH_ROWS + 2 <= end)
                 prefetch_row(w0 + GEMM_PREFETCH_ROWS * cols * size, 2 * cols * size);
             float first[4], second[4];
-            if (job->bf16)
-                dot_2x4_bf16((const bfloat*)w0, (const bfloat*)w1, x, cols, first, second);
-            else
-                dot_2x4((const float*)w0, (const float*)w1, x, cols, first, second);
+            gemm_2x4(job, w0, w1, m, first, second);
             for (int i = 0; i < 4; ++i) {
                 const int64_t at = (m + i) * out + n;
                 job->y[at] = finish(job, at, first[i]);
@@ -1188,14 +1177,9 @@ static void gemm_weight_rows(void* context, int64_t begin, int64_t end) {
         const char* w0 = (const char*)job->w + n * cols * size;
         const char* w1 = pair ? w0 + cols * size : w0;
         for (int64_t r = m; r < rows; ++r) {
-            const float* x = job->x + r * cols;
             const int64_t at = r * out + n;
-            job->y[at] = finish(job, at, job->bf16 ? dot_bf16((const bfloat*)w0, x, cols)
-                                                   : dot((const float*)w0, x, cols));
-            if (pair)
-                job->y[at + 1] = finish(job, at + 1,
-                                        job->bf16 ? dot_bf16((const bfloat*)w1, x, cols)
-                                                  : dot((const float*)w1, x, cols));
+            job->y[at] = finish(job, at, gemm_dot(job, w0, r));
+            if (pair) job->y[at + 1] = finish(job, at + 1, gemm_dot(job, w1, r));
         }
     }
 }
