@@ -584,7 +584,7 @@ static void dot_pairs_2x4(const bfloat* u, const bfloat* v, const bfloat* const*
 static __thread bfloat* tls_activations = NULL;
 static __thread size_t tls_activations_count = 0;
 
-static __attribute__((unused)) const bfloat* activations_bf16(const float* x, int64_t count) {
+static const bfloat* activations_bf16(const float* x, int64_t count) {
     if ((size_t)count > tls_activations_count) {
         free(tls_activations);
         tls_activations = malloc((size_t)count * sizeof(bfloat));
