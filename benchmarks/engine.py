@@ -28,7 +28,7 @@ import torch
 from benchmarks.latency import weight_bytes
 from qguard_stream.checkpoints import make_random_checkpoint
 from qguard_stream.engine import Engine, EngineSettings, settle_heap
-from qguard_stream.kvcache.paged import bytes_per_token
+from qguard_stream.kvcache.paged import budget_tokens, bytes_per_token, default_block_size
 from qguard_stream.stream import StreamGuard
 
 
@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         guard = StreamGuard.from_pretrained(make_random_checkpoint(Path(tmp) / "m", args.shape),
                                             device="cpu")
-    blocks_each = -(-(args.context + max(ks)) // 16) + 1
-    engine = Engine(guard, EngineSettings(max_tokens=max(sessions) * blocks_each * 16))
+    engine = Engine(guard, EngineSettings(max_tokens=budget_tokens(
+        max(sessions), args.context + max(ks), default_block_size("cpu"))))
     settle_heap()  # as the server does once its engine is built; undone after (tests call this)
     try:
         gbps = copy_bandwidth_gbps()

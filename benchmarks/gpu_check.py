@@ -41,7 +41,7 @@ from benchmarks.baselines import CachedTransformers, CardLoop, hf_backbone_from_
 from benchmarks.latency import Cell, Ours, format_table, measure, roofline_ms, weight_bytes
 from qguard_stream.checkpoints import config_for, random_tensors
 from qguard_stream.engine import Engine, EngineSettings, settle_heap
-from qguard_stream.kvcache.paged import BlockPool, BlockTable
+from qguard_stream.kvcache.paged import BlockPool, BlockTable, budget_tokens, default_block_size
 from qguard_stream.loader import model_from_tensors
 from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
@@ -277,8 +277,7 @@ def engine_throughput(guard: StreamGuard, sessions: list[int], args: argparse.Na
     """Tokens/s with B sessions each at `context` tokens, one token per session per step."""
     context = 32 if args.dry else args.engine_context
     steps = 3 if args.dry else 10
-    blocks_each = -(-(context + steps + 2) // 16) + 1
-    tokens = max(sessions) * blocks_each * 16
+    tokens = budget_tokens(max(sessions), context + steps + 2, default_block_size(device))
     settings = EngineSettings(max_tokens=tokens, max_graph_tokens=max(sessions),
                               max_batch_tokens=max(8192, context))
     engine = Engine(guard, settings)

@@ -28,6 +28,7 @@ from qguard_stream.kernels.paged_attention import INTERPRETED, MAX_SPLITS, Paged
 from benchmarks.gpu_check import build
 from benchmarks.latency import roofline_ms, weight_bytes
 from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.kvcache.paged import budget_tokens, default_block_size
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,8 +97,8 @@ def guard_bandwidth(guard: Any, floor_ms: float | None) -> float | None:
 
 def profile_engine_step(guard: Any, batch: int, context: int, top: int,
                         device: torch.device) -> dict[str, Any]:
-    blocks_each = -(-(context + 16) // 16) + 1
-    engine = Engine(guard, EngineSettings(max_tokens=batch * blocks_each * 16,
+    engine = Engine(guard, EngineSettings(max_tokens=budget_tokens(batch, context + 16,
+                                                                   default_block_size(device)),
                                           max_graph_tokens=max(batch, 1),
                                           max_batch_tokens=max(8192, context)))
     gen = torch.Generator().manual_seed(3)

@@ -23,11 +23,11 @@ from qguard_stream.config import GuardConfig
 from qguard_stream.conversation import ConversationVerdict, plan_conversation
 from qguard_stream.hooks import Hooks, Monitor, dispatch
 from qguard_stream.kvcache.paged import (
-    BLOCK_TOKENS,
     BlockPool,
     BlockTable,
     LayerView,
     blocks_for_budget,
+    default_block_size,
     default_kv_gb,
 )
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
@@ -100,7 +100,8 @@ class StreamGuard:
         self.fast = FusedWeights(model.model, self.config) if fast_path else None
         self._use_cuda_graphs = use_cuda_graphs
         self._kv_memory_gb = default_kv_gb(self.device) if kv_memory_gb is None else kv_memory_gb
-        blocks_for_budget(self.config, self.dtype, BLOCK_TOKENS, self._kv_memory_gb, None)  # check
+        blocks_for_budget(self.config, self.dtype, default_block_size(self.device),
+                          self._kv_memory_gb, None)  # check
         self.pool: BlockPool | None = None  # the paged pool and runner, made at the first open
         self.runner: PagedRunner | None = None
         self._paged_lock = threading.RLock()
@@ -146,7 +147,8 @@ class StreamGuard:
         (and on CUDA its graphs captured) once, at the first open_stream."""
         with self._paged_lock:
             if self.pool is None:
-                pool = BlockPool.for_budget(self.config, BLOCK_TOKENS, self.device, self.dtype,
+                pool = BlockPool.for_budget(self.config, default_block_size(self.device),
+                                            self.device, self.dtype,
                                             self._kv_memory_gb)
                 if self.fast is not None:
                     heads = {"user": self.model.query, "assistant": self.model.response}

@@ -133,7 +133,7 @@ def paged_copy(contexts: list[torch.Tensor], page: int, generator: torch.Generat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 2, 3])
 @pytest.mark.parametrize("head_dim", [16, 64, 72, 128])
-@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("page", [16, 32, 64])
 def test_paged_attention_matches_the_plain_formula(library, group: int, head_dim: int,
                                                    page: int, dtype: torch.dtype) -> None:
     """Several sessions in one call: one token, a chunk, a long context, a skipped session

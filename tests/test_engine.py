@@ -29,7 +29,9 @@ from qguard_stream.kvcache.paged import (
     BlockTable,
     advise_huge_pages,
     blocks_for_budget,
+    budget_tokens,
     bytes_per_token,
+    default_block_size,
 )
 
 from oracles import score_in_one_session as reference
@@ -179,6 +181,20 @@ def test_pool_sized_by_memory_budget(tiny_guard: StreamGuard) -> None:
     assert engine.pool.nbytes() == engine.pool.num_blocks * 16 * per_token
     with pytest.raises(ValueError, match="kv_memory_gb"):
         EngineSettings(kv_memory_gb=1.0, max_tokens=10)
+
+
+def test_default_block_size_is_64_on_the_cpu_and_16_on_cuda(tiny_guard: StreamGuard) -> None:
+    """Unless asked otherwise, CPU pools (the engine's and a StreamGuard's) hold 64 tokens per
+    block and CUDA pools 16; a budget in tokens rounds up to whole blocks, one spare each."""
+    assert default_block_size("cpu") == 64 and default_block_size(torch.device("cuda")) == 16
+    assert Engine(tiny_guard, EngineSettings(max_tokens=1000)).pool.block_size == 64
+    assert Engine(tiny_guard, EngineSettings(block_size=8, max_tokens=64)).pool.block_size == 8
+    state = tiny_guard.open_stream()
+    assert tiny_guard.pool is not None and tiny_guard.pool.block_size == 64
+    tiny_guard.close_stream(state)
+    assert budget_tokens(3, 100, 64) == 3 * (2 + 1) * 64 and budget_tokens(1, 64, 64) == 128
+    with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
+        EngineSettings(block_size=0)
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ from qguard_stream.checkpoints import make_random_checkpoint, make_random_gen_ch
 from qguard_stream.gen.decode import Decoder, Sampling, pick_token, top_p_filter
 from qguard_stream.gen.guard import GenGuard
 from qguard_stream.gen.parse import GenVerdict
-from qguard_stream.kvcache.paged import PoolTooSmallError, bytes_per_token
+from qguard_stream.kvcache.paged import PoolTooSmallError, bytes_per_token, default_block_size
 from qguard_stream.loader import CheckpointError
 
 NEW_TOKENS = 6
@@ -124,20 +124,22 @@ def test_sequences_wait_for_pool_room_and_still_equal_transformers(untied):
     """A pool with room for one sequence at a time: the others wait and join as it frees its
     blocks (continuous batching); every row still equals transformers, and no block leaks."""
     guard, hf = untied
-    prompts = random_prompts()  # 1, 9 and 30 tokens + 6 new: 1, 1 and 3 blocks of 16
-    decoder = Decoder(guard.lm, kv_memory_gb=3 * 16 * bytes_per_token(guard.config,
-                                                                       torch.float32) / 2**30)
+    prompts = random_prompts()  # 1, 9 and 30 tokens + 6 new: one block of 64 each
+    block = default_block_size("cpu")
+    decoder = Decoder(guard.lm, kv_memory_gb=block * bytes_per_token(guard.config,
+                                                                      torch.float32) / 2**30)
     assert decoder.generate(prompts, NEW_TOKENS, frozenset({151645})) == \
         [hf_generate(hf, ids, 151645) for ids in prompts]
-    assert decoder.pool.num_blocks == 3 and decoder.pool.used_blocks == 0
+    assert decoder.pool.num_blocks == 1 and decoder.pool.used_blocks == 0
 
 
 def test_a_sequence_larger_than_the_pool_is_a_typed_error(untied):
     guard, _ = untied
-    decoder = Decoder(guard.lm, kv_memory_gb=16 * bytes_per_token(guard.config,
-                                                                  torch.float32) / 2**30)
+    block = default_block_size("cpu")
+    decoder = Decoder(guard.lm, kv_memory_gb=block * bytes_per_token(guard.config,
+                                                                     torch.float32) / 2**30)
     with pytest.raises(PoolTooSmallError, match="kv_memory_gb"):
-        decoder.generate([[5] * 9, [7] * 30], NEW_TOKENS, frozenset())
+        decoder.generate([[5] * 9, [7] * block], NEW_TOKENS, frozenset())
     assert decoder.pool.used_blocks == 0  # refused before any block was taken
 
 

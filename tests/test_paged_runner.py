@@ -199,7 +199,7 @@ def test_pool_exhaustion_is_typed_and_blocks_come_back(tiny_checkpoint: Path,
     with pytest.raises(PoolExhaustedError):
         guard.moderate(state, list(range(pool.num_blocks * pool.block_size + 1)), "user")
     assert state.length == 0 and pool.used_blocks == 0
-    guard.moderate(state, list(range(40)), "user")
+    guard.moderate(state, list(range(pool.block_size + 10)), "user")  # two blocks
     used = pool.used_blocks
     guard.rollback(state, 10)
     assert pool.used_blocks < used

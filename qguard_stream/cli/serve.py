@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-tokens", type=int, default=None,
                         help="KV pool size in tokens, Stream checkpoints (default: "
                              f"{DEFAULT_MAX_TOKENS} when neither this nor --kv-memory-gb is given)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV block (default: 16 on CUDA, 64 on the CPU)")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--on-pool-exhausted", choices=("error", "wait"), default="error")
     parser.add_argument("--pool-wait-timeout", type=float, default=10.0, help="seconds")

@@ -25,6 +25,7 @@ from qguard_stream.kvcache.paged import (
     BlockTable,
     PoolExhaustedError,
     PoolTooSmallError,
+    default_block_size,
 )
 from qguard_stream.runtime.outputs import GuardScores
 from qguard_stream.runtime.paged import Chunk, PagedRunner
@@ -64,8 +65,9 @@ class Engine:
         self.guard = guard
         self.settings = settings or EngineSettings()
         kv_memory_gb, max_tokens = self.settings.budget()
-        self.pool = BlockPool.for_budget(guard.config, self.settings.block_size, guard.device,
-                                         guard.dtype, kv_memory_gb, max_tokens)
+        block_size = self.settings.block_size or default_block_size(guard.device)
+        self.pool = BlockPool.for_budget(guard.config, block_size, guard.device, guard.dtype,
+                                         kv_memory_gb, max_tokens)
         weights = guard.fast or FusedWeights(guard.model.model, guard.config)
         heads = {"user": guard.model.query, "assistant": guard.model.response}
         self.runner = PagedRunner(weights, GuardScores(heads), self.pool,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qguard_stream.kvcache.paged import BLOCK_TOKENS
-
 DEFAULT_MAX_TOKENS = 32768
 EXHAUSTION_MODES = ("error", "wait")
 
@@ -20,10 +18,11 @@ class EngineSettings:
     PoolExhaustedError at once; "wait" waits up to `pool_wait_timeout_s` for blocks to be freed.
     On CUDA, steps of up to `max_graph_tokens` tokens (every chunk <= 16 tokens) replay CUDA graphs
     captured when the engine is built (`use_cuda_graphs=False`: always eager). `block_size`:
-    tokens per KV block; a multiple of 256 lets flash-attn (when installed, fp16/bf16 on CUDA)
-    read the pool in place for chunks past 16 tokens, where smaller blocks gather them."""
+    tokens per KV block (None: 16 on CUDA, 64 on the CPU, kvcache.paged.default_block_size); a
+    multiple of 256 lets flash-attn (when installed, fp16/bf16 on CUDA) read the pool in place
+    for chunks past 16 tokens, where smaller blocks gather them."""
 
-    block_size: int = BLOCK_TOKENS
+    block_size: int | None = None
     kv_memory_gb: float | None = None
     max_tokens: int | None = None
     max_batch_tokens: int = 8192
@@ -35,7 +34,7 @@ class EngineSettings:
     def __post_init__(self) -> None:
         if self.max_graph_tokens < 1:
             raise ValueError(f"max_graph_tokens must be >= 1, got {self.max_graph_tokens}")
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_memory_gb is not None and self.max_tokens is not None:
             raise ValueError(f"give kv_memory_gb ({self.kv_memory_gb}) or max_tokens "

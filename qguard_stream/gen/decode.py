@@ -25,11 +25,11 @@ import torch
 
 from qguard_stream.gen.causal_lm import CausalLM
 from qguard_stream.kvcache.paged import (
-    BLOCK_TOKENS,
     BlockPool,
     BlockTable,
     PoolTooSmallError,
     blocks_for_budget,
+    default_block_size,
     default_kv_gb,
 )
 from qguard_stream.runtime.outputs import NextTokenLogits
@@ -136,7 +136,8 @@ class Decoder:
         weight = lm.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.kv_memory_gb = default_kv_gb(self.device) if kv_memory_gb is None else kv_memory_gb
-        blocks_for_budget(self.config, self.dtype, BLOCK_TOKENS, self.kv_memory_gb, None)
+        blocks_for_budget(self.config, self.dtype, default_block_size(self.device),
+                          self.kv_memory_gb, None)
         self.use_cuda_graphs = use_cuda_graphs
         self.pool: BlockPool | None = None
         self.runner: PagedRunner | None = None
@@ -148,7 +149,8 @@ class Decoder:
 
     def _runtime(self) -> tuple[BlockPool, PagedRunner]:
         if self.pool is None or self.runner is None:
-            self.pool = BlockPool.for_budget(self.config, BLOCK_TOKENS, self.device, self.dtype,
+            self.pool = BlockPool.for_budget(self.config, default_block_size(self.device),
+                                             self.device, self.dtype,
                                              self.kv_memory_gb)
             weights = FusedWeights(self.lm.model, self.config)
             self.runner = PagedRunner(weights, NextTokenLogits(self.lm.lm_head.weight), self.pool,

@@ -32,7 +32,18 @@ class PoolTooSmallError(PoolExhaustedError):
     """The request can never fit: it needs more blocks than the whole pool holds."""
 
 
-BLOCK_TOKENS = 16  # tokens per block, by default
+BLOCK_TOKENS = 16  # tokens per block, by default on CUDA
+# On the CPU, 64: the C attention reads one KV head's rows of a block as one contiguous run, and
+# the hardware prefetchers restart at every block (this 2-core AMD EPYC, small shape, context
+# 512: the attention of 32 sessions 16% faster than on blocks of 16, the engine step 10-16%).
+CPU_BLOCK_TOKENS = 64
+
+
+def default_block_size(device: torch.device | str) -> int:
+    """Tokens per KV block when none is asked for: CPU_BLOCK_TOKENS on the CPU, else
+    BLOCK_TOKENS."""
+    return CPU_BLOCK_TOKENS if torch.device(device).type == "cpu" else BLOCK_TOKENS
+
 # The default KV budget in GiB: on CUDA reserved when the pool is made; on the CPU only address
 # space until blocks are written.
 DEFAULT_KV_GB = {"cuda": 2.0, "cpu": 4.0}
@@ -41,6 +52,12 @@ DEFAULT_KV_GB = {"cuda": 2.0, "cpu": 4.0}
 def default_kv_gb(device: torch.device) -> float:
     """The default KV pool budget on `device` (GiB)."""
     return DEFAULT_KV_GB.get(torch.device(device).type, DEFAULT_KV_GB["cuda"])
+
+
+def budget_tokens(sessions: int, length: int, block_size: int) -> int:
+    """A `max_tokens` budget in which `sessions` sessions of `length` positions each fit, whole
+    blocks each, with one spare block per session."""
+    return sessions * (-(-length // block_size) + 1) * block_size
 
 
 def bytes_per_token(config: GuardConfig, dtype: torch.dtype) -> int:
