@@ -3,10 +3,11 @@
     python -m benchmarks.engine                      # small shape, context 512, B 1,8,32,64, k 1,4
     python -m benchmarks.engine --quick              # tiny grid: checks the harness runs
 
-For each k and B, one StreamGuard session at `context` tokens scores k tokens per call (rolled
-back after each call, untimed), then the engine holds B sessions at `context` tokens and each step
-scores k new tokens for every one of them (rolled back after each step, untimed), then the one
-session again; the cell's baseline is the mean of the session's two runs. Tokens/s are medians.
+For each k and B, the engine holds B sessions at `context` tokens and each step scores k new
+tokens for every one of them, and one StreamGuard session at `context` tokens scores k tokens per
+call; engine steps and lone calls alternate round by round (each rolled back after, untimed; the
+second of two in a row timed, warm), so a shared box's drift hits both alike. Tokens/s are
+medians.
 The roofline column: a step must read the weights once plus every session's K/V; at the box's
 measured copy bandwidth (a large tensor copy, bytes read + written) that bounds tokens/s.
 """
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--sessions", default="1,8,32,64")
     parser.add_argument("--ks", default="1,4")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per cell")
+    parser.add_argument("--steps", type=int, default=30, help="timed rounds per cell")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny shape and grid")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -59,41 +60,45 @@ def copy_bandwidth_gbps() -> float:
     return 2 * source.numel() * 4 / statistics.median(times) / 1e9
 
 
-def single_session(guard: StreamGuard, context: int, k: int, steps: int) -> float:
-    gen = torch.Generator().manual_seed(1)
-    state = guard.open_stream()
-    guard.moderate(state, torch.randint(0, 151000, (context,), generator=gen), "user")
-    times = []
-    for step in range(steps + 2):
-        ids = torch.randint(0, 151000, (k,), generator=gen)
-        began = time.perf_counter()
-        guard.moderate(state, ids, "assistant")
-        if step >= 2:
-            times.append(time.perf_counter() - began)
-        guard.rollback(state, context)
-    guard.close_stream(state)
-    return k / statistics.median(times)
-
-
-def engine_batch(engine: Engine, batch: int, context: int, k: int, steps: int) -> float:
+def cell(guard: StreamGuard, engine: Engine, batch: int, context: int, k: int,
+         steps: int) -> tuple[float, float]:
+    """(engine tokens/s, one session's tokens/s): B engine sessions and one StreamGuard session
+    at `context` tokens; each round runs two engine steps (k new tokens for every session) and
+    then two k-token calls of the lone session, each rolled back after (untimed), and times the
+    second of each two (the first finds the caches filled by the other side). Alternating them
+    round by round puts both in the same moments of a shared box; medians of `steps` rounds
+    after two warm-up rounds."""
     gen = torch.Generator().manual_seed(2)
     sessions = [engine.open() for _ in range(batch)]
     prompts = torch.randint(0, 151000, (batch, context), generator=gen)
     for first in range(0, batch, 8):
         engine.moderate_many([(s, prompts[i], "user")
                               for i, s in enumerate(sessions[first:first + 8], start=first)])
-    times = []
+    alone = guard.open_stream()
+    guard.moderate(alone, prompts[0], "user")
+    engine_times, alone_times = [], []
     for step in range(steps + 2):
         ids = torch.randint(0, 151000, (batch, k), generator=gen)
-        began = time.perf_counter()
-        engine.moderate_many([(s, ids[i], "assistant") for i, s in enumerate(sessions)])
+        # Each side twice, the second timed: warm, as in a run of steps (the other side's turn
+        # evicted the caches).
+        for _ in range(2):
+            began = time.perf_counter()
+            engine.moderate_many([(s, ids[i], "assistant") for i, s in enumerate(sessions)])
+            taken = time.perf_counter() - began
+            for s in sessions:
+                engine.rollback(s, context)
+        for _ in range(2):
+            began = time.perf_counter()
+            guard.moderate(alone, ids[0], "assistant")
+            alone_taken = time.perf_counter() - began
+            guard.rollback(alone, context)
         if step >= 2:
-            times.append(time.perf_counter() - began)
-        for s in sessions:
-            engine.rollback(s, context)
+            engine_times.append(taken)
+            alone_times.append(alone_taken)
+    guard.close_stream(alone)
     for s in sessions:
         engine.close(s)
-    return batch * k / statistics.median(times)
+    return batch * k / statistics.median(engine_times), k / statistics.median(alone_times)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,11 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for k in ks:
             for batch in sessions:
-                # One session measured just before and just after each engine cell (their mean is
-                # the cell's baseline): on a shared box the speed drifts between cells.
-                before = single_session(guard, args.context, k, args.steps)
-                tokens_per_s = engine_batch(engine, batch, args.context, k, args.steps)
-                alone = (before + single_session(guard, args.context, k, args.steps)) / 2
+                tokens_per_s, alone = cell(guard, engine, batch, args.context, k, args.steps)
                 floor_s = (weights + batch * (args.context + k) * kv) / (gbps * 1e9)
                 roofline = batch * k / floor_s
                 rows.append({"k": k, "sessions": batch,
