@@ -1211,6 +1211,37 @@ void qg_gemm_bf16(const float* x, const bfloat* w, const float* residual, float*
     gemm(x, w, residual, y, rows, cols, out, 1);
 }
 
+/* Softmax of x[0..n) in place, fp32 with the exact expf (a guard's probabilities are what it
+ * returns): the largest value subtracted first, as torch.softmax does. */
+static void softmax_in_place(float* x, int64_t n) {
+    const float peak = max_of(x, n);
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        x[j] = expf(x[j] - peak);
+        total += x[j];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+}
+
+/* A guard head over `rows` final hidden states [rows, hidden] (fp32): inner = pre_w . h
+ * ([inner_size, hidden] weight), RMSNorm with norm_w, logits = scores_w . inner ([out,
+ * inner_size]: the risk rows, then the category rows), then a softmax over the first `risk`
+ * columns and one over the rest, into probs [rows, out]. inner and normed: [rows, inner_size]
+ * scratch. */
+void qg_guard_head(const float* hidden, const float* pre_w, const float* norm_w,
+                   const float* scores_w, float* inner, float* normed, float* probs,
+                   int64_t rows, int64_t hidden_size, int64_t inner_size, int64_t out,
+                   int64_t risk, float eps) {
+    gemm(hidden, pre_w, NULL, inner, rows, hidden_size, inner_size, 0);
+    qg_rms_norm(inner, norm_w, normed, rows, inner_size, eps);
+    gemm(normed, scores_w, NULL, probs, rows, inner_size, out, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+        softmax_in_place(probs + r * out, risk);
+        softmax_in_place(probs + r * out + risk, out - risk);
+    }
+}
+
 /* One whole decoder layer for a single new token of one session at `position`, x [hidden]
  * updated in place: the composition of the functions above with the projections as gemv; K/V go
  * to the position's pool slot through the session's block table. scratch holds

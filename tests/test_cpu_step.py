@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from qguard_stream.kernels import cpu_step
 from qguard_stream.kernels.cpu_step import BuildError, pointer
+from qguard_stream.kernels.reference import guard_head_reference
 
 from benchmarks.baselines import load_hf_backbone
 from qguard_stream import StreamGuard
 from qguard_stream.checkpoints import config_for
 from qguard_stream.kvcache.paged import BlockTable
 from qguard_stream.models.qwen3 import Rotary
-from qguard_stream.runtime.cpu_step import MAX_TOKENS
-from qguard_stream.runtime.layer import rms_norm
+from qguard_stream.runtime.cpu_step import MAX_TOKENS, CpuHead
+from qguard_stream.runtime.layer import FastHead, rms_norm
 from qguard_stream.runtime.paged import Chunk
 from qguard_stream.runtime.weights import rope_tables
 from tests.test_fastpath import hidden_through_runner, plain_attention
@@ -37,6 +38,35 @@ def library():
     library = cpu_step.load()
     assert library is not None, "a C compiler exists, so the library must build"
     return library
+
+
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_c_guard_head_matches_the_formula_and_the_torch_head(library, tiny_guard: StreamGuard,
+                                                             rows: int) -> None:
+    """qg_guard_head (CpuHead) against guard_head_reference in float64 and against the torch
+    head it replaces after the C step, for both roles; a NaN hidden row gives NaN in its own
+    probabilities only."""
+    torch.manual_seed(rows)
+    for module in (tiny_guard.model.query, tiny_guard.model.response):
+        fast = FastHead(module)
+        head = CpuHead(fast, library)
+        hidden = torch.randn(rows, tiny_guard.config.hidden_size) * 3
+        risk, category = head(hidden)
+        exact = guard_head_reference(hidden.double(), module.pre.weight.double(),
+                                     module.layernorm.weight.double(),
+                                     module.risk.weight.double(),
+                                     module.category.weight.double(), module.layernorm.eps)
+        assert risk.shape == (rows, module.risk.weight.shape[0])
+        assert category.shape == (rows, module.category.weight.shape[0])
+        torch.testing.assert_close(risk.double(), exact.risk_probs, rtol=0, atol=2e-6)
+        torch.testing.assert_close(category.double(), exact.category_probs, rtol=0, atol=2e-6)
+        torch_risk, torch_category = fast(hidden)
+        torch.testing.assert_close(risk, torch_risk, rtol=0, atol=2e-6)
+        torch.testing.assert_close(category, torch_category, rtol=0, atol=2e-6)
+        hidden[0, 5] = float("nan")
+        risk, category = head(hidden)
+        assert risk[0].isnan().all() and category[0].isnan().all()
+        assert torch.isfinite(risk[1:]).all() and torch.isfinite(category[1:]).all()
 
 
 def test_exp_is_within_a_few_ulp_of_float64_exp(library) -> None:

@@ -9,13 +9,15 @@ Owns no weights beyond views of the model's and no session state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from qguard_stream.kernels.cpu_step import load as cpu_step_library
 from qguard_stream.models.guard import GuardHead
+from qguard_stream.runtime.cpu_step import CpuHead
 from qguard_stream.runtime.layer import FastHead
 
 if TYPE_CHECKING:
@@ -52,6 +54,9 @@ class GuardScores:
         self.num_risk = heads["assistant"].risk.weight.shape[0]
         self.categories = {role: head.category.weight.shape[0] for role, head in heads.items()}
         self.width = self.num_risk + max(self.categories.values())
+        # After the C step: the same heads in the library, for fp32 hidden states (made at the
+        # first such step; None without the library).
+        self.host_scorers: dict[str, CpuHead] | None = None
 
     def on_device(self, hidden: torch.Tensor, meta: StepMeta) -> torch.Tensor:
         """Both heads over every row, each row keeping its role's (category columns past a
@@ -64,10 +69,19 @@ class GuardScores:
         return torch.where((meta.user != 0)[:, None], scores[0], scores[1])
 
     def on_host(self, hidden: torch.Tensor, chunks: Sequence[Chunk]) -> list[Probs]:
-        """A step of one role runs that role's head only."""
+        """A step of one role runs that role's head only; fp32 rows through the C library's
+        head when it is built here."""
         sizes = [chunk.token_ids.shape[0] for chunk in chunks]
+        scorers: Mapping[str, Callable[[torch.Tensor], Probs]] = self.scorers
+        if hidden.dtype == torch.float32 and hidden.device.type == "cpu":
+            if self.host_scorers is None:
+                library = cpu_step_library()
+                self.host_scorers = {} if library is None or any(
+                    scorer.pre_t.dtype != torch.float32 for scorer in self.scorers.values()) \
+                    else {role: CpuHead(scorer, library) for role, scorer in self.scorers.items()}
+            scorers = self.host_scorers or self.scorers
         parts = {role: (risk.split(sizes), category.split(sizes))  # views, one call per role
-                 for role, (risk, category) in ((role, self.scorers[role](hidden))
+                 for role, (risk, category) in ((role, scorers[role](hidden))
                                                 for role in {chunk.role for chunk in chunks})}
         return [(parts[chunk.role][0][i], parts[chunk.role][1][i])
                 for i, chunk in enumerate(chunks)]
