@@ -335,7 +335,8 @@ def test_cuda_flash_attn_path_equals_the_gathered_path(tiny_checkpoint: Path) ->
 def test_step_metadata_packs_every_field_and_table_by_hand() -> None:
     """fill_meta against hand-built fields: rows and sessions past the chunks are padding
     (slots and row_seq -1, the rest 0), each session's table row holds its blocks in order and
-    the columns past them are left as they were."""
+    the columns past them are zero up to the widest table in the step and left as they were
+    after it."""
     page, max_blocks = 4, 6
     chunks = []
     for start, ids, blocks, role in [(5, [7, 8], [9, 2], "user"), (0, [3], [4], "assistant"),
@@ -356,5 +357,5 @@ def test_step_metadata_packs_every_field_and_table_by_hand() -> None:
     assert meta.q_start.tolist() == [0, 2, 3, 0]
     assert meta.q_len.tolist() == [2, 1, 3, 0]
     assert meta.ctx_len.tolist() == [7, 1, 14, 0]
-    assert meta.block_tables.tolist() == [[9, 2, -7, -7, -7, -7], [4, -7, -7, -7, -7, -7],
+    assert meta.block_tables.tolist() == [[9, 2, 0, 0, -7, -7], [4, 0, 0, 0, -7, -7],
                                           [0, 5, 8, 1, -7, -7], [-7] * 6]

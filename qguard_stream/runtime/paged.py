@@ -26,6 +26,7 @@ This module owns no session bookkeeping.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from qguard_stream.kernels import triton_available
 from qguard_stream.kernels.cpu_step import load as cpu_step_library
 from qguard_stream.kvcache.paged import BlockPool, BlockTable
-from qguard_stream.packing import int32s, int64s
+from qguard_stream.packing import int64s
 from qguard_stream.runtime.attention import (
     FLASH_PAGE,
     attend,
@@ -133,42 +134,38 @@ class StepMeta:
 
 def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
     """Write the chunks' metadata into host views; rows and sessions past them are padding.
-    Built as Python lists and written with two copies: every per-row and per-session field in
-    one, the blocks of the tables in one indexed write (a step may hold 256 chunks)."""
+    Positions, slots, per-session fields and the tables come packed from host_meta (the C
+    step's packing, arrays built from plain lists); the tables are written as one strided copy
+    into the sessions' rows (zero past a session's blocks up to the widest table; columns past
+    that are left as they were), the rest in one copy."""
     rows, sessions = meta.token_ids.shape[0], meta.q_len.shape[0]
-    token_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    row_seq: list[int] = []
-    user: list[int] = []
-    q_start, q_len, ctx_len = [], [], []
-    table_blocks: list[int] = []
-    for index, chunk in enumerate(chunks):
-        new, start = chunk.token_ids.shape[0], chunk.start
-        blocks = chunk.table.blocks
-        q_start.append(len(token_ids))
-        q_len.append(new)
-        ctx_len.append(start + new)
-        token_ids += chunk.token_ids.tolist()
-        positions += range(start, start + new)
-        slots += [blocks[p // block_size] * block_size + p % block_size
-                  for p in range(start, start + new)]
-        row_seq += [index] * new
-        user += [int(chunk.role == "user")] * new
-        table_blocks += blocks
-    if table_blocks:  # one indexed write for every session's blocks, its index from torch ops
-        # (a Python list of 256 sessions x 65 blocks took 4 ms to build)
-        counts = int64s([len(chunk.table.blocks) for chunk in chunks])
-        shift = torch.arange(len(chunks)) * meta.block_tables.shape[1] \
-            - (torch.cumsum(counts, 0) - counts)  # row start in the table - start in the list
-        index = torch.arange(len(table_blocks)) + torch.repeat_interleave(shift, counts)
-        meta.block_tables.view(-1)[index] = int32s(table_blocks)
-    pad_rows, pad_sessions = rows - len(token_ids), sessions - len(chunks)
-    zeros, minus = [0] * pad_rows, [-1] * pad_rows  # padding rows write nowhere
-    no_sessions = [0] * pad_sessions
-    meta.header.copy_(int32s(  # in StepMeta's field order
-        token_ids + zeros + positions + zeros + slots + minus + row_seq + minus + user + zeros
-        + q_start + no_sessions + q_len + no_sessions + ctx_len + no_sessions))
+    pad_rows, pad_sessions = rows, sessions
+    header = array("i")
+    if chunks:
+        packed = host_meta(chunks, block_size)
+        count = len(packed.positions)
+        pad_rows, pad_sessions = rows - count, sessions - len(chunks)
+        tables = torch.frombuffer(packed.tables, dtype=torch.int32)
+        meta.block_tables[:len(chunks), :packed.width].copy_(tables.view(len(chunks), -1))
+        ids = chunks[0].token_ids if len(chunks) == 1 else \
+            torch.cat([chunk.token_ids for chunk in chunks])
+        row_seq: list[int] = []
+        user: list[int] = []
+        for index, chunk in enumerate(chunks):
+            new = chunk.token_ids.shape[0]
+            row_seq += [index] * new
+            user += [int(chunk.role == "user")] * new
+        header = array("i", ids.tolist())
+    zeros, minus = array("i", bytes(4 * pad_rows)), array("i", [-1]) * pad_rows
+    no_sessions = array("i", bytes(4 * pad_sessions))
+    header += zeros  # in StepMeta's field order; padding rows write nowhere
+    if chunks:
+        header += packed.positions + zeros + packed.slots + minus + array("i", row_seq) + minus \
+            + array("i", user) + zeros + packed.q_start + no_sessions + packed.q_len \
+            + no_sessions + packed.ctx_len + no_sessions
+    else:
+        header += zeros + minus + minus + zeros + no_sessions * 3
+    meta.header.copy_(torch.frombuffer(header, dtype=torch.int32))
 
 
 class PagedRunner:
