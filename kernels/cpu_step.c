@@ -841,6 +841,60 @@ static void accumulate_rows4(const float* const* weights, const KvRows* kv, int6
         accumulate_rows4_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
 }
 
+
+/* dst_i[dim] = sum over p < rows of weights_i[p] * matrix row p [dim] for two rows i at once,
+ * 32 columns at a time in eight vector accumulators: the matrix is read once for both (one row
+ * at a time read it twice, the second time from L2, or from memory when a long context's values
+ * outgrow L2). */
+SPECIALIZED void accumulate_rows2_t(const float* const* weights, const void* values,
+                                    const int64_t* offsets, int64_t rows, int64_t dim,
+                                    float* const* dst, int prefetch, const int64_t bf16) {
+    const float *w0 = weights[0], *w1 = weights[1];
+    const int64_t size = bf16 ? 2 : 4;
+    int64_t j0 = 0;
+    for (; j0 + 32 <= dim; j0 += 32) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        for (int64_t p = 0; p < rows; ++p) {
+            if (prefetch && j0 == 0 && p + PREFETCH_AHEAD < rows)
+                prefetch_row(kv_row_of(values, offsets, p + PREFETCH_AHEAD, bf16), dim * size);
+            const void* row = kv_row_of(values, offsets, p, bf16);
+            const v8 r0 = load8_any(row, j0, bf16), r1 = load8_any(row, j0 + 8, bf16);
+            const v8 r2 = load8_any(row, j0 + 16, bf16), r3 = load8_any(row, j0 + 24, bf16);
+            a0 += w0[p] * r0; a1 += w0[p] * r1; a2 += w0[p] * r2; a3 += w0[p] * r3;
+            b0 += w1[p] * r0; b1 += w1[p] * r1; b2 += w1[p] * r2; b3 += w1[p] * r3;
+        }
+        memcpy(dst[0] + j0, &a0, sizeof a0); memcpy(dst[0] + j0 + 8, &a1, sizeof a1);
+        memcpy(dst[0] + j0 + 16, &a2, sizeof a2); memcpy(dst[0] + j0 + 24, &a3, sizeof a3);
+        memcpy(dst[1] + j0, &b0, sizeof b0); memcpy(dst[1] + j0 + 8, &b1, sizeof b1);
+        memcpy(dst[1] + j0 + 16, &b2, sizeof b2); memcpy(dst[1] + j0 + 24, &b3, sizeof b3);
+    }
+    for (; j0 + 8 <= dim; j0 += 8) {
+        v8 a = {0}, b = {0};
+        for (int64_t p = 0; p < rows; ++p) {
+            const v8 r = load8_any(kv_row_of(values, offsets, p, bf16), j0, bf16);
+            a += w0[p] * r;
+            b += w1[p] * r;
+        }
+        memcpy(dst[0] + j0, &a, sizeof a);
+        memcpy(dst[1] + j0, &b, sizeof b);
+    }
+    for (int64_t j = j0; j < dim; ++j)
+        for (int i = 0; i < 2; ++i) {
+            float total = 0.0f;
+            for (int64_t p = 0; p < rows; ++p)
+                total += weights[i][p] * value_any(kv_row_of(values, offsets, p, bf16), j, bf16);
+            dst[i][j] = total;
+        }
+}
+
+static void accumulate_rows2(const float* const* weights, const KvRows* kv, int64_t rows,
+                             int64_t dim, float* const* dst, int prefetch) {
+    if (kv->bf16)
+        accumulate_rows2_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 1);
+    else
+        accumulate_rows2_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
+}
+
 /* One KV head's attention for all its query rows (the `group` q heads sharing it, times n_new),
  * reading each key and value row once. scores: [n_new * group, start + n_new]. */
 /* scores[r * total + p] for the keys p <= start, which every query row r sees (row r: new token
@@ -954,6 +1008,17 @@ static void attend_kv_head(const float* q, const KvRows* kv, float* scores, floa
             dst[i] = out + (t * heads + kv_head * group + g) * head_dim;
         }
         accumulate_rows4(weights, kv, total, head_dim, dst, r == 0);
+    }
+    if (r + 2 <= rows) {  /* two rows left: the values read once for both */
+        const float* weights[2];
+        float* dst[2];
+        for (int i = 0; i < 2; ++i) {
+            const int64_t t = (r + i) / group, g = (r + i) % group;
+            weights[i] = scores + (r + i) * total;
+            dst[i] = out + (t * heads + kv_head * group + g) * head_dim;
+        }
+        accumulate_rows2(weights, kv, total, head_dim, dst, r == 0);
+        r += 2;
     }
     for (; r < rows; ++r) {
         const int64_t t = r / group, g = r % group;
