@@ -33,7 +33,7 @@ from qguard_stream.kvcache.paged import (
 from qguard_stream.loader import default_dtype, load_model, load_tokenizer, resolve_checkpoint
 from qguard_stream.models.guard import GuardModel
 from qguard_stream.policy import Policy
-from qguard_stream.runtime.outputs import GuardScores
+from qguard_stream.runtime.outputs import GuardScores, Probs
 from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import FusedWeights
 from qguard_stream.verdicts import (
@@ -196,8 +196,10 @@ class StreamGuard:
                 f"max_position_embeddings={limit}"
             )
         assert state.cache is not None
-        risk_probs, category_probs = self._step(state.cache, start, ids, role)
-        verdicts = build_verdicts(self.config, role, start, ids, risk_probs, category_probs)
+        probs = self._step(state.cache, start, ids, role)
+        risk_probs, category_probs = probs
+        verdicts = build_verdicts(self.config, role, start, ids, risk_probs, category_probs,
+                                  checked=isinstance(probs, Probs) and probs.finite)
         state.token_ids.extend(verdicts.token_ids)
         state.last_verdicts = verdicts
         if state.monitor is None and (self.hooks or self.policy_factory is not None):

@@ -192,11 +192,13 @@ def _ids_from_sequence(token_ids: Any, vocab_size: int) -> torch.Tensor:
 
 
 def build_verdicts(config: GuardConfig, role: str, start: int, token_ids: torch.Tensor,
-                   risk_probs: torch.Tensor, category_probs: torch.Tensor) -> Verdicts:
+                   risk_probs: torch.Tensor, category_probs: torch.Tensor,
+                   checked: bool = False) -> Verdicts:
     """The Verdicts of `token_ids` scored at positions start.. with `role`'s heads (labels from
     the checkpoint's config). Raises NonFiniteScoresError if a probability is NaN or infinite
-    (a NaN logit makes its whole softmax row NaN, so the sums show it with one host read)."""
-    if not (_finite_sum(risk_probs) and _finite_sum(category_probs)):
+    (a NaN logit makes its whole softmax row NaN, so the sums show it with one host read);
+    `checked`: the caller already found them finite (a whole step at once)."""
+    if not checked and not (_finite_sum(risk_probs) and _finite_sum(category_probs)):
         bad = ~(torch.isfinite(risk_probs).all(1) & torch.isfinite(category_probs).all(1))
         positions = [start + int(i) for i in bad.nonzero().flatten()[:8]]
         raise NonFiniteScoresError(

@@ -20,7 +20,11 @@ from qguard_stream import CheckpointError, NonFiniteScoresError, StreamGuard
 from qguard_stream.checkpoints import make_random_checkpoint
 from qguard_stream.conversation import plan_conversation
 from qguard_stream.engine import Engine, EngineSettings
+from qguard_stream.kvcache.paged import BlockTable
+from qguard_stream.runtime.outputs import GuardScores
+from qguard_stream.runtime.paged import Chunk
 from qguard_stream.server.protocol import ServerLimits
+from qguard_stream.verdicts import build_verdicts
 from tests.test_server import AUTH, LiveServer
 
 NAN_TOKEN = 7  # its embedding row is NaN: any session fed it scores NaN, the others do not
@@ -102,6 +106,35 @@ def test_an_engine_step_fails_only_the_chunk_that_went_non_finite(nan_guard: Str
     engine.close(bad)
     engine.close(good)
     assert engine.pool.used_blocks == 0
+
+
+def test_a_step_checks_its_probabilities_once_and_flags_every_chunk(tiny_guard: StreamGuard
+                                                                    ) -> None:
+    """GuardScores finds a whole step finite with one reduction and says so on each chunk's
+    Probs (which still unpacks as a pair); one NaN anywhere clears the flag for every chunk, so
+    each chunk is then checked on its own and only the bad one fails."""
+    heads = {"user": tiny_guard.model.query, "assistant": tiny_guard.model.response}
+    output = GuardScores(heads)
+    table = BlockTable(16)
+    chunks = [Chunk(table, 0, torch.tensor([1, 2]), "user"),
+              Chunk(table, 0, torch.tensor([3]), "assistant")]
+    out = torch.rand(4, output.width)
+    first, second = output.split(out, chunks)
+    assert first.finite and second.finite
+    risk, category = second
+    assert torch.equal(risk, out[2:3, :output.num_risk])
+    assert category.shape == (1, output.categories["assistant"])
+    hidden = torch.randn(3, tiny_guard.config.hidden_size)
+    assert all(probs.finite for probs in output.on_host(hidden, chunks))
+    out[1, 0] = float("nan")
+    assert not any(probs.finite for probs in output.split(out, chunks))
+    hidden[2, 0] = float("nan")
+    flagged = output.on_host(hidden, chunks)
+    assert not any(probs.finite for probs in flagged)
+    config = tiny_guard.config
+    build_verdicts(config, "user", 0, torch.tensor([1, 2]), *flagged[0])  # finite rows: fine
+    with pytest.raises(NonFiniteScoresError, match=r"positions \[0\]"):
+        build_verdicts(config, "assistant", 0, torch.tensor([3]), *flagged[1])
 
 
 def test_each_draining_thread_gets_its_own_outcome(nan_guard: StreamGuard) -> None:

@@ -27,7 +27,7 @@ from qguard_stream.kvcache.paged import (
     PoolTooSmallError,
     default_block_size,
 )
-from qguard_stream.runtime.outputs import GuardScores
+from qguard_stream.runtime.outputs import GuardScores, Probs
 from qguard_stream.runtime.paged import Chunk, PagedRunner
 from qguard_stream.runtime.weights import FusedWeights
 from qguard_stream.stream import StreamGuard
@@ -158,13 +158,13 @@ class Engine:
                     self._fail(request, error)
                 return len(batch)
             failed: dict[int, Exception] = {}
-            for request, (risk_probs, category_probs) in zip(batch, scores):
+            for request, probs in zip(batch, scores):
                 if request.session.id in failed:  # an earlier chunk of its session failed
                     if not request.future.done():
                         request.future.set_exception(failed[request.session.id])
                     continue
                 try:
-                    self._complete(request, risk_probs, category_probs)
+                    self._complete(request, probs)
                 except Exception as error:  # e.g. NonFiniteScoresError: this session only
                     failed[request.session.id] = error
                     self._fail(request, error)
@@ -260,10 +260,10 @@ class Engine:
                 for session, chunk in reserved[first:]:  # unscored: back as they were
                     self._unreserve(session, chunk.start)
                 raise
-            for (session, chunk), (risk_probs, category_probs) in zip(step, scores):
+            for (session, chunk), probs in zip(step, scores):
                 try:
                     results.append(self._record(session, chunk.role, chunk.start,
-                                                chunk.token_ids, risk_probs, category_probs))
+                                                chunk.token_ids, probs))
                 except Exception as error:  # e.g. NonFiniteScoresError: this session only
                     self._unreserve(session, chunk.start)
                     failure = failure or error
@@ -303,8 +303,14 @@ class Engine:
         blocks if asked; returns where the chunk starts. The start is read again after each wait
         (the lock is released meanwhile, and another thread may have fed, rolled back or closed
         the session), so two chunks never get the same positions."""
-        deadline = time.monotonic() + self.settings.pool_wait_timeout_s
+        self._check_open(session)
+        table, start = session.table, session.reserved
+        end = start + ids.shape[0]
         limit = self.guard.config.max_position_embeddings
+        if end <= table.capacity and end <= limit:  # its blocks hold it already (most tokens)
+            session.reserved = end
+            return start
+        deadline = time.monotonic() + self.settings.pool_wait_timeout_s
         while True:
             self._check_open(session)
             table, start = session.table, session.reserved
@@ -336,19 +342,19 @@ class Engine:
     def _should_wait(self, wait: bool | None) -> bool:
         return self.settings.on_pool_exhausted == "wait" if wait is None else wait
 
-    def _complete(self, request: Request, risk_probs: torch.Tensor,
-                  category_probs: torch.Tensor) -> None:
+    def _complete(self, request: Request, probs: Probs) -> None:
         verdicts = self._record(request.session, request.role, request.start, request.token_ids,
-                                risk_probs, category_probs)
+                                probs)
         request.session.queued -= 1
         request.future.set_result(verdicts)
 
     def _record(self, session: Session, role: str, start: int, ids: torch.Tensor,
-                risk_probs: torch.Tensor, category_probs: torch.Tensor) -> Verdicts:
+                probs: Probs) -> Verdicts:
         """The chunk's verdicts, its tokens appended to the session (NonFiniteScoresError
         before anything changes)."""
+        risk_probs, category_probs = probs
         verdicts = build_verdicts(self.guard.config, role, start, ids, risk_probs,
-                                  category_probs)
+                                  category_probs, checked=probs.finite)
         session.token_ids.extend(verdicts.token_ids)
         session.last_verdicts = verdicts
         return verdicts

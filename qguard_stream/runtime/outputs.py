@@ -9,6 +9,7 @@ Owns no weights beyond views of the model's and no session state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +24,23 @@ from qguard_stream.runtime.layer import FastHead
 if TYPE_CHECKING:
     from qguard_stream.runtime.paged import Chunk, StepMeta
 
-Probs = tuple[torch.Tensor, torch.Tensor]
+class Probs(tuple):  # type: ignore[type-arg]  # (risk_probs, category_probs)
+    """One chunk's (risk_probs [k, R], category_probs [k, C]), unpacked as a pair. `finite`: the
+    whole step's probabilities were found free of NaN/Inf with one reduction, so the chunk needs
+    no check of its own (verdicts.build_verdicts)."""
+
+    finite: bool
+
+    def __new__(cls, risk: torch.Tensor, category: torch.Tensor, finite: bool = False) -> Probs:
+        probs = super().__new__(cls, (risk, category))
+        probs.finite = finite
+        return probs
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value is finite, read through sums (NaN and +-Inf survive a sum of
+    probabilities): one reduction per tensor for a whole step."""
+    return all(math.isfinite(float(t.sum())) for t in tensors)
 
 
 class StepOutput(Protocol):
@@ -72,7 +89,8 @@ class GuardScores:
         """A step of one role runs that role's head only; fp32 rows through the C library's
         head when it is built here."""
         sizes = [chunk.token_ids.shape[0] for chunk in chunks]
-        scorers: Mapping[str, Callable[[torch.Tensor], Probs]] = self.scorers
+        scorers: Mapping[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = \
+            self.scorers
         if hidden.dtype == torch.float32 and hidden.device.type == "cpu":
             if self.host_scorers is None:
                 library = cpu_step_library()
@@ -80,19 +98,23 @@ class GuardScores:
                     scorer.pre_t.dtype != torch.float32 for scorer in self.scorers.values()) \
                     else {role: CpuHead(scorer, library) for role, scorer in self.scorers.items()}
             scorers = self.host_scorers or self.scorers
-        parts = {role: (risk.split(sizes), category.split(sizes))  # views, one call per role
-                 for role, (risk, category) in ((role, scorers[role](hidden))
-                                                for role in {chunk.role for chunk in chunks})}
-        return [(parts[chunk.role][0][i], parts[chunk.role][1][i])
+        parts, finite = {}, True
+        for role in {chunk.role for chunk in chunks}:  # views, one head call per role
+            risk, category = scorers[role](hidden)
+            finite = finite and all_finite(risk, category)
+            parts[role] = (risk.split(sizes), category.split(sizes))
+        return [Probs(parts[chunk.role][0][i], parts[chunk.role][1][i], finite)
                 for i, chunk in enumerate(chunks)]
 
     def split(self, out: torch.Tensor, chunks: Sequence[Chunk]) -> list[Probs]:
         sizes = [chunk.token_ids.shape[0] for chunk in chunks]
         rows, r = out[:sum(sizes)], self.num_risk
+        finite = all_finite(rows)  # the padding columns past a head's categories hold 0
         risk = rows[:, :r].split(sizes)
         categories = {role: rows[:, r:r + self.categories[role]].split(sizes)
                       for role in {chunk.role for chunk in chunks}}
-        return [(risk[i], categories[chunk.role][i]) for i, chunk in enumerate(chunks)]
+        return [Probs(risk[i], categories[chunk.role][i], finite)
+                for i, chunk in enumerate(chunks)]
 
 
 class NextTokenLogits:
