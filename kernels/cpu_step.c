@@ -757,6 +757,20 @@ static void fill_offsets(const int32_t* table, int64_t page, int64_t block_float
     }
 }
 
+/* The columns [j0, dim) of the accumulate_rows* functions below, one at a time (a head_dim that
+ * is not a multiple of their vector width). */
+SPECIALIZED void columns_one_by_one(const float* const* weights, int count, const void* values,
+                                    const int64_t* offsets, int64_t rows, int64_t j0,
+                                    int64_t dim, float* const* dst, const int64_t bf16) {
+    for (int64_t j = j0; j < dim; ++j)
+        for (int i = 0; i < count; ++i) {
+            float total = 0.0f;
+            for (int64_t p = 0; p < rows; ++p)
+                total += weights[i][p] * value_any(kv_row_of(values, offsets, p, bf16), j, bf16);
+            dst[i][j] = total;
+        }
+}
+
 /* dst[dim] = sum over p < rows of weights[p] * matrix row p [dim]. `prefetch`: the rows are
  * not in cache yet (the first pass over them; later passes find them in L2, where prefetches
  * only cost instructions). */
@@ -824,13 +838,7 @@ SPECIALIZED void accumulate_rows4_t(const float* const* weights, const void* val
         memcpy(dst[2] + j0, &c0, sizeof c0); memcpy(dst[2] + j0 + 8, &c1, sizeof c1);
         memcpy(dst[3] + j0, &d0, sizeof d0); memcpy(dst[3] + j0 + 8, &d1, sizeof d1);
     }
-    for (int64_t j = j0; j < dim; ++j)
-        for (int i = 0; i < 4; ++i) {
-            float total = 0.0f;
-            for (int64_t p = 0; p < rows; ++p)
-                total += weights[i][p] * value_any(kv_row_of(values, offsets, p, bf16), j, bf16);
-            dst[i][j] = total;
-        }
+    columns_one_by_one(weights, 4, values, offsets, rows, j0, dim, dst, bf16);
 }
 
 static void accumulate_rows4(const float* const* weights, const KvRows* kv, int64_t rows,
@@ -840,7 +848,6 @@ static void accumulate_rows4(const float* const* weights, const KvRows* kv, int6
     else
         accumulate_rows4_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
 }
-
 
 /* dst_i[dim] = sum over p < rows of weights_i[p] * matrix row p [dim] for two rows i at once,
  * 32 columns at a time in eight vector accumulators: the matrix is read once for both (one row
@@ -878,13 +885,7 @@ SPECIALIZED void accumulate_rows2_t(const float* const* weights, const void* val
         memcpy(dst[0] + j0, &a, sizeof a);
         memcpy(dst[1] + j0, &b, sizeof b);
     }
-    for (int64_t j = j0; j < dim; ++j)
-        for (int i = 0; i < 2; ++i) {
-            float total = 0.0f;
-            for (int64_t p = 0; p < rows; ++p)
-                total += weights[i][p] * value_any(kv_row_of(values, offsets, p, bf16), j, bf16);
-            dst[i][j] = total;
-        }
+    columns_one_by_one(weights, 2, values, offsets, rows, j0, dim, dst, bf16);
 }
 
 static void accumulate_rows2(const float* const* weights, const KvRows* kv, int64_t rows,
