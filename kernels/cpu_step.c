@@ -1291,17 +1291,18 @@ static void softmax_in_place(float* x, int64_t n) {
 }
 
 /* A guard head over `rows` final hidden states [rows, hidden] (fp32): inner = pre_w . h
- * ([inner_size, hidden] weight), RMSNorm with norm_w, logits = scores_w . inner ([out,
+ * ([inner_size, hidden] weight), RMSNorm with norm_w (fp32), logits = scores_w . inner ([out,
  * inner_size]: the risk rows, then the category rows), then a softmax over the first `risk`
- * columns and one over the rest, into probs [rows, out]. inner and normed: [rows, inner_size]
- * scratch. */
-void qg_guard_head(const float* hidden, const float* pre_w, const float* norm_w,
-                   const float* scores_w, float* inner, float* normed, float* probs,
+ * columns and one over the rest, into probs [rows, out]. The two weights are fp32, or bf16 when
+ * `bf16` (as the projections: widened, or on the bf16 dot instruction). inner and normed:
+ * [rows, inner_size] scratch. */
+void qg_guard_head(const float* hidden, const void* pre_w, const float* norm_w,
+                   const void* scores_w, float* inner, float* normed, float* probs,
                    int64_t rows, int64_t hidden_size, int64_t inner_size, int64_t out,
-                   int64_t risk, float eps) {
-    gemm(hidden, pre_w, NULL, inner, rows, hidden_size, inner_size, 0);
+                   int64_t risk, float eps, int64_t bf16) {
+    gemm(hidden, pre_w, NULL, inner, rows, hidden_size, inner_size, bf16);
     qg_rms_norm(inner, norm_w, normed, rows, inner_size, eps);
-    gemm(normed, scores_w, NULL, probs, rows, inner_size, out, 0);
+    gemm(normed, scores_w, NULL, probs, rows, inner_size, out, bf16);
     for (int64_t r = 0; r < rows; ++r) {
         softmax_in_place(probs + r * out, risk);
         softmax_in_place(probs + r * out + risk, out - risk);

@@ -48,7 +48,7 @@ SIGNATURES = {
     "qg_attend_paged": ([_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I],
                         ctypes.c_int),
     "qg_silu_mul": ([_P, _P, _I, _I], None),
-    "qg_guard_head": ([_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F], None),
+    "qg_guard_head": ([_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _I], None),
     "qg_decode_layer": ([_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I,
                          _I, _I, _F, _P, _I], ctypes.c_int),
 }

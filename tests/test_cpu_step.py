@@ -4,6 +4,7 @@ and transformers, sessions batched vs alone, and the fallbacks (no compiler, dis
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -40,29 +41,43 @@ def library():
     return library
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 33])
 def test_c_guard_head_matches_the_formula_and_the_torch_head(library, tiny_guard: StreamGuard,
-                                                             rows: int) -> None:
-    """qg_guard_head (CpuHead) against guard_head_reference in float64 and against the torch
-    head it replaces after the C step, for both roles; a NaN hidden row gives NaN in its own
+                                                             rows: int,
+                                                             dtype: torch.dtype) -> None:
+    """qg_guard_head (CpuHead) against guard_head_reference in float64 over the same (fp32 or
+    bf16) weights, and against the torch head it replaces after the C step, for both roles:
+    fp32 agrees with both to fp32 rounding; bf16 weights are read exactly with fp32 arithmetic
+    (activations rounded to bf16 where the library runs the bf16 dot instruction), at least as
+    close to the formula as torch's bf16 head. A NaN hidden row gives NaN in its own
     probabilities only."""
     torch.manual_seed(rows)
+    exact_arithmetic = dtype == torch.float32 or library.qg_bf16_dot() == 0
     for module in (tiny_guard.model.query, tiny_guard.model.response):
+        module = copy.deepcopy(module).to(dtype)
         fast = FastHead(module)
         head = CpuHead(fast, library)
-        hidden = torch.randn(rows, tiny_guard.config.hidden_size) * 3
+        hidden = (torch.randn(rows, tiny_guard.config.hidden_size) * 3).to(dtype)
         risk, category = head(hidden)
+        assert risk.dtype == category.dtype == torch.float32
         exact = guard_head_reference(hidden.double(), module.pre.weight.double(),
                                      module.layernorm.weight.double(),
                                      module.risk.weight.double(),
                                      module.category.weight.double(), module.layernorm.eps)
         assert risk.shape == (rows, module.risk.weight.shape[0])
         assert category.shape == (rows, module.category.weight.shape[0])
-        torch.testing.assert_close(risk.double(), exact.risk_probs, rtol=0, atol=2e-6)
-        torch.testing.assert_close(category.double(), exact.category_probs, rtol=0, atol=2e-6)
         torch_risk, torch_category = fast(hidden)
-        torch.testing.assert_close(risk, torch_risk, rtol=0, atol=2e-6)
-        torch.testing.assert_close(category, torch_category, rtol=0, atol=2e-6)
+        error = max((risk.double() - exact.risk_probs).abs().max().item(),
+                    (category.double() - exact.category_probs).abs().max().item())
+        torch_error = max((torch_risk.double() - exact.risk_probs).abs().max().item(),
+                          (torch_category.double() - exact.category_probs).abs().max().item())
+        if exact_arithmetic:
+            assert error < 2e-6
+        assert error <= torch_error + 2e-6
+        if dtype == torch.float32:
+            torch.testing.assert_close(risk, torch_risk, rtol=0, atol=2e-6)
+            torch.testing.assert_close(category, torch_category, rtol=0, atol=2e-6)
         hidden[0, 5] = float("nan")
         risk, category = head(hidden)
         assert risk[0].isnan().all() and category[0].isnan().all()
@@ -274,6 +289,24 @@ def dot_library(request: pytest.FixtureRequest):
     library = cpu_step.load(EMULATED)
     assert library is not None and library.qg_bf16_dot() == 2
     return library
+
+
+def test_the_c_guard_head_on_the_bf16_dot_instruction(dot_library,
+                                                      tiny_guard: StreamGuard) -> None:
+    """A bf16 head through the bf16 dot instruction: its activations rounded to bf16, then as
+    close to the float64 formula as torch's bf16 head (within bf16 rounding of the inputs)."""
+    torch.manual_seed(5)
+    module = copy.deepcopy(tiny_guard.model.response).to(torch.bfloat16)
+    fast = FastHead(module)
+    hidden = (torch.randn(7, tiny_guard.config.hidden_size) * 3).to(torch.bfloat16)
+    risk, category = CpuHead(fast, dot_library)(hidden)
+    exact = guard_head_reference(hidden.double(), module.pre.weight.double(),
+                                 module.layernorm.weight.double(), module.risk.weight.double(),
+                                 module.category.weight.double(), module.layernorm.eps)
+    torch_risk, _ = fast(hidden)
+    error = (risk.double() - exact.risk_probs).abs().max().item()
+    assert 0 < error < 2 * (torch_risk.double() - exact.risk_probs).abs().max().item() + 1e-3
+    assert torch.allclose(category.sum(1), torch.ones(7))
 
 
 def test_the_default_build_uses_the_bf16_dot_instruction_exactly_where_the_cpu_has_it(

@@ -273,15 +273,18 @@ class CpuStep:
 
 
 class CpuHead:
-    """One guard path's probabilities for fp32 hidden rows on the host, in the library
+    """One guard path's probabilities for hidden rows on the host, in the library
     (qg_guard_head): FastHead's formula (its fused weights, not copies), one C call instead of
     eight torch ops; with MKL's kernels gone cold after a batched step's K/V stream, the torch
-    head took 0.5 ms of a 32-session step."""
+    head took 0.5 ms of a 32-session step. fp32 or bf16 weights (bf16 read as the projections
+    read theirs); the arithmetic is fp32 and so are the probabilities."""
 
     def __init__(self, head: FastHead, library: ctypes.CDLL) -> None:
-        if head.pre_t.dtype != torch.float32:
-            raise ValueError(f"the C guard head takes fp32 weights, got {head.pre_t.dtype}")
-        self.library = library
+        dtype = head.pre_t.dtype
+        if dtype not in (torch.float32, torch.bfloat16) or head.scores_t.dtype != dtype:
+            raise ValueError(f"the C guard head takes fp32 or bf16 weights, got {dtype} and "
+                             f"{head.scores_t.dtype}")
+        self.library, self.bf16 = library, dtype == torch.bfloat16
         self.pre = head.pre_t.t()  # [inner, hidden], the module's own (contiguous) weight
         self.scores = head.scores_t.t()  # [risk + categories, inner]
         self.norm = head.norm.float().contiguous()
@@ -292,10 +295,10 @@ class CpuHead:
         self.scratch = torch.empty(0)
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [k, hidden_size] fp32 on the CPU -> (risk_probs [k, R], category_probs
-        [k, C])."""
+        """hidden [k, hidden_size] on the CPU (fp32, or bf16: widened exactly) ->
+        (risk_probs [k, R], category_probs [k, C]) fp32."""
         rows, (inner, width) = hidden.shape[0], (self.pre.shape[0], self.scores.shape[0])
-        hidden = hidden.contiguous()
+        hidden = hidden.float().contiguous()
         if self.scratch.numel() < 2 * rows * inner:
             self.scratch = torch.empty(2 * rows * inner, dtype=torch.float32)
         probs = torch.empty(rows, width, dtype=torch.float32)
@@ -303,7 +306,7 @@ class CpuHead:
         self.library.qg_guard_head(hidden.data_ptr(), self.pre.data_ptr(), self.norm.data_ptr(),
                                    self.scores.data_ptr(), scratch, scratch + 4 * rows * inner,
                                    probs.data_ptr(), rows, hidden.shape[1], inner, width,
-                                   self.num_risk, self.eps)
+                                   self.num_risk, self.eps, self.bf16)
         return probs[:, :self.num_risk], probs[:, self.num_risk:]
 
 

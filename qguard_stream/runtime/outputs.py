@@ -24,6 +24,9 @@ from qguard_stream.runtime.layer import FastHead
 if TYPE_CHECKING:
     from qguard_stream.runtime.paged import Chunk, StepMeta
 
+HOST_DTYPES = (torch.float32, torch.bfloat16)  # heads the C library computes after the C step
+
+
 class Probs(tuple):  # type: ignore[type-arg]  # (risk_probs, category_probs)
     """One chunk's (risk_probs [k, R], category_probs [k, C]), unpacked as a pair. `finite`: the
     whole step's probabilities were found free of NaN/Inf with one reduction, so the chunk needs
@@ -86,16 +89,17 @@ class GuardScores:
         return torch.where((meta.user != 0)[:, None], scores[0], scores[1])
 
     def on_host(self, hidden: torch.Tensor, chunks: Sequence[Chunk]) -> list[Probs]:
-        """A step of one role runs that role's head only; fp32 rows through the C library's
-        head when it is built here."""
+        """A step of one role runs that role's head only; fp32 or bf16 rows through the C
+        library's head when it is built here (its probabilities fp32 either way)."""
         sizes = [chunk.token_ids.shape[0] for chunk in chunks]
         scorers: Mapping[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = \
             self.scorers
-        if hidden.dtype == torch.float32 and hidden.device.type == "cpu":
+        if hidden.device.type == "cpu" and hidden.dtype in HOST_DTYPES:
             if self.host_scorers is None:
                 library = cpu_step_library()
                 self.host_scorers = {} if library is None or any(
-                    scorer.pre_t.dtype != torch.float32 for scorer in self.scorers.values()) \
+                    scorer.pre_t.dtype not in HOST_DTYPES or scorer.scores_t.dtype
+                    != scorer.pre_t.dtype for scorer in self.scorers.values()) \
                     else {role: CpuHead(scorer, library) for role, scorer in self.scorers.items()}
             scorers = self.host_scorers or self.scorers
         parts, finite = {}, True
