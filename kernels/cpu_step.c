@@ -804,14 +804,6 @@ SPECIALIZED void accumulate_rows_t(const float* weights, const void* values,
     }
 }
 
-static void accumulate_rows(const float* weights, const KvRows* kv, int64_t rows, int64_t dim,
-                            float* dst, int prefetch) {
-    if (kv->bf16)
-        accumulate_rows_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 1);
-    else
-        accumulate_rows_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
-}
-
 /* dst_i[dim] = sum over p < rows of weights_i[p] * matrix row p [dim] for four rows i at once,
  * 16 columns at a time in eight vector accumulators: each matrix load feeds four FMAs (one row
  * at a time streams the matrix from L2 once per row, and L2 cannot feed an FMA per load). */
@@ -839,14 +831,6 @@ SPECIALIZED void accumulate_rows4_t(const float* const* weights, const void* val
         memcpy(dst[3] + j0, &d0, sizeof d0); memcpy(dst[3] + j0 + 8, &d1, sizeof d1);
     }
     columns_one_by_one(weights, 4, values, offsets, rows, j0, dim, dst, bf16);
-}
-
-static void accumulate_rows4(const float* const* weights, const KvRows* kv, int64_t rows,
-                             int64_t dim, float* const* dst, int prefetch) {
-    if (kv->bf16)
-        accumulate_rows4_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 1);
-    else
-        accumulate_rows4_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
 }
 
 /* dst_i[dim] = sum over p < rows of weights_i[p] * matrix row p [dim] for two rows i at once,
@@ -888,12 +872,21 @@ SPECIALIZED void accumulate_rows2_t(const float* const* weights, const void* val
     columns_one_by_one(weights, 2, values, offsets, rows, j0, dim, dst, bf16);
 }
 
-static void accumulate_rows2(const float* const* weights, const KvRows* kv, int64_t rows,
-                             int64_t dim, float* const* dst, int prefetch) {
-    if (kv->bf16)
-        accumulate_rows2_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 1);
+/* `count` (1, 2 or 4) query rows' weights . values through the kernel for that many rows, in
+ * the pool's dtype. */
+static void accumulate_group(const float* const* weights, int count, const KvRows* kv,
+                             int64_t rows, int64_t dim, float* const* dst, int prefetch) {
+    const void* values = kv->values;
+    const int64_t* offsets = kv->offsets;
+    if (count == 4)
+        kv->bf16 ? accumulate_rows4_t(weights, values, offsets, rows, dim, dst, prefetch, 1)
+                 : accumulate_rows4_t(weights, values, offsets, rows, dim, dst, prefetch, 0);
+    else if (count == 2)
+        kv->bf16 ? accumulate_rows2_t(weights, values, offsets, rows, dim, dst, prefetch, 1)
+                 : accumulate_rows2_t(weights, values, offsets, rows, dim, dst, prefetch, 0);
     else
-        accumulate_rows2_t(weights, kv->values, kv->offsets, rows, dim, dst, prefetch, 0);
+        kv->bf16 ? accumulate_rows_t(weights[0], values, offsets, rows, dim, dst[0], prefetch, 1)
+                 : accumulate_rows_t(weights[0], values, offsets, rows, dim, dst[0], prefetch, 0);
 }
 
 /* One KV head's attention for all its query rows (the `group` q heads sharing it, times n_new),
@@ -997,34 +990,21 @@ static void attend_kv_head(const float* q, const KvRows* kv, float* scores, floa
             for (int64_t p = length; p < total; ++p) row[p] = 0.0f;  /* keys it must not see */
         }
     }
-    /* out = weights . values: rows four at a time over every key (a hidden key weighs 0) */
+    /* out = weights . values: rows four at a time over every key (a hidden key weighs 0), then
+     * two, so the values are read once per group; a last single row over the keys it sees */
     const int64_t rows = n_new * group;
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
+    for (int64_t r = 0; r < rows;) {
+        const int count = rows - r >= 4 ? 4 : rows - r >= 2 ? 2 : 1;
         const float* weights[4];
         float* dst[4];
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < count; ++i) {
             const int64_t t = (r + i) / group, g = (r + i) % group;
             weights[i] = scores + (r + i) * total;
             dst[i] = out + (t * heads + kv_head * group + g) * head_dim;
         }
-        accumulate_rows4(weights, kv, total, head_dim, dst, r == 0);
-    }
-    if (r + 2 <= rows) {  /* two rows left: the values read once for both */
-        const float* weights[2];
-        float* dst[2];
-        for (int i = 0; i < 2; ++i) {
-            const int64_t t = (r + i) / group, g = (r + i) % group;
-            weights[i] = scores + (r + i) * total;
-            dst[i] = out + (t * heads + kv_head * group + g) * head_dim;
-        }
-        accumulate_rows2(weights, kv, total, head_dim, dst, r == 0);
-        r += 2;
-    }
-    for (; r < rows; ++r) {
-        const int64_t t = r / group, g = r % group;
-        accumulate_rows(scores + r * total, kv, start + t + 1, head_dim,
-                        out + (t * heads + kv_head * group + g) * head_dim, r == 0);
+        const int64_t keys = count == 1 ? start + r / group + 1 : total;
+        accumulate_group(weights, count, kv, keys, head_dim, dst, r == 0);
+        r += count;
     }
 }
 
