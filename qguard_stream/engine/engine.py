@@ -303,14 +303,8 @@ class Engine:
         blocks if asked; returns where the chunk starts. The start is read again after each wait
         (the lock is released meanwhile, and another thread may have fed, rolled back or closed
         the session), so two chunks never get the same positions."""
-        self._check_open(session)
-        table, start = session.table, session.reserved
-        end = start + ids.shape[0]
-        limit = self.guard.config.max_position_embeddings
-        if end <= table.capacity and end <= limit:  # its blocks hold it already (most tokens)
-            session.reserved = end
-            return start
         deadline = time.monotonic() + self.settings.pool_wait_timeout_s
+        limit = self.guard.config.max_position_embeddings
         while True:
             self._check_open(session)
             table, start = session.table, session.reserved
@@ -318,19 +312,21 @@ class Engine:
             if end > limit:
                 raise ValueError(f"feeding {ids.shape[0]} tokens to a session of {start} would "
                                  f"exceed max_position_embeddings={limit}")
-            if len(table.blocks) + table.blocks_needed(end) > self.pool.num_blocks:
-                raise PoolTooSmallError(
-                    f"a session of {end} tokens needs more than the pool's "
-                    f"{self.pool.num_blocks} blocks of {self.pool.block_size} tokens")
-            try:
-                table.grow(self.pool, end)
-            except PoolExhaustedError as error:
-                remaining = deadline - time.monotonic()
-                if not wait or remaining <= 0:
-                    suffix = f" after waiting {self.settings.pool_wait_timeout_s}s" if wait else ""
-                    raise PoolExhaustedError(f"{error}{suffix}") from None
-                self._lock.wait(remaining)
-                continue
+            if end > table.capacity:  # else its blocks hold it already (most tokens)
+                if len(table.blocks) + table.blocks_needed(end) > self.pool.num_blocks:
+                    raise PoolTooSmallError(
+                        f"a session of {end} tokens needs more than the pool's "
+                        f"{self.pool.num_blocks} blocks of {self.pool.block_size} tokens")
+                try:
+                    table.grow(self.pool, end)
+                except PoolExhaustedError as error:
+                    remaining = deadline - time.monotonic()
+                    if not wait or remaining <= 0:
+                        suffix = (f" after waiting {self.settings.pool_wait_timeout_s}s"
+                                  if wait else "")
+                        raise PoolExhaustedError(f"{error}{suffix}") from None
+                    self._lock.wait(remaining)
+                    continue
             session.reserved = end
             return start
 
