@@ -279,12 +279,18 @@ class CpuHead:
     head took 0.5 ms of a 32-session step. fp32 or bf16 weights (bf16 read as the projections
     read theirs); the arithmetic is fp32 and so are the probabilities."""
 
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    @classmethod
+    def takes(cls, head: FastHead) -> bool:
+        """Whether the library computes this head: fp32 or bf16 weights, both of one dtype."""
+        return head.pre_t.dtype in cls.DTYPES and head.scores_t.dtype == head.pre_t.dtype
+
     def __init__(self, head: FastHead, library: ctypes.CDLL) -> None:
-        dtype = head.pre_t.dtype
-        if dtype not in (torch.float32, torch.bfloat16) or head.scores_t.dtype != dtype:
-            raise ValueError(f"the C guard head takes fp32 or bf16 weights, got {dtype} and "
-                             f"{head.scores_t.dtype}")
-        self.library, self.bf16 = library, dtype == torch.bfloat16
+        if not self.takes(head):
+            raise ValueError(f"the C guard head takes fp32 or bf16 weights, got "
+                             f"{head.pre_t.dtype} and {head.scores_t.dtype}")
+        self.library, self.bf16 = library, head.pre_t.dtype == torch.bfloat16
         self.pre = head.pre_t.t()  # [inner, hidden], the module's own (contiguous) weight
         self.scores = head.scores_t.t()  # [risk + categories, inner]
         self.norm = head.norm.float().contiguous()

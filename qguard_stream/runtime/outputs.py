@@ -24,9 +24,6 @@ from qguard_stream.runtime.layer import FastHead
 if TYPE_CHECKING:
     from qguard_stream.runtime.paged import Chunk, StepMeta
 
-HOST_DTYPES = (torch.float32, torch.bfloat16)  # heads the C library computes after the C step
-
-
 class Probs(tuple):  # type: ignore[type-arg]  # (risk_probs, category_probs)
     """One chunk's (risk_probs [k, R], category_probs [k, C]), unpacked as a pair. `finite`: the
     whole step's probabilities were found free of NaN/Inf with one reduction, so the chunk needs
@@ -74,8 +71,8 @@ class GuardScores:
         self.num_risk = heads["assistant"].risk.weight.shape[0]
         self.categories = {role: head.category.weight.shape[0] for role, head in heads.items()}
         self.width = self.num_risk + max(self.categories.values())
-        # After the C step: the same heads in the library, for fp32 hidden states (made at the
-        # first such step; None without the library).
+        # After the C step: the same heads in the library, for fp32 or bf16 hidden states (made
+        # at the first such step; empty without the library).
         self.host_scorers: dict[str, CpuHead] | None = None
 
     def on_device(self, hidden: torch.Tensor, meta: StepMeta) -> torch.Tensor:
@@ -94,13 +91,12 @@ class GuardScores:
         sizes = [chunk.token_ids.shape[0] for chunk in chunks]
         scorers: Mapping[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = \
             self.scorers
-        if hidden.device.type == "cpu" and hidden.dtype in HOST_DTYPES:
+        if hidden.device.type == "cpu" and hidden.dtype in CpuHead.DTYPES:
             if self.host_scorers is None:
                 library = cpu_step_library()
-                self.host_scorers = {} if library is None or any(
-                    scorer.pre_t.dtype not in HOST_DTYPES or scorer.scores_t.dtype
-                    != scorer.pre_t.dtype for scorer in self.scorers.values()) \
-                    else {role: CpuHead(scorer, library) for role, scorer in self.scorers.items()}
+                usable = library is not None and all(map(CpuHead.takes, self.scorers.values()))
+                self.host_scorers = {role: CpuHead(scorer, library) for role, scorer
+                                     in self.scorers.items()} if usable else {}
             scorers = self.host_scorers or self.scorers
         parts, finite = {}, True
         for role in {chunk.role for chunk in chunks}:  # views, one head call per role
