@@ -45,7 +45,13 @@ from qguard_stream.runtime.attention import (
     flash_paged_available,
 )
 from qguard_stream.runtime.cpu_step import MAX_TOKENS as C_STEP_TOKENS
-from qguard_stream.runtime.cpu_step import CpuStep, host_meta, threads_with_room, torch_threads
+from qguard_stream.runtime.cpu_step import (
+    CpuStep,
+    HostMeta,
+    host_meta,
+    threads_with_room,
+    torch_threads,
+)
 from qguard_stream.runtime.layer import (
     ActFn,
     NormFn,
@@ -139,32 +145,27 @@ def fill_meta(meta: StepMeta, chunks: list[Chunk], block_size: int) -> None:
     into the sessions' rows (zero past a session's blocks up to the widest table; columns past
     that are left as they were), the rest in one copy."""
     rows, sessions = meta.token_ids.shape[0], meta.q_len.shape[0]
-    pad_rows, pad_sessions = rows, sessions
-    header = array("i")
     if chunks:
         packed = host_meta(chunks, block_size)
-        count = len(packed.positions)
-        pad_rows, pad_sessions = rows - count, sessions - len(chunks)
         tables = torch.frombuffer(packed.tables, dtype=torch.int32)
         meta.block_tables[:len(chunks), :packed.width].copy_(tables.view(len(chunks), -1))
-        ids = chunks[0].token_ids if len(chunks) == 1 else \
-            torch.cat([chunk.token_ids for chunk in chunks])
-        row_seq: list[int] = []
-        user: list[int] = []
-        for index, chunk in enumerate(chunks):
-            new = chunk.token_ids.shape[0]
-            row_seq += [index] * new
-            user += [int(chunk.role == "user")] * new
-        header = array("i", ids.tolist())
+    else:  # a graph's capture: every row and session is padding
+        packed = HostMeta(*(array("i") for _ in range(3)), 0, *(array("i") for _ in range(3)))
+    token_ids: list[int] = []
+    row_seq: list[int] = []
+    user: list[int] = []
+    for index, chunk in enumerate(chunks):
+        new = chunk.token_ids.shape[0]
+        token_ids += chunk.token_ids.tolist()
+        row_seq += [index] * new
+        user += [int(chunk.role == "user")] * new
+    pad_rows, pad_sessions = rows - len(token_ids), sessions - len(chunks)
     zeros, minus = array("i", bytes(4 * pad_rows)), array("i", [-1]) * pad_rows
     no_sessions = array("i", bytes(4 * pad_sessions))
-    header += zeros  # in StepMeta's field order; padding rows write nowhere
-    if chunks:
-        header += packed.positions + zeros + packed.slots + minus + array("i", row_seq) + minus \
-            + array("i", user) + zeros + packed.q_start + no_sessions + packed.q_len \
-            + no_sessions + packed.ctx_len + no_sessions
-    else:
-        header += zeros + minus + minus + zeros + no_sessions * 3
+    header = (  # in StepMeta's field order; padding rows write nowhere
+        array("i", token_ids) + zeros + packed.positions + zeros + packed.slots + minus
+        + array("i", row_seq) + minus + array("i", user) + zeros + packed.q_start + no_sessions
+        + packed.q_len + no_sessions + packed.ctx_len + no_sessions)
     meta.header.copy_(torch.frombuffer(header, dtype=torch.int32))
 
 
